@@ -1,0 +1,107 @@
+"""DPVRConfig: which routing to apply to a LLaVA language model, and how.
+
+Layers are numbered 0..L-1. With split s, fusion K and side depth D:
+  - layers [0, s) run unchanged on every token;
+  - the side branch (D trainable decoder layers) runs on the image positions alone;
+  - `lf`:  layers [s, L-K) run on text only; at [L-K, L) the side-branch image states come back (fusion).
+           K = 0 is DPVR-LF-ideal (no fusion layer; the side branch gets no gradient and is not run).
+  - `pc`:  every layer in [s, L) first resets the image positions to the side-branch output.
+  - `kv`:  in [s, L) image states stay fixed at the side-branch output and only give keys/values.
+  - `vtw`: (baseline, no training) image tokens are withdrawn from layer s on.
+  - `fastv`: (baseline, no training) after layer `fastv_layer` keep only the image tokens that the last
+           text token attends to most, dropping `fastv_ratio` of them, for all later layers.
+  - `vanilla`: the stock model.
+
+Ranges that need the model's layer count are checked by `validate_for(num_layers)`, which `convert`
+calls before touching the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpvr.errors import DPVRError
+
+MODES = ("vanilla", "pc", "kv", "lf", "vtw", "fastv")
+# modes that own a trainable side branch
+SIDE_BRANCH_MODES = ("pc", "kv", "lf")
+
+
+@dataclass
+class DPVRConfig:
+    mode: str = field(default="lf", metadata={"help": f"Routing mode, one of {MODES}."})
+    split_layer: int = field(
+        default=18, metadata={"help": "s: first deep layer; layers [0, s) are shared by all tokens (7B: 18)."}
+    )
+    fusion_layers: int = field(
+        default=1, metadata={"help": "K (lf only): last K layers fuse image and text; 0 = DPVR-LF-ideal."}
+    )
+    side_depth: int = field(default=1, metadata={"help": "D: decoder layers in the side branch (pc/kv/lf)."})
+    side_init: str = field(
+        default="copy", metadata={"help": "'copy': deep copies of layers s..s+D-1; 'random': fresh init."}
+    )
+    freeze: str = field(
+        default="all_but_side_branch",
+        metadata={"help": "'all_but_side_branch' (the paper's recipe) or 'none' (train everything)."},
+    )
+    fastv_layer: int = field(default=2, metadata={"help": "fastv: rank image tokens with layer K's attention."})
+    fastv_ratio: float = field(default=0.5, metadata={"help": "fastv: share of image tokens dropped, in [0, 1]."})
+    check_finite: bool = field(
+        default=True, metadata={"help": "Raise, naming the layer, when a layer produces NaN/inf (one sync per forward)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DPVRError(f"DPVRConfig.mode={self.mode!r} is not one of {MODES}")
+        for name in ("split_layer", "fusion_layers", "side_depth", "fastv_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DPVRError(f"DPVRConfig.{name}={value!r} must be a non-negative int")
+        if self.mode in ("pc", "kv", "lf", "vtw") and self.split_layer < 1:
+            raise DPVRError(f"DPVRConfig.split_layer={self.split_layer} must be >= 1 for mode {self.mode!r}")
+        if self.mode in SIDE_BRANCH_MODES and self.side_depth < 1:
+            raise DPVRError(f"DPVRConfig.side_depth={self.side_depth} must be >= 1 for mode {self.mode!r}")
+        if self.side_init not in ("copy", "random"):
+            raise DPVRError(f"DPVRConfig.side_init={self.side_init!r} must be 'copy' or 'random'")
+        if self.freeze not in ("all_but_side_branch", "none"):
+            raise DPVRError(f"DPVRConfig.freeze={self.freeze!r} must be 'all_but_side_branch' or 'none'")
+        if not 0.0 <= float(self.fastv_ratio) <= 1.0:
+            raise DPVRError(f"DPVRConfig.fastv_ratio={self.fastv_ratio!r} must be in [0, 1]")
+
+    @property
+    def has_side_branch(self) -> bool:
+        return self.mode in SIDE_BRANCH_MODES
+
+    @property
+    def is_lf_ideal(self) -> bool:
+        return self.mode == "lf" and self.fusion_layers == 0
+
+    def validate_for(self, num_layers: int) -> None:
+        """Check the ranges that depend on the language model's depth L."""
+        L, s, K, D = num_layers, self.split_layer, self.fusion_layers, self.side_depth
+        if self.mode in ("pc", "kv", "lf", "vtw") and not 1 <= s < L:
+            raise DPVRError(f"DPVRConfig.split_layer={s} out of range: need 1 <= split_layer < {L} (model has {L} layers)")
+        if self.mode == "lf" and not 0 <= K <= L - s:
+            raise DPVRError(
+                f"DPVRConfig.fusion_layers={K} out of range: need 0 <= fusion_layers <= {L - s} "
+                f"(= layers - split_layer) so fusion starts at or after the split"
+            )
+        if self.has_side_branch and self.side_init == "copy" and s + D > L:
+            raise DPVRError(
+                f"DPVRConfig.side_depth={D} out of range: side_init='copy' copies layers {s}..{s + D - 1} "
+                f"but the model has {L} layers; use side_depth <= {L - s} or side_init='random'"
+            )
+        if self.mode == "fastv" and not self.fastv_layer < L - 1:
+            raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range: need fastv_layer < {L - 1}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DPVRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DPVRError(f"unknown DPVRConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)

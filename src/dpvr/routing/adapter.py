@@ -1,0 +1,112 @@
+"""Adapter-style checkpoints: the routing config plus the side branch's weights, nothing else.
+
+Layout (PEFT-like):  DIR/side_branch.safetensors  and  DIR/dpvr_adapter.json, the JSON written last
+and holding the weights' sha256, so a crash mid-save never leaves a folder that loads. The JSON also
+records the base model's shape; loading onto a base of another shape is refused with the field named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration
+from transformers.utils import cached_file
+
+from dpvr.config import DPVRConfig
+from dpvr.errors import DPVRError
+
+WEIGHTS = "side_branch.safetensors"
+FORMAT_VERSION = 1
+
+
+def base_fingerprint(config) -> dict:
+    """The base-model facts an adapter depends on."""
+    text, vision = config.text_config, config.vision_config
+    return {
+        "text_model_type": text.model_type,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", text.num_attention_heads),
+        "intermediate_size": text.intermediate_size,
+        "vocab_size": text.vocab_size,
+        "vision_hidden_size": vision.hidden_size,
+        "image_token_id": config.image_token_id,
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_adapter(model, save_directory) -> None:
+    if model.side_branch is None:
+        raise DPVRError(f"mode {model.dpvr_config.mode!r} has no side branch to save; save the full model instead")
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"side_branch.{k}": v.detach().contiguous().cpu() for k, v in model.side_branch.state_dict().items()}
+    _atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dpvr": model.dpvr_config.to_dict(),
+        "base_model_name_or_path": model.config.base_model_name_or_path or model.name_or_path,
+        "base_fingerprint": base_fingerprint(model.config),
+        "weights_sha256": _sha256(out / WEIGHTS),
+    }
+    _atomic_write(out / "dpvr_adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def read_adapter_config(path) -> dict:
+    with open(cached_file(str(path), "dpvr_adapter.json")) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DPVRError(f"adapter {path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(path, base_model: LlavaForConditionalGeneration | None = None, **load_kwargs):
+    """Convert `base_model` (or the recorded base, loaded with load_kwargs) and load the side branch."""
+    from dpvr.routing.model import DPVRForConditionalGeneration, convert
+
+    meta = read_adapter_config(path)
+    if base_model is None:
+        base_path = meta.get("base_model_name_or_path")
+        if not base_path:
+            raise DPVRError(f"adapter {path} records no base model; pass base_model=")
+        base_model = LlavaForConditionalGeneration.from_pretrained(base_path, **load_kwargs)
+    if isinstance(base_model, DPVRForConditionalGeneration):
+        raise DPVRError("load an adapter onto the stock base model, not onto an already converted one")
+    want, have = meta["base_fingerprint"], base_fingerprint(base_model.config)
+    diff = [f"{k}: adapter {want[k]} vs base {have.get(k)}" for k in want if want[k] != have.get(k)]
+    if diff:
+        raise DPVRError(f"adapter {path} was trained on another base shape ({'; '.join(diff)})")
+    weights = cached_file(str(path), WEIGHTS)
+    if _sha256(Path(weights)) != meta["weights_sha256"]:
+        raise DPVRError(f"adapter {path}: {WEIGHTS} does not match the checksum in dpvr_adapter.json (partial write?)")
+    model = convert(base_model, DPVRConfig.from_dict(meta["dpvr"]))
+    state = {k.removeprefix("side_branch."): v for k, v in load_file(weights).items()}
+    expected = set(model.side_branch.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise DPVRError(f"adapter {path}: side-branch keys missing {missing[:4]} / unexpected {unexpected[:4]}")
+    model.side_branch.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,178 @@
+"""The routed decoder loop: every mode's layer schedule, side by side, in one readable file.
+
+Input is the merged embedding sequence (text embeddings with projected image features scattered in)
+and output the final-norm hidden states (B, T, D), exactly where the stock `LlamaModel` would hand
+them to `lm_head`. Which positions each layer runs on:
+
+    mode     layers [0, s)   side branch    layers [s, L-K)         layers [L-K, L)
+    lf       all tokens      image only     text only               all (image <- side output)
+    pc       all tokens      image only     all, image reset to side output before each layer
+    kv       all tokens      image only     text queries; image = side output, keys/values only
+    vtw      all tokens      -              text only
+    fastv    all tokens up to fastv_layer, then text + the image tokens the last token attends to most
+
+Text-only batches (no image token anywhere) run every layer on every token in every mode, which is
+the stock computation. Only text positions' outputs are part of the contract; image positions hold
+whatever their last layer left there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpvr.config import DPVRConfig
+from dpvr.errors import NonFiniteError
+from dpvr.routing.layer import KV, project_kv, routed_layer
+from dpvr.routing.tokens import TokenSet
+
+
+@dataclass
+class RoutedOutput:
+    hidden: torch.Tensor  # (B, T, D) after the final norm
+    all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, pre-norm
+    kept: torch.Tensor | None = None  # fastv: (B, T) bool, the positions later layers ran on
+    layer_kv: dict[int, tuple[KV, KV | None]] = field(default_factory=dict)  # per layer: (own, extra)
+
+
+class _Loop:
+    """State shared by one forward: rotary tables, finiteness flags, collected outputs."""
+
+    def __init__(self, lm: nn.Module, cfg: DPVRConfig, h, pos, checkpointing: bool, keep_hidden: bool, keep_kv: bool):
+        self.lm, self.cfg = lm, cfg
+        self.cos, self.sin = lm.rotary_emb(h, pos)  # (B, T, hd) each
+        self.checkpointing = checkpointing
+        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.hidden: list[torch.Tensor] | None = [h] if keep_hidden else None
+        self.keep_kv = keep_kv
+        self.layer_kv: dict[int, tuple[KV, KV | None]] = {}
+
+    def call(self, name: str, layer: nn.Module, S: TokenSet, hs: torch.Tensor, extra: KV | None = None, probe=None):
+        """Run `layer` on the gathered states hs (B, N, D) of set S."""
+        cos, sin = S.gather(self.cos), S.gather(self.sin)
+        if self.checkpointing and torch.is_grad_enabled():
+            out, own, probs = checkpoint(
+                routed_layer, layer, hs, S.idx, S.valid, cos, sin, extra, probe, use_reentrant=False
+            )
+        else:
+            out, own, probs = routed_layer(layer, hs, S.idx, S.valid, cos, sin, extra=extra, probe_rows=probe)
+        if self.cfg.check_finite:  # flag only; one sync at the end of the forward
+            self.flags.append((name, torch.where(S.valid[..., None], out, 0).isfinite().all()))
+        return out, own, probs
+
+    def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
+        """Run text layer i on set S of the full states h (B, T, D); returns the new full states."""
+        out, own, probs = self.call(f"layer {i}", self.lm.layers[i], S, S.gather(h), extra, probe)
+        if self.keep_kv:
+            self.layer_kv[i] = (own, extra)
+        h = S.scatter(h, out)
+        if self.hidden is not None:
+            self.hidden.append(h)
+        return h, probs
+
+    def side(self, side_branch: nn.ModuleList, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
+        """Side branch on the image positions of h: returns (B, N_img, D)."""
+        hs = IMG.gather(h)
+        for j, layer in enumerate(side_branch):
+            hs, _, _ = self.call(f"side_branch.{j}", layer, IMG, hs)
+        return hs
+
+    def raise_if_not_finite(self) -> None:
+        if not self.flags:
+            return
+        ok = torch.stack([f for _, f in self.flags]).cpu()
+        if not bool(ok.all()):
+            name = self.flags[int((~ok).nonzero()[0])][0]
+            raise NonFiniteError(f"{name} produced NaN/inf (e.g. fp16 overflow); earlier layers were finite")
+
+
+def fastv_keep(probs: torch.Tensor, S: TokenSet, is_img: torch.Tensor, valid: torch.Tensor, ratio: float):
+    """Keep mask (B, T): text + the image tokens with the most attention from the probed (last) token.
+
+    probs (B, H, N) are over the keys of set S; each row drops int(ratio * its image count) tokens.
+    """
+    B, T = is_img.shape
+    score = torch.zeros(B, T, dtype=probs.dtype, device=probs.device)
+    score = S.scatter(score, probs.mean(1))  # head-mean attention, back in sequence positions
+    score = score.masked_fill(~(is_img & valid), float("-inf"))
+    n_img = (is_img & valid).sum(1)  # (B,)
+    n_keep = n_img - (n_img.float() * ratio).long()
+    rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # rank of each position
+    kept_img = rank < n_keep[:, None]
+    return valid & (~is_img | kept_img)
+
+
+def routed_decoder(
+    lm: nn.Module,  # the LlamaModel-like language model (layers, norm, rotary_emb)
+    side_branch: nn.ModuleList | None,
+    cfg: DPVRConfig,
+    h: torch.Tensor,  # (B, T, D) merged input embeddings
+    is_img: torch.Tensor,  # (B, T) bool
+    valid: torch.Tensor,  # (B, T) bool (attention mask)
+    pos: torch.Tensor,  # (B, T) position ids
+    checkpointing: bool = False,
+    keep_hidden: bool = False,
+    keep_kv: bool = False,
+) -> RoutedOutput:
+    L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
+    loop = _Loop(lm, cfg, h, pos, checkpointing, keep_hidden, keep_kv)
+    ALL = TokenSet.from_mask(valid)
+    has_images = bool((is_img & valid).any())
+    mode = cfg.mode if has_images else "text-only"
+    kept = None
+
+    if mode == "text-only":
+        for i in range(L):
+            h, _ = loop.layer(i, ALL, h)
+    elif mode == "fastv":
+        last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid pos
+        for i in range(cfg.fastv_layer + 1):
+            probe = _row_in(ALL, last) if i == cfg.fastv_layer else None
+            h, probs = loop.layer(i, ALL, h, probe=probe)
+        kept = fastv_keep(probs, ALL, is_img, valid, cfg.fastv_ratio)
+        KEEP = TokenSet.from_mask(kept)
+        for i in range(cfg.fastv_layer + 1, L):
+            h, _ = loop.layer(i, KEEP, h)
+    else:
+        TXT, IMG = TokenSet.from_mask(valid & ~is_img), TokenSet.from_mask(valid & is_img)
+        for i in range(s):
+            h, _ = loop.layer(i, ALL, h)
+        if mode == "vtw":
+            for i in range(s, L):
+                h, _ = loop.layer(i, TXT, h)
+        elif mode == "lf":
+            side = loop.side(side_branch, IMG, h) if K > 0 else None  # LF-ideal never uses it
+            for i in range(s, L - K):
+                h, _ = loop.layer(i, TXT, h)
+            if K > 0:
+                h = IMG.scatter(h, side)
+            for i in range(L - K, L):
+                h, _ = loop.layer(i, ALL, h)
+        elif mode == "pc":
+            side = loop.side(side_branch, IMG, h)
+            for i in range(s, L):
+                h, _ = loop.layer(i, ALL, IMG.scatter(h, side))
+        elif mode == "kv":
+            side = loop.side(side_branch, IMG, h)
+            cos_i, sin_i = IMG.gather(loop.cos), IMG.gather(loop.sin)
+            for i in range(s, L):
+                k, v = project_kv(lm.layers[i], side, cos_i, sin_i)
+                h, _ = loop.layer(i, TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
+            h = IMG.scatter(h, side)
+        else:
+            raise AssertionError(f"unhandled mode {mode!r}")
+
+    loop.raise_if_not_finite()
+    return RoutedOutput(
+        hidden=lm.norm(h),
+        all_hidden=tuple(loop.hidden) if loop.hidden is not None else None,
+        kept=kept,
+        layer_kv=loop.layer_kv,
+    )
+
+
+def _row_in(S: TokenSet, positions: torch.Tensor) -> torch.Tensor:
+    """Row index within set S of each batch row's sequence position (B,) -> (B,)."""
+    return (S.idx == positions[:, None]).float().argmax(1)

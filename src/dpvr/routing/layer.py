@@ -1,0 +1,126 @@
+"""One decoder layer run on a token set, optionally attending to extra key/value-only tokens.
+
+This is the single place where routed compute happens. It reuses the stock layer's own modules
+(norms, q/k/v/o projections, MLP) and transformers' attention interface, so `eager`, `sdpa` (and
+any registered implementation) behave exactly as in the stock model. What it adds over calling the
+layer directly:
+  - an explicit bias built from sequence order, so any subset of positions attends causally;
+  - `extra`: tokens that contribute keys/values but issue no query and get no MLP (DPVR-KV's fixed
+    image states, or a routed KV cache's past keys);
+  - returning this layer's new keys/values (for the routed cache) and, on request, the attention
+    probabilities of one query row per batch row (for FastV's ranking), without the full map.
+Supported layer families: Llama, Mistral, Qwen2 (same block structure; biases/sliding windows vary).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from dpvr.routing.tokens import attention_bias
+
+
+@dataclass
+class KV:
+    """Keys/values of tokens that are only attended to: already rotated, with their order."""
+
+    key: torch.Tensor  # (B, H_kv, N, hd)
+    value: torch.Tensor  # (B, H_kv, N, hd)
+    order: torch.Tensor  # (B, N) long: sequence index, for causality
+    valid: torch.Tensor  # (B, N) bool
+
+
+def _rotary_fn(attn: nn.Module) -> Callable:
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def _eager_fallback(attn: nn.Module) -> Callable:
+    return sys.modules[type(attn).__module__].eager_attention_forward
+
+
+def check_supported(layer: nn.Module) -> None:
+    attn = getattr(layer, "self_attn", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attn is None or not all(hasattr(attn, n) for n in needed) or not hasattr(layer, "mlp"):
+        raise NotImplementedError(f"dpvr routing does not support decoder layer {type(layer).__name__}")
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        raise NotImplementedError(f"dpvr routing does not support q/k-norm attention ({type(attn).__name__}) yet")
+    try:
+        _rotary_fn(attn), _eager_fallback(attn)
+    except AttributeError as exc:
+        raise NotImplementedError(f"dpvr routing does not support {type(attn).__name__}: {exc}") from None
+
+
+def project_kv(
+    layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values (B, H_kv, N, hd) of states h (B, N, D) through this layer's norm, k/v proj and rotary."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    # rotary on keys only: apply_rotary_pos_emb rotates a (q, k) pair, so pass k twice and keep one
+    k, _ = _rotary_fn(attn)(k, k, cos, sin)
+    return k, v
+
+
+def routed_layer(
+    layer: nn.Module,
+    h: torch.Tensor,  # (B, N, D) states of the query tokens
+    order: torch.Tensor,  # (B, N) sequence index of each query token
+    valid: torch.Tensor,  # (B, N) bool
+    cos: torch.Tensor,  # (B, N, hd) rotary tables at the query tokens' position ids
+    sin: torch.Tensor,
+    extra: KV | None = None,  # key/value-only tokens (no query, no MLP)
+    probe_rows: torch.Tensor | None = None,  # (B,) long: return this query row's attention probabilities
+) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+    """Returns (new h (B, N, D), this call's own keys/values, probe probabilities (B, H, N_keys) or None)."""
+    attn = layer.self_attn
+    B, N, _ = h.shape
+    x = layer.input_layernorm(h)
+    shape = (B, N, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, H, N, hd)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, H_kv, N, hd)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q, k = _rotary_fn(attn)(q, k, cos, sin)
+    own = KV(k, v, order, valid)
+
+    k_all, v_all, k_order, k_valid = k, v, order, valid
+    if extra is not None:  # extra tokens come first: past/fixed context, then this call's tokens
+        k_all = torch.cat([extra.key, k], dim=2)
+        v_all = torch.cat([extra.value, v], dim=2)
+        k_order = torch.cat([extra.order, order], dim=1)
+        k_valid = torch.cat([extra.valid, valid], dim=1)
+
+    # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+    bias = attention_bias(order, valid, k_order, k_valid, q.dtype, sliding_window=window)
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, _eager_fallback(attn))
+    out, _ = interface(
+        attn,
+        q,
+        k_all,
+        v_all,
+        bias,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+    )
+    out = attn.o_proj(out.reshape(B, N, -1))
+    h = h + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+    probs = None
+    if probe_rows is not None:  # one query row per batch row: O(H x N_keys) memory, any attention backend
+        rows = probe_rows.view(B, 1, 1, 1).expand(-1, q.shape[1], 1, q.shape[-1])
+        q_row = q.gather(2, rows)  # (B, H, 1, hd)
+        k_rep = k_all.repeat_interleave(q.shape[1] // k_all.shape[1], dim=1)  # (B, H, Nk, hd)
+        scores = (q_row @ k_rep.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
+        scores = scores + bias.gather(2, probe_rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
+        probs = scores.softmax(-1)[:, :, 0]  # (B, H, Nk)
+    return h, own, probs

@@ -1,0 +1,308 @@
+"""DPVRForConditionalGeneration: a stock HF LLaVA whose language model routes vision tokens.
+
+    from transformers import LlavaForConditionalGeneration
+    from dpvr import DPVRConfig, convert
+    model = convert(LlavaForConditionalGeneration.from_pretrained(path), DPVRConfig(mode="lf", split_layer=18))
+    model.print_trainable_parameters()             # the side branch only, as in the paper
+    model.save_pretrained(d)                       # whole model; DPVRForConditionalGeneration.from_pretrained(d)
+    model.save_pretrained(d, side_branch_only=True)  # adapter: config + side-branch weights
+
+It subclasses `LlavaForConditionalGeneration`, so the vision tower, projector, `generate`, the Trainer
+and device maps work unchanged; only `forward` differs (mode 'vanilla' is the stock forward itself).
+The routed decoder loop lives in `dpvr.routing.forward`; adapter files in `dpvr.routing.adapter`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.utils import cached_file
+
+from dpvr.config import DPVRConfig
+from dpvr.errors import DPVRError
+from dpvr.routing.forward import routed_decoder
+from dpvr.routing.layer import check_supported
+
+ADAPTER_CONFIG = "dpvr_adapter.json"
+
+
+@strict
+class DPVRLlavaConfig(LlavaConfig):
+    """A LlavaConfig plus the routing. Its own model_type, so a stock loader never silently drops the
+    side branch: loading a DPVR checkpoint needs `import dpvr`."""
+
+    model_type = "dpvr_llava"
+    dpvr: dict | None = None
+    base_model_name_or_path: str | None = None
+
+
+class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = DPVRLlavaConfig
+
+    def __init__(self, config: DPVRLlavaConfig):
+        super().__init__(config)
+        cfg = self.dpvr_config
+        self.side_branch = None
+        if cfg.has_side_branch:
+            layer_cls = type(self.model.language_model.layers[0])
+            s, D = cfg.split_layer, cfg.side_depth
+            self.side_branch = nn.ModuleList(layer_cls(config.text_config, s + j) for j in range(D))
+            self.side_branch.apply(self._init_weights)
+
+    @property
+    def dpvr_config(self) -> DPVRConfig:
+        return DPVRConfig.from_dict(self.config.dpvr or {})
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        logits_to_keep=0,
+        image_sizes=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        **kwargs,
+    ):
+        cfg = self.dpvr_config
+        if cfg.mode == "vanilla":
+            return super().forward(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer, labels=labels,
+                vision_feature_select_strategy=vision_feature_select_strategy, logits_to_keep=logits_to_keep,
+                image_sizes=image_sizes, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions, **kwargs,
+            )  # fmt: skip
+        if input_ids is None:
+            raise DPVRError("routing needs input_ids (to find image positions); inputs_embeds alone is not supported")
+        if output_attentions:
+            raise NotImplementedError(
+                "output_attentions is not available under routing (layers see different token sets); "
+                "use `dpvr analyze` for attention statistics, or mode='vanilla'"
+            )
+        if past_key_values is not None and not _is_empty_cache(past_key_values):
+            raise DPVRError(
+                f"mode {cfg.mode!r} cannot continue from a {type(past_key_values).__name__}: its layers hold "
+                "token sets of the stock model; generate with use_cache=False or the routed cache"
+            )
+
+        embeds, is_img, image_features = self._merge_image_features(
+            input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
+        )
+        valid = _valid_mask(attention_mask, input_ids, is_img)
+        pos = _position_ids(position_ids, valid)
+        out = routed_decoder(
+            self.model.language_model,
+            self.side_branch,
+            cfg,
+            embeds,
+            is_img,
+            valid,
+            pos,
+            checkpointing=self.is_activation_checkpointing and self.training,
+            keep_hidden=bool(output_hidden_states),
+        )
+        hidden = out.hidden
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return LlavaCausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.all_hidden, image_hidden_states=image_features
+        )
+
+    def _merge_image_features(self, input_ids, pixel_values, feature_layer, strategy, image_sizes):
+        """Embeddings (B, T, D) with image features scattered onto image-token positions."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        is_img = input_ids == self.config.image_token_id  # (B, T)
+        n_tokens = int(is_img.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise DPVRError(
+                    f"the prompt has {n_tokens} image tokens (id {self.config.image_token_id}) but no pixel_values"
+                )
+            return embeds, is_img, None
+        if n_tokens == 0:
+            raise DPVRError(
+                f"pixel_values for {pixel_values.shape[0]} image(s) given but the prompt has no image token "
+                f"(id {self.config.image_token_id})"
+            )
+        feats = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=strategy, image_sizes=image_sizes, return_dict=True,
+        ).pooler_output  # fmt: skip
+        feats = torch.cat(list(feats), dim=0)  # (N_images * tokens_per_image, D)
+        if feats.shape[0] != n_tokens:
+            per_row = is_img.sum(1).tolist()
+            raise DPVRError(
+                f"image tokens and image features do not match: {n_tokens} image tokens in the prompt(s) "
+                f"(per row {per_row}) vs {feats.shape[0]} features from {pixel_values.shape[0]} image(s)"
+            )
+        embeds = embeds.masked_scatter(is_img[..., None], feats.to(embeds.device, embeds.dtype))
+        return embeds, is_img, feats
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args, **kwargs):
+        if self.dpvr_config.mode != "vanilla":
+            # No routed cache on this path: recompute the whole context every step (the paper's decode).
+            kwargs["use_cache"] = False
+        return super().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ training helpers
+    def apply_freeze(self) -> None:
+        cfg = self.dpvr_config
+        train_all = cfg.freeze == "none"
+        for p in self.parameters():
+            p.requires_grad_(train_all)
+        if self.side_branch is not None:
+            self.side_branch.requires_grad_(True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory, side_branch_only: bool = False, **kwargs):
+        if side_branch_only:
+            from dpvr.routing.adapter import save_adapter
+
+            return save_adapter(self, save_directory)
+        return super().save_pretrained(save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, base_model=None, dpvr_config: DPVRConfig | None = None, **kwargs):
+        """Load a full DPVR checkpoint, an adapter (on `base_model` or its recorded base), or a stock
+        LLaVA checkpoint converted with `dpvr_config`. Refuses anything that would leave weights random."""
+        from dpvr.routing.adapter import load_adapter
+
+        adapter_cfg = cached_file(str(path), ADAPTER_CONFIG, _raise_exceptions_for_missing_entries=False)
+        if adapter_cfg is not None:
+            return load_adapter(path, base_model=base_model, **kwargs)
+        config_file = cached_file(str(path), "config.json")
+        with open(config_file) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type == "llava":
+            if dpvr_config is None:
+                raise DPVRError(f"{path} is a stock LLaVA checkpoint: pass dpvr_config=DPVRConfig(...) to convert it")
+            return convert(LlavaForConditionalGeneration.from_pretrained(path, *args, **kwargs), dpvr_config)
+        if model_type != DPVRLlavaConfig.model_type:
+            raise NotImplementedError(f"{path} has model_type {model_type!r}; dpvr supports 'llava' checkpoints")
+        kwargs.pop("output_loading_info", None)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise DPVRError(f"checkpoint {path} does not match the model: {_short(bad)}")
+        model.apply_freeze()
+        return model
+
+
+def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForConditionalGeneration:
+    """Wrap a loaded stock LLaVA with routing. The result shares (takes over) the base's modules:
+    no weight is copied except the side branch's initial layers. Freezes per `config.freeze`."""
+    if not isinstance(config, DPVRConfig):
+        raise DPVRError(f"convert() needs a DPVRConfig, got {type(config).__name__}")
+    if isinstance(base, DPVRForConditionalGeneration):
+        raise DPVRError("the model is already converted; convert the stock LlavaForConditionalGeneration")
+    model_type = getattr(base.config, "model_type", None)
+    if not isinstance(base, LlavaForConditionalGeneration) or model_type != "llava":
+        raise NotImplementedError(
+            f"dpvr supports LlavaForConditionalGeneration (llava-1.5 style); got {type(base).__name__} "
+            f"(model_type {model_type!r}). LLaVA-NeXT anyres and Qwen2-VL mrope are not supported yet."
+        )
+    layers = base.model.language_model.layers
+    config.validate_for(len(layers))
+    for layer in layers:
+        check_supported(layer)
+
+    fields = {k: v for k, v in base.config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    new_config = DPVRLlavaConfig(**fields, dpvr=config.to_dict(), base_model_name_or_path=base.name_or_path)
+    with torch.device("meta"):
+        model = DPVRForConditionalGeneration(new_config)
+    # share the base's sub-configs (attention implementation included): the taken-over modules read them
+    model.config.text_config, model.config.vision_config = base.config.text_config, base.config.vision_config
+    model.config._attn_implementation_internal = base.config._attn_implementation_internal
+    model.model, model.lm_head = base.model, base.lm_head  # take over, no copy
+    model.side_branch = _build_side_branch(base, config)
+    model.generation_config = copy.deepcopy(base.generation_config)
+    model.name_or_path = base.name_or_path
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    assert not meta, f"convert left meta tensors: {meta[:5]}"
+    model.train(base.training)
+    model.apply_freeze()
+    return model
+
+
+def _build_side_branch(base: LlavaForConditionalGeneration, config: DPVRConfig) -> nn.ModuleList | None:
+    if not config.has_side_branch:
+        return None
+    layers = base.model.language_model.layers
+    s, D = config.split_layer, config.side_depth
+    if config.side_init == "copy":
+        return nn.ModuleList(copy.deepcopy(layers[s + j]) for j in range(D))
+    ref = next(layers[0].parameters())
+    with torch.device(ref.device):
+        side = nn.ModuleList(type(layers[0])(base.config.text_config, s + j) for j in range(D))
+    side.apply(base._init_weights)
+    return side.to(ref.dtype)
+
+
+def _valid_mask(attention_mask, input_ids, is_img) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise DPVRError(f"attention_mask must be 2D {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    valid = attention_mask.bool()
+    empty = (~valid.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise DPVRError(f"attention_mask rows {empty} are all zeros (no token to attend to)")
+    masked_img = (is_img & ~valid).any(1).nonzero().flatten().tolist()
+    if masked_img:
+        raise DPVRError(f"attention_mask masks out image tokens in rows {masked_img} (padding inside an image span)")
+    return valid
+
+
+def _position_ids(position_ids, valid) -> torch.Tensor:
+    B, T = valid.shape
+    if position_ids is None:
+        if bool(valid.all()):
+            return torch.arange(T, device=valid.device).expand(B, T)
+        # left padding: count only real tokens, as generate() does
+        return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+        raise DPVRError(f"position_ids must be (B, T)=({B}, {T}) or (1, {T}), got {tuple(position_ids.shape)}")
+    return position_ids.expand(B, T)
+
+
+def _is_empty_cache(cache) -> bool:
+    return hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0
+
+
+def _short(info: dict) -> str:
+    return "; ".join(f"{k}: {list(v)[:4]}{' ...' if len(v) > 4 else ''} ({len(v)})" for k, v in info.items())
+
+
+AutoConfig.register(DPVRLlavaConfig.model_type, DPVRLlavaConfig, exist_ok=True)
+AutoModelForImageTextToText.register(DPVRLlavaConfig, DPVRForConditionalGeneration, exist_ok=True)

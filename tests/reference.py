@@ -1,0 +1,103 @@
+"""Naive reference for every routing mode: each layer runs over the FULL sequence with the stock
+decoder-layer forward and an explicit 4D mask; nothing is gathered, skipped or cached.
+
+It shares no code with dpvr.routing: masks are built here from token types, FastV's ranking comes
+from the eager attention weights the stock attention module returns. Slow and wasteful on purpose.
+"""
+from __future__ import annotations
+
+import torch
+
+from dpvr.config import DPVRConfig
+
+
+def merged_embeddings(model, input_ids, pixel_values):
+    """Stock LLaVA input merge: text embeddings with image features on image-token positions."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        feats = torch.cat(list(inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output))
+        mask = (input_ids == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+    return embeds
+
+
+def _bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """allowed (B, T, T) bool -> additive (B, 1, T, T); rows with nothing allowed see only themselves."""
+    eye = torch.eye(allowed.shape[-1], dtype=torch.bool)[None]
+    allowed = torch.where(allowed.any(-1, keepdim=True), allowed, eye)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_values=None, attention_mask=None):
+    """Logits (B, T, V) of `cfg` computed naively. `model` is a stock LlavaForConditionalGeneration."""
+    lm = model.model.language_model
+    B, T = input_ids.shape
+    valid = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    is_img = (input_ids == model.config.image_token_id) & valid
+    is_txt = valid & ~is_img
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T) query i sees key j <= i
+    h = merged_embeddings(model, input_ids, pixel_values)
+    dt = h.dtype
+    cos_sin = lm.rotary_emb(h, pos)
+
+    def layer(i_or_module, h, allowed):
+        module = lm.layers[i_or_module] if isinstance(i_or_module, int) else i_or_module
+        return module(h, attention_mask=_bias(allowed, dt), position_ids=pos, position_embeddings=cos_sin)
+
+    full = causal & valid[:, None, :]
+    text_only = full & is_txt[:, :, None] & is_txt[:, None, :]  # text queries, text keys
+    img_only = full & is_img[:, :, None] & is_img[:, None, :]  # image queries, image keys
+    L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
+    if not is_img.any() or cfg.mode == "vanilla":
+        for i in range(L):
+            h = layer(i, h, full)
+        return model.lm_head(lm.norm(h))
+
+    if cfg.mode == "fastv":
+        for i in range(cfg.fastv_layer):
+            h = layer(i, h, full)
+        attn = lm.layers[cfg.fastv_layer].self_attn
+        assert attn.config._attn_implementation == "eager", "the FastV reference reads eager attention weights"
+        normed = lm.layers[cfg.fastv_layer].input_layernorm(h)
+        _, weights = attn(normed, position_embeddings=cos_sin, attention_mask=_bias(full, dt))  # (B, H, T, T)
+        keep = valid.clone()
+        for b in range(B):
+            last = int(valid[b].nonzero().max())
+            score = weights[b, :, last].mean(0)  # head-mean attention of the last token
+            img_pos = is_img[b].nonzero().flatten()
+            n_drop = int(len(img_pos) * cfg.fastv_ratio)
+            order = sorted(img_pos.tolist(), key=lambda p: -float(score[p]))  # stable: ties keep order
+            keep[b, order[len(order) - n_drop:]] = False
+        h = layer(cfg.fastv_layer, h, full)
+        kept = full & keep[:, None, :] & keep[:, :, None]
+        for i in range(cfg.fastv_layer + 1, L):
+            h = layer(i, h, kept)
+        return model.lm_head(lm.norm(h))
+
+    for i in range(s):
+        h = layer(i, h, full)
+    side = h
+    if cfg.has_side_branch and not cfg.is_lf_ideal:
+        for module in side_branch:
+            side = layer(module, side, img_only)
+    img = is_img[..., None]
+    if cfg.mode in ("vtw",) or cfg.is_lf_ideal:
+        for i in range(s, L):
+            h = layer(i, h, text_only)
+    elif cfg.mode == "lf":
+        for i in range(s, L - K):
+            h = layer(i, h, text_only)
+        h = torch.where(img, side, h)
+        for i in range(L - K, L):
+            h = layer(i, h, full)
+    elif cfg.mode in ("pc", "kv"):
+        # KV's contract (image states fixed at the side output, keys/values only) is, at text
+        # positions, the same as resetting image positions before a full layer: image queries'
+        # outputs are discarded by the next reset. So one naive reference serves both.
+        for i in range(s, L):
+            h = layer(i, torch.where(img, side, h), full)
+    else:
+        raise AssertionError(cfg.mode)
+    return model.lm_head(lm.norm(h))

@@ -1,0 +1,146 @@
+"""Routing equals the stock model where it must, and the naive masked reference everywhere else."""
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reference_logits
+from tiny import IMAGE_TOKEN, left_pad, pixels, prompt, tiny_llava
+
+from dpvr import DPVRConfig, convert
+
+ROUTED = [
+    DPVRConfig(mode="lf", split_layer=2, fusion_layers=1),
+    DPVRConfig(mode="lf", split_layer=2, fusion_layers=2, side_depth=2),
+    DPVRConfig(mode="lf", split_layer=3, fusion_layers=0),  # LF-ideal
+    DPVRConfig(mode="pc", split_layer=3),
+    DPVRConfig(mode="kv", split_layer=3, side_depth=2),
+    DPVRConfig(mode="vtw", split_layer=2),
+    DPVRConfig(mode="fastv", fastv_layer=1, fastv_ratio=0.5),
+]
+IDS = lambda c: f"{c.mode}-s{c.split_layer}-K{c.fusion_layers}-D{c.side_depth}"  # noqa: E731
+
+
+def assert_text_close(got, want, input_ids, atol, what):
+    """Only text positions' logits are part of the contract."""
+    text = input_ids != IMAGE_TOKEN
+    diff = (got - want)[text].abs().max().item()
+    assert diff <= atol, f"{what}: max |diff| at text positions = {diff:.3e} > {atol:.0e}"
+
+
+def converted(cfg, seed=0, **kw):
+    model = convert(tiny_llava(seed=seed, **kw), cfg)
+    if model.side_branch is not None:  # a copied side branch equals the layer it came from: perturb it
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.side_branch.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "pc", "kv", "vtw", "fastv"])
+def test_vanilla_and_text_only_prompts_equal_stock(mode):
+    stock = tiny_llava()
+    model = converted(DPVRConfig(mode=mode, split_layer=2, fastv_layer=1))
+    ids = torch.tensor([prompt(12, 0, n_images=0)])
+    assert_text_close(model(input_ids=ids).logits, stock(input_ids=ids).logits, ids, 1e-5, f"{mode} text-only")
+    if mode == "vanilla":
+        ids, px = torch.tensor([prompt(3, 6)]), pixels(1)
+        got, want = model(input_ids=ids, pixel_values=px).logits, stock(input_ids=ids, pixel_values=px).logits
+        diff = (got - want).abs().max().item()
+        assert diff <= 1e-5, f"vanilla vs stock with an image: max |diff| = {diff:.3e}"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", ROUTED, ids=IDS)
+def test_routed_modes_equal_naive_masked_reference(cfg):
+    model = converted(cfg)
+    ids, px = torch.tensor([prompt(3, 7, n_images=2)]), pixels(2)
+    got = model(input_ids=ids, pixel_values=px).logits
+    want = reference_logits(model, model.side_branch, cfg, ids, px)
+    assert_text_close(got, want, ids, 1e-4, f"{IDS(cfg)} vs reference")
+    # and routing actually changed something (not silently vanilla)
+    stock = tiny_llava()(input_ids=ids, pixel_values=px).logits
+    text = ids != IMAGE_TOKEN
+    assert (got - stock)[text].abs().max() > 1e-3, f"{IDS(cfg)} gave the stock logits"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", ROUTED, ids=IDS)
+def test_left_padded_batch_equals_one_by_one(cfg):
+    model = converted(cfg)
+    rows = [prompt(2, 9, n_images=1, seed=1), prompt(5, 3, n_images=2, seed=2), prompt(7, 1, n_images=0, seed=3)]
+    n_imgs = [1, 2, 0]
+    ids, mask = left_pad(rows)
+    px = pixels(3, seed=4)
+    batched = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    want_ref = reference_logits(model, model.side_branch, cfg, ids, px, mask)
+    start = 0
+    for b, (row, n) in enumerate(zip(rows, n_imgs)):
+        single_ids = torch.tensor([row])
+        single = model(input_ids=single_ids, pixel_values=px[start : start + n] if n else None).logits
+        start += n
+        T = len(row)
+        assert_text_close(batched[b : b + 1, -T:], single, single_ids, 1e-4, f"{IDS(cfg)} row {b} batched vs single")
+        assert_text_close(batched[b : b + 1, -T:], want_ref[b : b + 1, -T:], single_ids, 1e-4, f"{IDS(cfg)} row {b}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [c for c in ROUTED if c.mode != "fastv"], ids=IDS)
+def test_eager_equals_sdpa(cfg):
+    ids, px = left_pad([prompt(3, 6, seed=5), prompt(1, 2, seed=6)])[0], pixels(2)
+    mask = left_pad([prompt(3, 6, seed=5), prompt(1, 2, seed=6)])[1]
+    eager = converted(cfg, attn="eager")(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    sdpa = converted(cfg, attn="sdpa")(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    assert_text_close(sdpa, eager, ids.masked_fill(mask == 0, IMAGE_TOKEN), 1e-5, f"{IDS(cfg)} sdpa vs eager")
+
+
+@torch.no_grad()
+def test_fastv_sdpa_keeps_the_same_tokens_as_eager():
+    cfg = DPVRConfig(mode="fastv", fastv_layer=1, fastv_ratio=0.5)
+    ids, px = torch.tensor([prompt(3, 6)]), pixels(1)
+    eager = converted(cfg, attn="eager")(input_ids=ids, pixel_values=px).logits
+    sdpa = converted(cfg, attn="sdpa")(input_ids=ids, pixel_values=px).logits
+    assert_text_close(sdpa, eager, ids, 1e-5, "fastv sdpa vs eager")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2"])
+@pytest.mark.parametrize("mode", ["lf", "kv", "pc"])
+def test_other_text_backbones(backbone, mode):
+    cfg = DPVRConfig(mode=mode, split_layer=2, fusion_layers=1)
+    model = converted(cfg, backbone=backbone)
+    assert type(model.model.language_model).__name__.lower().startswith(backbone)
+    ids, px = torch.tensor([prompt(3, 5, n_images=2)]), pixels(2)
+    got = model(input_ids=ids, pixel_values=px).logits
+    want = reference_logits(model, model.side_branch, cfg, ids, px)
+    assert_text_close(got, want, ids, 1e-4, f"{backbone} {mode} vs reference")
+
+
+@torch.no_grad()
+def test_pc_and_kv_agree_at_text_positions():
+    """Same side branch, same base: KV's keys/values-only image states are PC's reset states."""
+    pc = converted(DPVRConfig(mode="pc", split_layer=3))
+    kv = convert(tiny_llava(), DPVRConfig(mode="kv", split_layer=3))
+    kv.side_branch.load_state_dict(pc.side_branch.state_dict())
+    ids, px = torch.tensor([prompt(3, 5)]), pixels(1)
+    a, b = pc(input_ids=ids, pixel_values=px).logits, kv(input_ids=ids, pixel_values=px).logits
+    assert_text_close(a, b, ids, 1e-5, "pc vs kv")
+
+
+def test_lf_skips_image_positions_in_text_only_layers():
+    """No compute is spent on image positions in LF's text-only layers: count query rows per layer."""
+    cfg = DPVRConfig(mode="lf", split_layer=2, fusion_layers=1)
+    model = converted(cfg)
+    ids, px = torch.tensor([prompt(3, 5)]), pixels(1)
+    rows = {}
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, i, o, k=k: rows.__setitem__(k, o.shape[1]))
+        for k, layer in enumerate(model.model.language_model.layers)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=px)
+    for h in hooks:
+        h.remove()
+    T, n_text = ids.shape[1], int((ids != IMAGE_TOKEN).sum())
+    assert rows == {0: T, 1: T, 2: n_text, 3: n_text, 4: n_text, 5: T}, rows
