@@ -248,8 +248,9 @@ def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForC
     model.side_branch = _build_side_branch(base, config)
     model.generation_config = copy.deepcopy(base.generation_config)
     model.name_or_path = base.name_or_path
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    assert not meta, f"convert left meta tensors: {meta[:5]}"
+    if next(base.parameters()).device.type != "meta":  # a meta base (shape-only analysis) stays meta
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        assert not meta, f"convert left meta tensors: {meta[:5]}"
     model.train(base.training)
     model.apply_freeze()
     return model
