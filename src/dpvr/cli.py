@@ -4,8 +4,9 @@
     dpvr COMMAND --help         # its options and defaults
     dpvr COMMAND ... --debug    # full traceback instead of the one-line error
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`; modules are
-imported only when their command runs, so `dpvr --help` stays fast.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`, or, when it owns
+its parsing (`dpvr train` takes every HF TrainingArguments flag), `main(argv) -> int | None`.
+Modules are imported only when their command runs, so `dpvr --help` stays fast.
 """
 from __future__ import annotations
 
@@ -45,19 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
+    if hasattr(module, "main"):
+        return _guarded(name, lambda: module.main(rest), debug="--debug" in rest)
     sub = argparse.ArgumentParser(
         prog=f"dpvr {name}", description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     module.add_arguments(sub)
     sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = sub.parse_args(rest)
+    return _guarded(name, lambda: module.run(args), debug=args.debug)
+
+
+def _guarded(name: str, call, debug: bool) -> int:
     try:
-        return int(module.run(args) or 0)
+        return int(call() or 0)
     except KeyboardInterrupt:
         print(f"dpvr {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line unless --debug
-        if args.debug:
+        if debug:
             raise
         print(f"dpvr {name}: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
