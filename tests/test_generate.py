@@ -1,4 +1,7 @@
-"""generate() is correct in every mode: it equals a hand-written greedy loop over full forwards."""
+"""generate() is correct in every mode: it equals a hand-written greedy loop over full forwards.
+
+These use use_cache=False (full recompute each step, the paper's decode); the routed KV cache is
+checked against this path in test_routed_cache.py."""
 from __future__ import annotations
 
 import pytest
@@ -33,7 +36,7 @@ def test_generate_equals_greedy_recompute(cfg):
     model.generation_config.pad_token_id = PAD
     ids, px = torch.tensor([prompt(3, 4)]), pixels(1)
     want = greedy_by_hand(model, ids, px, 6)
-    got = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=6, do_sample=False)
+    got = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(got, want), f"{cfg.mode}: generate {got[0, -6:].tolist()} vs by hand {want[0, -6:].tolist()}"
 
 
@@ -45,7 +48,8 @@ def test_batched_generation_equals_single(cfg):
     rows = [prompt(3, 4, seed=1), prompt(1, 9, seed=2)]
     ids, mask = left_pad(rows)
     px = pixels(2, seed=3)
-    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5, do_sample=False)
+    kw = dict(max_new_tokens=5, do_sample=False, use_cache=False)
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw)
     for b, row in enumerate(rows):
-        single = model.generate(input_ids=torch.tensor([row]), pixel_values=px[b : b + 1], max_new_tokens=5, do_sample=False)
+        single = model.generate(input_ids=torch.tensor([row]), pixel_values=px[b : b + 1], **kw)
         assert batched[b, -5:].tolist() == single[0, -5:].tolist(), f"{cfg.mode} row {b}"

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import NonFiniteError
+from dpvr.routing.cache import RoutedCache
 from dpvr.routing.layer import KV, project_kv, routed_layer
 from dpvr.routing.tokens import TokenSet
 
@@ -52,14 +53,18 @@ class _Loop:
     def call(self, name: str, layer: nn.Module, S: TokenSet, hs: torch.Tensor, extra: KV | None = None, probe=None):
         """Run `layer` on the gathered states hs (B, N, D) of set S."""
         cos, sin = S.gather(self.cos), S.gather(self.sin)
+        # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
+        return self.run(name, layer, hs, S.idx, S.valid, cos, sin, extra, probe, dense=S.dense and extra is None)
+
+    def run(self, name, layer, hs, order, valid, cos, sin, extra=None, probe=None, dense=False):
         if self.checkpointing and torch.is_grad_enabled():
             out, own, probs = checkpoint(
-                routed_layer, layer, hs, S.idx, S.valid, cos, sin, extra, probe, use_reentrant=False
+                routed_layer, layer, hs, order, valid, cos, sin, extra, probe, dense, use_reentrant=False
             )
         else:
-            out, own, probs = routed_layer(layer, hs, S.idx, S.valid, cos, sin, extra=extra, probe_rows=probe)
+            out, own, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
         if self.cfg.check_finite:  # flag only; one sync at the end of the forward
-            self.flags.append((name, torch.where(S.valid[..., None], out, 0).isfinite().all()))
+            self.flags.append((name, torch.where(valid[..., None], out, 0).isfinite().all()))
         return out, own, probs
 
     def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
@@ -171,6 +176,31 @@ def routed_decoder(
         kept=kept,
         layer_kv=loop.layer_kv,
     )
+
+
+def routed_decode(
+    lm: nn.Module,
+    cfg: DPVRConfig,
+    cache: RoutedCache,
+    h: torch.Tensor,  # (B, n, D) embeddings of the new (text) tokens
+    valid: torch.Tensor,  # (B, n) bool
+    pos: torch.Tensor,  # (B, n) position ids
+) -> torch.Tensor:
+    """New tokens through every layer against that layer's cached token set; appends their keys/values.
+
+    Generated tokens are text, and text runs through every layer in every mode, so one loop serves
+    all modes: the routing lives in what each layer's cache holds."""
+    n = h.shape[1]
+    order = (cache.seen + torch.arange(n, device=h.device)).expand_as(valid)  # (B, n) sequence index
+    loop = _Loop(lm, cfg, h, pos, checkpointing=False, keep_hidden=False, keep_kv=False)
+    dense = cache.dense and bool(valid.all())
+    for i, layer in enumerate(lm.layers):
+        h, own, _ = loop.run(f"layer {i}", layer, h, order, valid, loop.cos, loop.sin, cache.layers[i], dense=dense)
+        cache.append(i, own)
+    cache.seen += n
+    cache.dense = dense
+    loop.raise_if_not_finite()
+    return lm.norm(h)
 
 
 def _row_in(S: TokenSet, positions: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,15 @@ def routed_layer(
     sin: torch.Tensor,
     extra: KV | None = None,  # key/value-only tokens (no query, no MLP)
     probe_rows: torch.Tensor | None = None,  # (B,) long: return this query row's attention probabilities
+    dense: bool = False,  # caller guarantees: all keys valid, extra keys precede queries, order ascending
 ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
-    """Returns (new h (B, N, D), this call's own keys/values, probe probabilities (B, H, N_keys) or None)."""
+    """Returns (new h (B, N, D), this call's own keys/values, probe probabilities (B, H, N_keys) or None).
+
+    With `dense`, the explicit bias is skipped where the backend's own causal handling is exactly
+    right: a single query (it sees every key), or sdpa without extra keys (is_causal, which sdpa
+    aligns top-left, correct only when queries and keys are the same tokens). This is what lets
+    sdpa pick its flash/efficient kernels, as in the stock model.
+    """
     attn = layer.self_attn
     B, N, _ = h.shape
     x = layer.input_layernorm(h)
@@ -99,9 +106,13 @@ def routed_layer(
 
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-    bias = attention_bias(order, valid, k_order, k_valid, q.dtype, sliding_window=window)
+    implementation = attn.config._attn_implementation
+    mask_free = dense and window is None and probe_rows is None and (
+        N == 1 or (extra is None and implementation == "sdpa")
+    )
+    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, q.dtype, sliding_window=window)
 
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, _eager_fallback(attn))
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_fallback(attn))
     out, _ = interface(
         attn,
         q,

@@ -22,14 +22,16 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
-from dpvr.routing.forward import routed_decoder
+from dpvr.routing.cache import RoutedCache
+from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_supported
 
 ADAPTER_CONFIG = "dpvr_adapter.json"
+logger = logging.get_logger(__name__)
 
 
 @strict
@@ -95,29 +97,31 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
                 "output_attentions is not available under routing (layers see different token sets); "
                 "use `dpvr analyze` for attention statistics, or mode='vanilla'"
             )
-        if past_key_values is not None and not _is_empty_cache(past_key_values):
-            raise DPVRError(
-                f"mode {cfg.mode!r} cannot continue from a {type(past_key_values).__name__}: its layers hold "
-                "token sets of the stock model; generate with use_cache=False or the routed cache"
+        cache = self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
+        if cache is not None and cache.seen > 0:
+            hidden = self._decode_step(cache, input_ids, pixel_values, attention_mask, position_ids)
+            out, image_features = None, None
+        else:
+            embeds, is_img, image_features = self._merge_image_features(
+                input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
             )
-
-        embeds, is_img, image_features = self._merge_image_features(
-            input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes
-        )
-        valid = _valid_mask(attention_mask, input_ids, is_img)
-        pos = _position_ids(position_ids, valid)
-        out = routed_decoder(
-            self.model.language_model,
-            self.side_branch,
-            cfg,
-            embeds,
-            is_img,
-            valid,
-            pos,
-            checkpointing=self.is_activation_checkpointing and self.training,
-            keep_hidden=bool(output_hidden_states),
-        )
-        hidden = out.hidden
+            valid = _valid_mask(attention_mask, input_ids, is_img)
+            pos = _position_ids(position_ids, valid)
+            out = routed_decoder(
+                self.model.language_model,
+                self.side_branch,
+                cfg,
+                embeds,
+                is_img,
+                valid,
+                pos,
+                checkpointing=self.is_activation_checkpointing and self.training,
+                keep_hidden=bool(output_hidden_states),
+                keep_kv=cache is not None,
+            )
+            if cache is not None:
+                cache.fill(out.layer_kv, seq_len=input_ids.shape[1], dense=bool(valid.all()))
+            hidden = out.hidden
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -127,8 +131,55 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return LlavaCausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=out.all_hidden, image_hidden_states=image_features
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            hidden_states=out.all_hidden if out is not None else None,
+            image_hidden_states=image_features,
         )
+
+    def _routed_cache(self, past_key_values, use_cache, batch: int) -> RoutedCache | None:
+        """The RoutedCache to read/fill, a new one when asked for, or None (no caching)."""
+        cfg = self.dpvr_config
+        if isinstance(past_key_values, RoutedCache):
+            past_key_values.check_compatible(cfg.to_dict(), batch)
+            return past_key_values
+        if past_key_values is not None and not _is_empty_cache(past_key_values):
+            raise DPVRError(
+                f"mode {cfg.mode!r} cannot continue from a {type(past_key_values).__name__}: its layers hold "
+                "the stock model's token sets; use the RoutedCache that generate() creates, or use_cache=False"
+            )
+        if not use_cache:
+            return None
+        if self.training and self.is_activation_checkpointing:
+            logger.warning_once("use_cache=True is incompatible with activation checkpointing; caching is off")
+            return None
+        return RoutedCache(len(self.model.language_model.layers), cfg.to_dict())
+
+    def _decode_step(self, cache: RoutedCache, input_ids, pixel_values, attention_mask, position_ids):
+        """New text tokens against a filled RoutedCache -> final-norm hidden states (B, n, D)."""
+        B, n = input_ids.shape
+        if pixel_values is not None or bool((input_ids == self.config.image_token_id).any()):
+            raise DPVRError(
+                f"image input after the prompt (token id {self.config.image_token_id} or pixel_values while "
+                "decoding) is not supported by the routed cache; put every image in the prompt"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != (B, cache.seen + n):
+                raise DPVRError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the cache has seen {cache.seen} "
+                    f"positions plus {n} new: expected {(B, cache.seen + n)}"
+                )
+            full_valid = attention_mask.bool()
+        else:
+            full_valid = torch.ones(B, cache.seen + n, dtype=torch.bool, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (full_valid.long().cumsum(-1) - 1)[:, -n:]
+        elif position_ids.shape[-1] != n:
+            raise DPVRError(f"position_ids must cover the {n} new tokens, got shape {tuple(position_ids.shape)}")
+        embeds = self.model.get_input_embeddings()(input_ids)
+        lm = self.model.language_model
+        return routed_decode(lm, self.dpvr_config, cache, embeds, full_valid[:, -n:], position_ids.expand(B, n))
 
     def _merge_image_features(self, input_ids, pixel_values, feature_layer, strategy, image_sizes):
         """Embeddings (B, T, D) with image features scattered onto image-token positions."""
@@ -161,11 +212,16 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         return embeds, is_img, feats
 
     # ------------------------------------------------------------------ generation
-    def generate(self, *args, **kwargs):
-        if self.dpvr_config.mode != "vanilla":
-            # No routed cache on this path: recompute the whole context every step (the paper's decode).
-            kwargs["use_cache"] = False
-        return super().generate(*args, **kwargs)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets a RoutedCache in routed modes (use_cache=False recomputes every step, as the
+        paper's code does); vanilla keeps the stock DynamicCache."""
+        if self.dpvr_config.mode == "vanilla":
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        given = model_kwargs.get("past_key_values")
+        if given is not None and not isinstance(given, RoutedCache):
+            raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
+        if given is None and generation_config.use_cache:
+            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.config.dpvr)
 
     # ------------------------------------------------------------------ training helpers
     def apply_freeze(self) -> None:

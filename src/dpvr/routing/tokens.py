@@ -21,6 +21,7 @@ class TokenSet:
     idx: torch.Tensor  # (B, N) long: sequence positions, selected ones first, in order
     valid: torch.Tensor  # (B, N) bool: False on filler entries
     identity: bool = False  # idx == arange(T) for every row and all valid: gather/scatter are no-ops
+    dense: bool = False  # every entry valid (no filler): plain causal attention needs no explicit mask
 
     @staticmethod
     def from_mask(select: torch.Tensor) -> "TokenSet":
@@ -28,12 +29,13 @@ class TokenSet:
         B, T = select.shape
         if bool(select.all()):
             idx = torch.arange(T, device=select.device).expand(B, T)
-            return TokenSet(idx, torch.ones_like(select), identity=True)
+            return TokenSet(idx, torch.ones_like(select), identity=True, dense=True)
         # stable sort puts selected positions first, keeping their order
         order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices  # (B, T)
         width = int(select.sum(1).max())
         idx = order[:, :width]
-        return TokenSet(idx, select.gather(1, idx))
+        valid = select.gather(1, idx)
+        return TokenSet(idx, valid, dense=bool(valid.all()))
 
     @property
     def width(self) -> int:

@@ -1,0 +1,77 @@
+"""RoutedCache: a KV cache whose layers hold different token sets.
+
+After a routed prefill, layer i's cache holds exactly the keys/values that layer attended over:
+every token in the shared layers, text only in LF's text-only layers (and VTW's), side-branch image
+states plus text in LF's fusion layers and in PC/KV's deep layers, FastV's kept tokens after its
+pruning layer. Each entry keeps the keys' sequence order and validity, so decoding needs no mask
+bookkeeping outside the cache. Generated tokens are text: every layer appends them.
+
+It speaks the small part of the Cache protocol `generate` uses: `get_seq_length` (positions seen,
+used to slice new input ids), `reorder_cache` (beam search) and `is_compileable`.
+"""
+from __future__ import annotations
+
+import torch
+
+from dpvr.errors import DPVRError
+from dpvr.routing.layer import KV
+
+
+class RoutedCache:
+    is_compileable = False
+
+    def __init__(self, num_layers: int, routing: dict):
+        self.layers: list[KV | None] = [None] * num_layers
+        self.routing = dict(routing)  # the DPVRConfig it was filled under; a model with another refuses it
+        self.seen = 0  # sequence positions consumed (prompt + generated), padding included
+        self.dense = True  # no padding anywhere: decode attention needs no mask
+
+    # --------------------------------------------------------------- filling
+    def fill(self, layer_kv: dict[int, tuple[KV, KV | None]], seq_len: int, dense: bool) -> None:
+        """Store a prefill's per-layer (own, extra) keys/values; extra (fixed image KVs) comes first."""
+        missing = [i for i in range(len(self.layers)) if i not in layer_kv]
+        assert not missing, f"prefill produced no keys/values for layers {missing}"
+        for i, (own, extra) in layer_kv.items():
+            self.layers[i] = own if extra is None else _cat(extra, own)
+        self.seen, self.dense = seq_len, dense
+
+    def append(self, i: int, new: KV) -> None:
+        self.layers[i] = _cat(self.layers[i], new)
+
+    # --------------------------------------------------------------- generate() protocol
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for i, kv in enumerate(self.layers):
+            if kv is not None:
+                idx = beam_idx.to(kv.key.device)
+                self.layers[i] = KV(kv.key[idx], kv.value[idx], kv.order[idx], kv.valid[idx])
+
+    def crop(self, max_length: int) -> None:
+        raise DPVRError("RoutedCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    # --------------------------------------------------------------- checks and figures
+    def check_compatible(self, routing: dict, batch: int) -> None:
+        if routing != self.routing:
+            raise DPVRError(f"this RoutedCache was filled under routing {self.routing}, not {routing}")
+        first = self.layers[0]
+        if first is not None and first.key.shape[0] != batch:
+            raise DPVRError(f"RoutedCache holds batch {first.key.shape[0]} but the input has batch {batch}")
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (order/valid bookkeeping excluded)."""
+        return sum(kv.key.nbytes + kv.value.nbytes for kv in self.layers if kv is not None)
+
+    def lengths(self) -> list[int]:
+        """Stored key count per layer (rows padded to the widest)."""
+        return [0 if kv is None else kv.key.shape[2] for kv in self.layers]
+
+
+def _cat(a: KV, b: KV) -> KV:
+    return KV(
+        torch.cat([a.key, b.key], dim=2),
+        torch.cat([a.value, b.value], dim=2),
+        torch.cat([a.order, b.order], dim=1),
+        torch.cat([a.valid, b.valid], dim=1),
+    )
