@@ -144,3 +144,21 @@ def test_lf_skips_image_positions_in_text_only_layers():
         h.remove()
     T, n_text = ids.shape[1], int((ids != IMAGE_TOKEN).sum())
     assert rows == {0: T, 1: T, 2: n_text, 3: n_text, 4: n_text, 5: T}, rows
+
+
+@torch.no_grad()
+def test_routing_context_switches_modes_on_the_same_weights():
+    model = converted(DPVRConfig(mode="lf", split_layer=2, fusion_layers=1))
+    ids, px = torch.tensor([prompt(3, 5)]), pixels(1)
+    lf = model(input_ids=ids, pixel_values=px).logits
+    with model.routing(mode="vanilla"):
+        vanilla = model(input_ids=ids, pixel_values=px).logits
+    with model.routing(mode="fastv", fastv_layer=1):
+        fastv = model(input_ids=ids, pixel_values=px).logits
+    assert_text_close(vanilla, tiny_llava()(input_ids=ids, pixel_values=px).logits, ids, 1e-5, "routing(vanilla)")
+    cfg = DPVRConfig(mode="fastv", fastv_layer=1)
+    assert_text_close(fastv, reference_logits(model, None, cfg, ids, px), ids, 1e-4, "routing(fastv)")
+    assert_text_close(model(input_ids=ids, pixel_values=px).logits, lf, ids, 0.0, "after the context")
+    with pytest.raises(Exception, match="side_depth=2 but the side branch has 1"):
+        with model.routing(side_depth=2):
+            pass

@@ -13,9 +13,9 @@ The routed decoder loop lives in `dpvr.routing.forward`; adapter files in `dpvr.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import os
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -60,6 +60,23 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     @property
     def dpvr_config(self) -> DPVRConfig:
         return DPVRConfig.from_dict(self.config.dpvr or {})
+
+    @contextlib.contextmanager
+    def routing(self, **overrides):
+        """Temporarily run with other routing fields on the same weights, e.g.
+        `with model.routing(mode="vanilla"): ...` or `model.routing(mode="fastv", fastv_ratio=0.75)`."""
+        saved = self.config.dpvr
+        cfg = DPVRConfig.from_dict({**(saved or {}), **overrides})
+        cfg.validate_for(len(self.model.language_model.layers))
+        if cfg.has_side_branch and self.side_branch is None:
+            raise DPVRError(f"mode {cfg.mode!r} needs a side branch; this model was converted without one")
+        if cfg.has_side_branch and len(self.side_branch) != cfg.side_depth:
+            raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {len(self.side_branch)} layers")
+        self.config.dpvr = cfg.to_dict()
+        try:
+            yield self
+        finally:
+            self.config.dpvr = saved
 
     # ------------------------------------------------------------------ forward
     def forward(

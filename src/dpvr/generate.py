@@ -1,0 +1,97 @@
+"""`dpvr generate`: answer a question about an image, streaming tokens with the routed KV cache.
+
+    dpvr generate --image scene.png --prompt "which digit is in the top-left cell?"
+    dpvr generate --model llava-hf/llava-1.5-7b-hf --adapter runs/lf --image cat.jpg --prompt "..." --compare
+
+`--compare` also answers with the vanilla model on the same weights and prints both times to first
+token (prefill) and decode rates.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from PIL import Image
+from transformers import TextStreamer
+
+from dpvr.errors import DPVRError
+from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
+from dpvr.routing import DPVRForConditionalGeneration
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, help="image file (PNG/JPEG)")
+    parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--compare", action="store_true", help="also answer with vanilla on the same weights")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (paper's decode)")
+    add_model_arguments(parser)
+
+
+def build_inputs(processor, image: Image.Image, question: str, device) -> dict:
+    """The checkpoint's own chat template, one image, generation prompt appended."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor(images=image, text=text, return_tensors="pt").to(device)
+
+
+class _FirstTokenTimer(TextStreamer):
+    """Streams decoded text to stdout and records when the first generated token arrives."""
+
+    def __init__(self, tokenizer, echo: bool):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.echo, self.first_at, self.count, self._prompt_seen = echo, None, 0, False
+
+    def put(self, value):
+        if self._prompt_seen and self.first_at is None:
+            self.first_at = time.perf_counter()
+        if self._prompt_seen:
+            self.count += value.numel()
+        self._prompt_seen = True
+        if self.echo:
+            super().put(value)
+
+    def end(self):
+        if self.echo:
+            super().end()
+
+
+@torch.inference_mode()
+def answer(model, processor, inputs: dict, max_new_tokens: int, use_cache: bool = True, echo: bool = True) -> dict:
+    """Generate greedily; returns text, time to first token, decode ms/token."""
+    streamer = _FirstTokenTimer(processor.tokenizer, echo)
+    start = time.perf_counter()
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache, streamer=streamer,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )  # fmt: skip
+    end = time.perf_counter()
+    new = out[0, inputs["input_ids"].shape[1] :]
+    ttft = (streamer.first_at or end) - start
+    decode = (end - (streamer.first_at or end)) / max(len(new) - 1, 1)
+    return {"text": processor.decode(new, skip_special_tokens=True).strip(), "ttft_s": ttft,
+            "decode_ms_per_token": 1000 * decode, "new_tokens": len(new)}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    model, processor = load_model(**model_kwargs(args))
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except OSError as exc:
+        raise DPVRError(f"cannot read image {args.image}: {exc}") from None
+    inputs = build_inputs(processor, image, args.prompt, model.device)
+    label = describe(model)
+    print(f"[{label}] ", end="", flush=True)
+    routed = answer(model, processor, inputs, args.max_new_tokens, use_cache=not args.no_cache)
+    rows = [(label, routed)]
+    if args.compare:
+        if not isinstance(model, DPVRForConditionalGeneration):
+            raise DPVRError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint)")
+        print("[vanilla] ", end="", flush=True)
+        with model.routing(mode="vanilla"):
+            rows.append(("vanilla", answer(model, processor, inputs, args.max_new_tokens)))
+        print(f"\n{'model':<28} {'TTFT ms':>9} {'decode ms/tok':>14}  answer")
+        for name, r in rows:
+            print(f"{name:<28} {1000 * r['ttft_s']:>9.1f} {r['decode_ms_per_token']:>14.2f}  {r['text']!r}")
+    return 0

@@ -1,0 +1,130 @@
+"""Loading a model + processor from command-line options: the one way every command does it.
+
+    parser = argparse.ArgumentParser(); add_model_arguments(parser)
+    model, processor = load_model(**model_kwargs(parser.parse_args()))
+
+`--model` is a stock llava checkpoint, a full DPVR checkpoint, or (with `--adapter DIR`) the base for
+a side-branch-only checkpoint; default: the embedded tiny LLaVA. `--mode` converts a stock model on
+the fly (FastV/VTW need no training; PC/KV/LF without an adapter get an untrained side branch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from dpvr.config import MODES, DPVRConfig
+from dpvr.errors import DPVRError
+from dpvr.routing import DPVRForConditionalGeneration, convert
+
+# the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
+DEFAULT_SPLIT_RATIO = 18 / 32
+
+
+def default_split(num_layers: int) -> int:
+    return max(1, min(num_layers - 1, round(DEFAULT_SPLIT_RATIO * num_layers)))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the embedded tiny LLaVA)")
+    g.add_argument("--adapter", default=None, help="side-branch-only checkpoint to load onto --model")
+    if with_mode:
+        g.add_argument("--mode", default=None, choices=MODES, help="routing to apply to a stock --model")
+        g.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
+        g.add_argument("--fusion-layers", type=int, default=1, help="K for lf (0 = LF-ideal)")
+        g.add_argument("--side-depth", type=int, default=1, help="D for pc/kv/lf")
+        g.add_argument("--fastv-layer", type=int, default=2, help="FastV ranking layer K")
+        g.add_argument("--fastv-ratio", type=float, default=0.5, help="FastV share of image tokens dropped")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    keys = ["model", "adapter", "mode", "split_layer", "fusion_layers", "side_depth", "fastv_layer", "fastv_ratio",
+            "attn", "dtype", "device"]  # fmt: skip
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is not None:
+        return model
+    from dpvr.embedded import default_model_path
+
+    return str(default_model_path())
+
+
+def load_model(
+    model: str | None = None,
+    adapter: str | None = None,
+    mode: str | None = None,
+    split_layer: int | None = None,
+    fusion_layers: int = 1,
+    side_depth: int = 1,
+    fastv_layer: int = 2,
+    fastv_ratio: float = 0.5,
+    attn: str = "sdpa",
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[LlavaForConditionalGeneration, object]:
+    """(model in eval mode on `device`, processor). A stock model without --mode stays stock."""
+    path = resolve_model_path(model)
+    load = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
+    if adapter is not None:
+        if mode is not None:
+            raise DPVRError(f"--mode {mode} conflicts with --adapter (the adapter records its own routing)")
+        base = LlavaForConditionalGeneration.from_pretrained(path, **load)
+        net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
+        processor_path = path
+    elif _model_type(path) == "dpvr_llava":
+        if mode is not None:
+            raise DPVRError(f"--mode {mode} conflicts with {path}, a DPVR checkpoint with its own routing")
+        net = DPVRForConditionalGeneration.from_pretrained(path, **load)
+        processor_path = net.config.base_model_name_or_path or path
+    else:
+        net = LlavaForConditionalGeneration.from_pretrained(path, **load)
+        if mode is not None:
+            L = net.config.text_config.num_hidden_layers
+            cfg = DPVRConfig(
+                mode=mode, split_layer=default_split(L) if split_layer is None else split_layer,
+                fusion_layers=fusion_layers, side_depth=side_depth, fastv_layer=fastv_layer, fastv_ratio=fastv_ratio,
+            )  # fmt: skip
+            net = convert(net, cfg)
+        processor_path = path
+    processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
+    return net.to(device).eval(), processor
+
+
+def describe(model) -> str:
+    """One line: which routing a loaded model runs."""
+    if not isinstance(model, DPVRForConditionalGeneration):
+        return "vanilla (stock)"
+    c = model.dpvr_config
+    extra = {"lf": f" K={c.fusion_layers} D={c.side_depth}", "pc": f" D={c.side_depth}", "kv": f" D={c.side_depth}",
+             "fastv": f" layer={c.fastv_layer} ratio={c.fastv_ratio}"}.get(c.mode, "")  # fmt: skip
+    split = f" s={c.split_layer}" if c.mode in ("lf", "pc", "kv", "vtw") else ""
+    return f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}{split}{extra}"
+
+
+def _model_type(path: str) -> str | None:
+    config = Path(path) / "config.json"
+    if config.exists():
+        return json.loads(config.read_text()).get("model_type")
+    if (Path(path) / "dpvr_adapter.json").exists():
+        raise DPVRError(f"{path} is an adapter: pass it as --adapter with its base as --model")
+    return None  # a hub id: transformers resolves it
+
+
+def _first_with_processor(*paths: str) -> str:
+    for p in paths:
+        if p and (not Path(p).exists() or (Path(p) / "preprocessor_config.json").exists()
+                  or (Path(p) / "processor_config.json").exists()):  # fmt: skip
+            return p
+    return paths[0]
+
+
+__all__ = ["add_model_arguments", "default_split", "describe", "load_model", "model_kwargs"]
