@@ -105,3 +105,14 @@ def test_unsupported_architectures_are_named():
                                image_grid_pinpoints=[[16, 16]])  # fmt: skip
     with pytest.raises(NotImplementedError, match="LLaVA-NeXT anyres"):
         convert(LlavaNextForConditionalGeneration(next_cfg), DPVRConfig())
+
+
+def test_right_padding_at_generation_is_refused(model):
+    ids, mask = left_pad([prompt(2, 2), prompt(4, 4)])
+    right_ids, right_mask = ids.flip(1), mask.flip(1)  # just to get pads at the end of row 0
+    right_ids[0] = torch.cat([ids[0][mask[0] == 1], ids[0][mask[0] == 0]])
+    right_ids[1] = ids[1]
+    right_mask[0], right_mask[1] = mask[0].flip(0), mask[1]
+    with pytest.raises(DPVRError, match=r"rows \[0\] are right-padded") as exc:
+        model.generate(input_ids=right_ids, attention_mask=right_mask, pixel_values=pixels(2), max_new_tokens=2)
+    one_line(exc)

@@ -229,6 +229,14 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         return embeds, is_img, feats
 
     # ------------------------------------------------------------------ generation
+    def generate(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -1].all()):
+            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise DPVRError(f"rows {rows} are right-padded: generation continues after the last token, so pad "
+                            "on the left (processor/tokenizer padding_side='left')")  # fmt: skip
+        return super().generate(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a RoutedCache in routed modes (use_cache=False recomputes every step, as the
         paper's code does); vanilla keeps the stock DynamicCache."""
