@@ -46,38 +46,45 @@ def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_value
         module = lm.layers[i_or_module] if isinstance(i_or_module, int) else i_or_module
         return module(h, attention_mask=_bias(allowed, dt), position_ids=pos, position_embeddings=cos_sin)
 
-    full = causal & valid[:, None, :]
-    text_only = full & is_txt[:, :, None] & is_txt[:, None, :]  # text queries, text keys
-    img_only = full & is_img[:, :, None] & is_img[:, None, :]  # image queries, image keys
-    L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
-    if not is_img.any() or cfg.mode == "vanilla":
-        for i in range(L):
-            h = layer(i, h, full)
-        return model.lm_head(lm.norm(h))
+    def masks(valid):
+        full = causal & valid[:, None, :]
+        txt_v, img_v = is_txt & valid, is_img & valid
+        text_only = full & txt_v[:, :, None] & txt_v[:, None, :]  # text queries, text keys
+        img_only = full & img_v[:, :, None] & img_v[:, None, :]  # image queries, image keys
+        return full, text_only, img_only
 
-    if cfg.mode == "fastv":
-        for i in range(cfg.fastv_layer):
-            h = layer(i, h, full)
+    def fastv_keep(h, valid):
+        """Valid mask after dropping the image tokens the last token attends to least (eager weights)."""
         attn = lm.layers[cfg.fastv_layer].self_attn
         assert attn.config._attn_implementation == "eager", "the FastV reference reads eager attention weights"
         normed = lm.layers[cfg.fastv_layer].input_layernorm(h)
-        _, weights = attn(normed, position_embeddings=cos_sin, attention_mask=_bias(full, dt))  # (B, H, T, T)
+        _, weights = attn(normed, position_embeddings=cos_sin, attention_mask=_bias(masks(valid)[0], dt))
         keep = valid.clone()
         for b in range(B):
             last = int(valid[b].nonzero().max())
-            score = weights[b, :, last].mean(0)  # head-mean attention of the last token
-            img_pos = is_img[b].nonzero().flatten()
+            score = weights[b, :, last].mean(0)  # head-mean attention of the last token, (T,)
+            img_pos = (is_img[b] & valid[b]).nonzero().flatten()
             n_drop = int(len(img_pos) * cfg.fastv_ratio)
             order = sorted(img_pos.tolist(), key=lambda p: -float(score[p]))  # stable: ties keep order
-            keep[b, order[len(order) - n_drop:]] = False
-        h = layer(cfg.fastv_layer, h, full)
-        kept = full & keep[:, None, :] & keep[:, :, None]
-        for i in range(cfg.fastv_layer + 1, L):
-            h = layer(i, h, kept)
+            keep[b, order[len(order) - n_drop :]] = False
+        return keep
+
+    L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
+    if not is_img.any() or cfg.mode == "vanilla":
+        for i in range(L):
+            h = layer(i, h, masks(valid)[0])
         return model.lm_head(lm.norm(h))
 
-    for i in range(s):
-        h = layer(i, h, full)
+    prune = cfg.mode == "fastv" or cfg.shallow_fastv
+    for i in range(L if cfg.mode == "fastv" else s):
+        keep = fastv_keep(h, valid) if prune and i == cfg.fastv_layer else None
+        h = layer(i, h, masks(valid)[0])
+        if keep is not None:
+            valid = keep  # dropped tokens are invisible as keys from the next layer on
+    if cfg.mode == "fastv":
+        return model.lm_head(lm.norm(h))
+    full, text_only, img_only = masks(valid)
+    is_img = is_img & valid
     side = h
     if cfg.has_side_branch and not cfg.is_lf_ideal:
         for module in side_branch:

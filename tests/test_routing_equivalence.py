@@ -162,3 +162,21 @@ def test_routing_context_switches_modes_on_the_same_weights():
     with pytest.raises(Exception, match="side_depth=2 but the side branch has 1"):
         with model.routing(side_depth=2):
             pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["lf", "kv", "vtw"])
+def test_shallow_fastv_composition_equals_reference(mode):
+    """Beyond the paper: FastV pruning inside the shared layers, then DPVR routing."""
+    cfg = DPVRConfig(mode=mode, split_layer=3, fusion_layers=1, shallow_fastv=True, fastv_layer=1, fastv_ratio=0.5)
+    model = converted(cfg)
+    ids, mask = left_pad([prompt(3, 5, n_images=2, seed=1), prompt(1, 2, seed=2)])
+    px = pixels(3)
+    got = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    want = reference_logits(model, model.side_branch, cfg, ids, px, mask)
+    assert_text_close(got, want, ids.masked_fill(mask == 0, IMAGE_TOKEN), 1e-4, f"{mode}+shallow fastv")
+    plain = convert(tiny_llava(), DPVRConfig(mode=mode, split_layer=3, fusion_layers=1))
+    if plain.side_branch is not None:
+        plain.side_branch.load_state_dict(model.side_branch.state_dict())
+    other = plain(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    assert (got - other)[mask.bool() & (ids != IMAGE_TOKEN)].abs().max() > 1e-4, "pruning changed nothing"

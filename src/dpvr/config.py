@@ -11,6 +11,7 @@ Layers are numbered 0..L-1. With split s, fusion K and side depth D:
   - `fastv`: (baseline, no training) after layer `fastv_layer` keep only the image tokens that the last
            text token attends to most, dropping `fastv_ratio` of them, for all later layers.
   - `vanilla`: the stock model.
+  - `shallow_fastv=True` composes FastV pruning inside [0, s) with pc/kv/lf/vtw (beyond the paper).
 
 Ranges that need the model's layer count are checked by `validate_for(num_layers)`, which `convert`
 calls before touching the model.
@@ -47,6 +48,11 @@ class DPVRConfig:
     )
     fastv_layer: int = field(default=2, metadata={"help": "fastv: rank image tokens with layer K's attention."})
     fastv_ratio: float = field(default=0.5, metadata={"help": "fastv: share of image tokens dropped, in [0, 1]."})
+    shallow_fastv: bool = field(
+        default=False,
+        metadata={"help": "lf/pc/kv/vtw: also prune image tokens FastV-style (fastv_layer, fastv_ratio) inside "
+                  "the shared layers [0, s); the side branch and fusion then see the kept tokens only."},
+    )
     check_finite: bool = field(
         default=True, metadata={"help": "Raise, naming the layer, when a layer produces NaN/inf (one sync per forward)."}
     )
@@ -92,6 +98,10 @@ class DPVRConfig:
                 f"DPVRConfig.side_depth={D} out of range: side_init='copy' copies layers {s}..{s + D - 1} "
                 f"but the model has {L} layers; use side_depth <= {L - s} or side_init='random'"
             )
+        if self.shallow_fastv and self.mode not in ("pc", "kv", "lf", "vtw"):
+            raise DPVRError(f"DPVRConfig.shallow_fastv applies to modes pc/kv/lf/vtw, not {self.mode!r}")
+        if self.shallow_fastv and not self.fastv_layer < s:
+            raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range for shallow_fastv: need < split_layer={s}")
         if self.mode == "fastv" and not self.fastv_layer < L - 1:
             raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range: need fastv_layer < {L - 1}")
 

@@ -6,6 +6,7 @@ them to `lm_head`. Which positions each layer runs on:
 
     mode     layers [0, s)   side branch    layers [s, L-K)         layers [L-K, L)
     lf       all tokens      image only     text only               all (image <- side output)
+    (lf/pc/kv/vtw with shallow_fastv: FastV pruning inside [0, s) first; dropped tokens stay dropped)
     pc       all tokens      image only     all, image reset to side output before each layer
     kv       all tokens      image only     text queries; image = side output, keys/values only
     vtw      all tokens      -              text only
@@ -34,7 +35,7 @@ from dpvr.routing.tokens import TokenSet
 class RoutedOutput:
     hidden: torch.Tensor  # (B, T, D) after the final norm
     all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, pre-norm
-    kept: torch.Tensor | None = None  # fastv: (B, T) bool, the positions later layers ran on
+    kept: torch.Tensor  # (B, T) bool: valid positions left after any FastV pruning
     layer_kv: dict[int, tuple[KV, KV | None]] = field(default_factory=dict)  # per layer: (own, extra)
 
 
@@ -123,27 +124,15 @@ def routed_decoder(
 ) -> RoutedOutput:
     L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
     loop = _Loop(lm, cfg, h, pos, checkpointing, keep_hidden, keep_kv)
-    ALL = TokenSet.from_mask(valid)
     has_images = bool((is_img & valid).any())
     mode = cfg.mode if has_images else "text-only"
-    kept = None
-
-    if mode == "text-only":
-        for i in range(L):
-            h, _ = loop.layer(i, ALL, h)
-    elif mode == "fastv":
-        last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid pos
-        for i in range(cfg.fastv_layer + 1):
-            probe = _row_in(ALL, last) if i == cfg.fastv_layer else None
-            h, probs = loop.layer(i, ALL, h, probe=probe)
-        kept = fastv_keep(probs, ALL, is_img, valid, cfg.fastv_ratio)
-        KEEP = TokenSet.from_mask(kept)
-        for i in range(cfg.fastv_layer + 1, L):
-            h, _ = loop.layer(i, KEEP, h)
+    if mode in ("text-only", "fastv"):
+        h, kept = _shared_stack(loop, L, h, valid, is_img, prune=mode == "fastv")
     else:
+        h, kept = _shared_stack(loop, s, h, valid, is_img, prune=cfg.shallow_fastv)
+        valid = kept  # tokens FastV dropped in the shared stack are gone for good
+        ALL = TokenSet.from_mask(valid)
         TXT, IMG = TokenSet.from_mask(valid & ~is_img), TokenSet.from_mask(valid & is_img)
-        for i in range(s):
-            h, _ = loop.layer(i, ALL, h)
         if mode == "vtw":
             for i in range(s, L):
                 h, _ = loop.layer(i, TXT, h)
@@ -176,6 +165,22 @@ def routed_decoder(
         kept=kept,
         layer_kv=loop.layer_kv,
     )
+
+
+def _shared_stack(loop: _Loop, n_layers: int, h, valid, is_img, prune: bool):
+    """Layers [0, n_layers) on every valid token; with `prune`, FastV drops image tokens after
+    layer cfg.fastv_layer for the rest of the stack (and for everything routed after it).
+    Returns (h, the valid mask after pruning)."""
+    cfg = loop.cfg
+    ALL = TokenSet.from_mask(valid)
+    last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid position
+    for i in range(n_layers):
+        probe = _row_in(ALL, last) if prune and i == cfg.fastv_layer else None
+        h, probs = loop.layer(i, ALL, h, probe=probe)
+        if probe is not None:
+            valid = fastv_keep(probs, ALL, is_img, valid, cfg.fastv_ratio)
+            ALL = TokenSet.from_mask(valid)
+    return h, valid
 
 
 def routed_decode(
