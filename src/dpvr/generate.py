@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
+from dpvr.data.templates import render_prompt
 from dpvr.errors import DPVRError
 from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
 from dpvr.routing import DPVRForConditionalGeneration
@@ -30,9 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_inputs(processor, image: Image.Image, question: str, device) -> dict:
-    """The checkpoint's own chat template, one image, generation prompt appended."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    """The checkpoint's own chat template (as eval renders it), one image, generation prompt appended."""
+    text = render_prompt(processor, question, template="chat")
     return processor(images=image, text=text, return_tensors="pt").to(device)
 
 
