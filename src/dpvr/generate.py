@@ -75,11 +75,11 @@ def answer(model, processor, inputs: dict, max_new_tokens: int, use_cache: bool 
 
 
 def run(args: argparse.Namespace) -> int:
-    model, processor = load_model(**model_kwargs(args))
-    try:
+    try:  # before loading the model: fail fast on a bad path
         image = Image.open(args.image).convert("RGB")
     except OSError as exc:
         raise DPVRError(f"cannot read image {args.image}: {exc}") from None
+    model, processor = load_model(**model_kwargs(args))
     inputs = build_inputs(processor, image, args.prompt, model.device)
     label = describe(model)
     print(f"[{label}] ", end="", flush=True)
