@@ -112,7 +112,7 @@ def _sample(sid: str, image: str | None, qas: list[dict], meta: dict) -> dict:
     return sample
 
 
-def build_split(split: str, seed: int, out: Path) -> list[dict]:
+def build_split(split: str, seed: int, out: Path, n_scenes: int | None = None) -> list[dict]:
     """Render this split's images under out/images/split and return its samples."""
     from sklearn.datasets import load_digits
 
@@ -129,7 +129,7 @@ def build_split(split: str, seed: int, out: Path) -> list[dict]:
     rng = np.random.default_rng([seed, list(SPLIT_SCENES).index(split)])
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples: list[dict] = []
-    for n in range(SPLIT_SCENES[split]):
+    for n in range(SPLIT_SCENES[split] if n_scenes is None else n_scenes):
         cells, scans, tints = _scene(rng, pool, by_digit, weights)
         rel = f"{split}/{n:05d}.png"
         render(cells, scans, tints, images).save(out / "images" / rel, format="PNG", optimize=False)
@@ -168,23 +168,27 @@ def _dump(samples: list[dict], path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _is_complete(root: Path, seed: int) -> bool:
+def _is_complete(root: Path, seed: int, scenes: dict[str, int]) -> bool:
     try:
         manifest = json.loads((root / "MANIFEST.json").read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("version") == VERSION and manifest.get("seed") == seed
+    return manifest.get("version") == VERSION and manifest.get("seed") == seed and manifest.get("scenes") == scenes
 
 
-def ensure_benchmark(out_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True) -> Path:
+def ensure_benchmark(
+    out_dir: str | os.PathLike | None = None, seed: int = 0, scenes: dict[str, int] | None = None, progress: bool = True
+) -> Path:
     """Write the benchmark under out_dir (default: `default_cache_dir(seed)`, env DPVR_CACHE), or reuse
-    it if a complete copy of this version and seed is already there. Built in a sibling temp dir and
-    renamed into place, so a half-written dir never looks complete."""
+    it if a complete copy of this version, seed and size is already there. Built in a sibling temp dir
+    and renamed into place, so a half-written dir never looks complete. `scenes` overrides the number
+    of scenes per split (small benchmarks for tests)."""
+    sizes = {**SPLIT_SCENES, **(scenes or {})}
     root = Path(out_dir) if out_dir is not None else default_cache_dir(seed)
-    if _is_complete(root, seed):
+    if _is_complete(root, seed, sizes):
         return root
     if root.exists() and any(root.iterdir()):
-        raise DPVRError(f"{root} exists but is not a complete {VERSION} seed {seed} benchmark; remove it or pick another --out")
+        raise DPVRError(f"{root} exists but is not a complete {VERSION} seed {seed} benchmark of {sizes} scenes; remove it or pick another --out")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,14 +200,14 @@ def ensure_benchmark(out_dir: str | os.PathLike | None = None, seed: int = 0, pr
 
         splits = tqdm(splits, desc="digit scenes", unit="split")
     for split in splits:
-        samples = build_split(split, seed, tmp)
+        samples = build_split(split, seed, tmp, sizes[split])
         _dump(samples, tmp / f"{split}.json")
         counts[split] = len(samples)
         if split == "train":
             pre = build_pretrain(samples)
             _dump(pre, tmp / "pretrain.json")
             counts["pretrain"] = len(pre)
-    manifest = {"version": VERSION, "seed": seed, "samples": counts, "image_size": IMAGE_SIZE, "grid": GRID}
+    manifest = {"version": VERSION, "seed": seed, "scenes": sizes, "samples": counts, "image_size": IMAGE_SIZE, "grid": GRID}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if root.exists():
         root.rmdir()  # empty (checked above)

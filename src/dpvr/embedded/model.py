@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -108,14 +109,18 @@ def build_tiny_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, Llav
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, IMAGE_ID = range(len(SPECIALS))
 
 
-def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: str | os.PathLike) -> Path:
-    """Write model (fp32 safetensors) + processor into out atomically: a temp sibling, then rename."""
+def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out: str | os.PathLike,
+                    extra: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
+    """Write model (fp32 safetensors) + processor (+ whatever `extra(tmp_dir)` adds) into out atomically:
+    a temp sibling dir, then rename."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
