@@ -1,0 +1,138 @@
+"""`dpvr analyze`: the paper's three-view saturation analysis plus layer-wise masking; recommends a split.
+
+    dpvr analyze                                    # embedded tiny LLaVA on the digit-scenes test split
+    dpvr analyze --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json --images DIR -n 200 \\
+                 --dtype bfloat16 --batch-size 1 --out runs/analysis-7b
+
+Writes OUT/analysis.json (every statistic, per layer, with standard errors, plus the recommendation and
+the run's settings), OUT/analysis.csv (one row per layer) and OUT/analysis.png (Figure 2 + masking
+curves), and prints the per-layer table and the recommended `split_layer` with its reason.
+Runs on the stock model with sdpa; nothing needs eager attention.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from dpvr.errors import DPVRError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpvr.loading import add_model_arguments
+
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", default=None, help="LLaVA-665k-format JSON (default: the digit-scenes test split)")
+    d.add_argument("--images", default=None, help="image folder the JSON's paths are relative to "
+                   "(default: the benchmark's images/, or the JSON's folder)")  # fmt: skip
+    d.add_argument("-n", "--num-samples", type=int, default=200, help="random image samples to analyse")
+    d.add_argument("--seed", type=int, default=0, help="which random samples")
+    d.add_argument("--template", default="chat", choices=["chat", "vicuna_v1"], help="prompt template")
+    d.add_argument("--max-answer-tokens", type=int, default=16, help="skip samples whose first answer is longer")
+    d.add_argument("--max-length", type=int, default=None, help="skip samples longer than this many tokens")
+    a = parser.add_argument_group("analysis")
+    a.add_argument("--batch-size", type=int, default=8, help="samples per forward (1 for 7B on one GPU is safe)")
+    a.add_argument("--mask-samples", type=int, default=None,
+                   help="samples for the masking analysis (2L+1 forwards each; default: all)")  # fmt: skip
+    a.add_argument("--no-masking", action="store_true", help="skip the layer-wise masking analysis")
+    a.add_argument("--mask-rows", type=int, default=64, help="(sample, variant) rows per masking forward")
+    a.add_argument("--collapse-frac", type=float, default=0.2,
+                   help="attention has collapsed once the mass is <= this fraction of its peak")  # fmt: skip
+    a.add_argument("--kl-frac", type=float, default=0.5,
+                   help="logit-lens transition: first layer from which KL stays <= this fraction of its max")  # fmt: skip
+    a.add_argument("--margin", type=int, default=2, help="split at least this many layers before the vision transition")
+    a.add_argument("--out", default="dpvr-analysis", help="output folder")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster when other processes share the cores)")  # fmt: skip
+    add_model_arguments(parser, with_mode=False)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.adapter is not None:
+        raise DPVRError("--adapter: the analysis measures the vanilla model; pass the base checkpoint as --model")
+    if not 0 < args.collapse_frac < 1 or not 0 < args.kl_frac < 1:
+        raise DPVRError(f"--collapse-frac {args.collapse_frac} and --kl-frac {args.kl_frac} must be in (0, 1)")
+    for name in ("batch_size", "mask_rows", "num_samples"):
+        if getattr(args, name) < 1:
+            raise DPVRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.margin < 0 or (args.mask_samples is not None and args.mask_samples < 0):
+        raise DPVRError("--margin and --mask-samples must be >= 0")
+
+
+def resolve_data(data: str | None, images: str | None) -> tuple[Path, Path]:
+    """(JSON, image folder); defaults to the digit-scenes test split, written on first use."""
+    if data is None:
+        from dpvr.data.digit_scenes import ensure_benchmark
+
+        root = ensure_benchmark()
+        return root / "test.json", Path(images) if images else root / "images"
+    path = Path(data)
+    if not path.is_file():
+        raise DPVRError(f"--data {data}: no such file")
+    return path, Path(images) if images else path.parent
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dpvr.analysis.inputs import select_samples
+    from dpvr.analysis.masking import masking_variants, score_variants
+    from dpvr.analysis.plots import plot_analysis
+    from dpvr.analysis.report import format_table, write_outputs
+    from dpvr.analysis.saturation import measure_batch
+    from dpvr.analysis.summary import Accumulator, recommend_split
+    from dpvr.data.collate import Collator
+    from dpvr.loading import load_model, resolve_model_path
+    from dpvr.routing import DPVRForConditionalGeneration
+
+    _check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    data, images = resolve_data(args.data, args.images)
+    model, processor = load_model(model=args.model, attn=args.attn, dtype=args.dtype, device=args.device)
+    if isinstance(model, DPVRForConditionalGeneration):
+        raise DPVRError(f"{args.model} is a DPVR checkpoint; the analysis measures the stock model (pass its base)")
+    items, skipped = select_samples(
+        data, images, processor, n=args.num_samples, seed=args.seed, template=args.template,
+        max_answer_tokens=args.max_answer_tokens, max_length=args.max_length, progress=not args.quiet,
+    )  # fmt: skip
+    n_mask = 0 if args.no_masking else min(len(items), args.mask_samples if args.mask_samples is not None else len(items))
+    L = model.config.text_config.num_hidden_layers
+    blocked = masking_variants(L)
+    collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
+    acc = Accumulator()
+    bar = tqdm(total=len(items), desc="analyze", unit="sample", disable=args.quiet)
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start : start + args.batch_size]
+        batch = collate(chunk)
+        stats, embeds = measure_batch(model, batch)
+        acc.add(stats)
+        k = max(0, min(len(chunk), n_mask - start))  # samples of this batch that also get the masking analysis
+        if k:
+            sub = {key: v[:k] for key, v in batch.items() if key != "pixel_values"}
+            ll, correct = score_variants(model, embeds[:k], sub, blocked, max_rows=args.mask_rows)
+            acc.add_masking(ll, correct)
+        bar.update(len(chunk))
+    bar.close()
+    curves = acc.curves()
+    if all(m != m for m in curves["mass"]):  # all NaN
+        raise DPVRError("no sample has text after its image: the text-to-image attention mass is undefined")
+    rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin)
+    meta = {
+        "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
+        "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
+        "dtype": args.dtype, "device": str(args.device), "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    paths = write_outputs(args.out, curves, rec, meta)
+    title = f"{Path(meta['model']).name}: {len(items)} samples ({n_mask} masked), {L} layers"
+    paths["png"] = plot_analysis(curves, rec, Path(args.out) / "analysis.png", title=title)
+    print(format_table(curves, rec))
+    if skipped:
+        print(f"skipped samples: {dict(skipped)}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
+    return 0
