@@ -76,6 +76,17 @@ def resolve_data(data: str | None, images: str | None) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _analyze(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+
+
+def _analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dpvr.analysis.inputs import select_samples
@@ -88,9 +99,6 @@ def run(args: argparse.Namespace) -> int:
     from dpvr.loading import load_model, resolve_model_path
     from dpvr.routing import DPVRForConditionalGeneration
 
-    _check_args(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data, images = resolve_data(args.data, args.images)
     model, processor = load_model(model=args.model, attn=args.attn, dtype=args.dtype, device=args.device)

@@ -1,0 +1,97 @@
+"""The split rule on constructed curves, and `dpvr analyze` end to end on an untrained tiny LLaVA."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from dpvr.analysis.summary import collapse_layer, recommend_split, transition_layer
+from dpvr.cli import main
+from dpvr.embedded import build_tiny_model
+
+
+def paper_like_curves(L: int = 32) -> dict:
+    """The abstract's 7B mass curve (0.68 at layer 0, 0.07 by 4, ~0.04 after 18) and an image KL that
+    drops below half its maximum at layer 20."""
+    mass = np.interp(np.arange(L), [0, 4, 18, L - 1], [0.68, 0.07, 0.04, 0.04])
+    kl_image = np.where(np.arange(L) < 20, 2.0, 0.5 * np.linspace(1, 0, L))
+    kl_text = np.linspace(3, 0, L)
+    return {"num_layers": L, "mass": mass.tolist(), "kl_image": kl_image.tolist(), "kl_text": kl_text.tolist()}
+
+
+def test_split_rule_on_paper_like_curves():
+    c = paper_like_curves()
+    assert collapse_layer(c["mass"], 0.2) == 4  # layer 3: 0.2225 > 0.2 x 0.68; layer 4: 0.07
+    assert transition_layer(c["kl_image"], 0.5) == 20
+    rec = recommend_split(c, collapse_frac=0.2, kl_frac=0.5, margin=2)
+    assert rec.in_window and rec.split == 18 and rec.vision_transition == 20
+    assert "collapsed at layer 4" in rec.reason and "2 layers later" in rec.reason
+    assert recommend_split(c, margin=5).split == 15
+
+
+def test_split_rule_falls_back_when_attention_never_collapses():
+    c = paper_like_curves(12)
+    c["mass"] = [0.9, 0.88, 0.87, 0.86, 0.86, 0.85, 0.85, 0.84, 0.84, 0.83, 0.83, 0.8]
+    rec = recommend_split(c, collapse_frac=0.2)
+    assert not rec.in_window and rec.collapse_layer is None
+    assert rec.split == 7 and "never collapses" in rec.reason  # 18/32 of 12 layers
+
+
+def test_transition_needs_the_curve_to_stay_low():
+    kl = [1.0, 0.2, 0.9, 0.8, 0.3, 0.1, 0.0]  # dips at 1, but only stays below 0.5 from 4 on
+    assert transition_layer(kl, 0.5) == 4
+    assert collapse_layer([0.1, 0.5, 0.3, 0.05, 0.2], 0.2) == 3  # measured from the peak (layer 1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from dpvr.data.digit_scenes import ensure_benchmark
+
+    d = tmp_path_factory.mktemp("analyze")
+    model, processor = build_tiny_model(seed=0)
+    model.save_pretrained(d / "model")
+    processor.save_pretrained(d / "model")
+    data = ensure_benchmark(d / "data", scenes={"train": 2, "val": 1, "test": 3}, progress=False)
+    return d, data
+
+
+def test_analyze_writes_json_csv_png_and_prints_a_recommendation(setup, capsys):
+    d, data = setup
+    out = d / "out"
+    rc = main(["analyze", "--model", str(d / "model"), "--data", str(data / "test.json"), "--images", str(data / "images"),
+               "-n", "5", "--mask-samples", "3", "--batch-size", "2", "--out", str(out), "--quiet", "--threads", "1"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    result = json.loads((out / "analysis.json").read_text())
+    L = result["curves"]["num_layers"]
+    assert L == 12 and result["meta"]["n_samples"] == 5 and result["curves"]["n_masking"] == 3
+    assert result["curves"]["kl_image"][-1] == 0.0 and len(result["curves"]["dll_only"]) == L
+    assert 1 <= result["recommendation"]["split"] < L
+    with open(out / "analysis.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == L and float(rows[3]["mass"]) == pytest.approx(result["curves"]["mass"][3], rel=1e-5)
+    assert (out / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"recommended split_layer = {result['recommendation']['split']}" in printed
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--adapter", "x"], "--adapter"), (["--collapse-frac", "1.5"], "--collapse-frac"), (["-n", "0"], "--num-samples")],
+)
+def test_analyze_bad_options_are_one_line_errors(setup, capsys, extra, message):
+    d, data = setup
+    rc = main(["analyze", "--model", str(d / "model"), "--data", str(data / "test.json"), "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and message in err[0], err
+
+
+def test_analyze_refuses_data_without_image_samples(setup, tmp_path, capsys):
+    d, _ = setup
+    (tmp_path / "text.json").write_text(json.dumps([{"id": "t0", "conversations": [
+        {"from": "human", "value": "how many cells ?"}, {"from": "gpt", "value": "4"}]}]))  # fmt: skip
+    rc = main(["analyze", "--model", str(d / "model"), "--data", str(tmp_path / "text.json"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no usable image sample" in err and "text_only" in err, err
