@@ -24,20 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dpvr.loading import add_model_arguments
 
     d = parser.add_argument_group("data")
-    d.add_argument("--data", default=None, help="LLaVA-665k-format JSON (default: the digit-scenes test split)")
-    d.add_argument("--images", default=None, help="image folder the JSON's paths are relative to "
-                   "(default: the benchmark's images/, or the JSON's folder)")  # fmt: skip
+    d.add_argument("--data", default=None, help="LLaVA-665k-format JSON; none: the digit-scenes test split")
+    d.add_argument("--images", default=None, help="image folder the JSON's paths are relative to; none: the "
+                   "benchmark's images/, or the JSON's own folder")  # fmt: skip
     d.add_argument("-n", "--num-samples", type=int, default=200, help="random image samples to analyse")
     d.add_argument("--seed", type=int, default=0, help="which random samples")
     d.add_argument("--template", default="chat", choices=["chat", "vicuna_v1"], help="prompt template")
     d.add_argument("--max-answer-tokens", type=int, default=16, help="skip samples whose first answer is longer")
-    d.add_argument("--max-length", type=int, default=None, help="skip samples longer than this many tokens")
     a = parser.add_argument_group("analysis")
     a.add_argument("--batch-size", type=int, default=8, help="samples per forward (1 for 7B on one GPU is safe)")
     a.add_argument("--mask-samples", type=int, default=None,
-                   help="samples for the masking analysis (2L+1 forwards each; default: all)")  # fmt: skip
+                   help="how many of the samples also get the masking analysis (2L+1 variants each); none: all")  # fmt: skip
     a.add_argument("--no-masking", action="store_true", help="skip the layer-wise masking analysis")
-    a.add_argument("--mask-rows", type=int, default=64, help="(sample, variant) rows per masking forward")
+    a.add_argument("--mask-rows", type=int, default=16,
+                   help="masking variants per forward (each holds a copy of the prompt's KV cache: ~0.3 GB at 7B bf16)")  # fmt: skip
     a.add_argument("--collapse-frac", type=float, default=0.2,
                    help="attention has collapsed once the mass is <= this fraction of its peak")  # fmt: skip
     a.add_argument("--kl-frac", type=float, default=0.5,
@@ -100,13 +100,15 @@ def _analyze(args: argparse.Namespace) -> int:
     from dpvr.routing import DPVRForConditionalGeneration
 
     started = time.perf_counter()
+    if args.model is None and not (Path(resolve_model_path(None)) / "config.json").is_file():
+        raise DPVRError(f"the embedded checkpoint is missing at {resolve_model_path(None)}; pass --model")
     data, images = resolve_data(args.data, args.images)
     model, processor = load_model(model=args.model, attn=args.attn, dtype=args.dtype, device=args.device)
     if isinstance(model, DPVRForConditionalGeneration):
         raise DPVRError(f"{args.model} is a DPVR checkpoint; the analysis measures the stock model (pass its base)")
     items, skipped = select_samples(
         data, images, processor, n=args.num_samples, seed=args.seed, template=args.template,
-        max_answer_tokens=args.max_answer_tokens, max_length=args.max_length, progress=not args.quiet,
+        max_answer_tokens=args.max_answer_tokens, progress=not args.quiet,
     )  # fmt: skip
     n_mask = 0 if args.no_masking else min(len(items), args.mask_samples if args.mask_samples is not None else len(items))
     L = model.config.text_config.num_hidden_layers

@@ -26,7 +26,6 @@ def select_samples(
     seed: int = 0,
     template: str = "chat",
     max_answer_tokens: int = 16,
-    max_length: int | None = None,
     progress: bool = False,
 ) -> tuple[list[dict], Counter]:
     """Up to n encoded samples (random order fixed by seed); skipped samples counted by reason."""
@@ -42,7 +41,7 @@ def select_samples(
         conv = s.get("conversations")
         first_turns.append({**s, "conversations": conv[:2] if isinstance(conv, list) else conv})
     random.Random(seed).shuffle(first_turns)
-    ds = LlavaJsonDataset(first_turns, images_dir, processor, template=template, max_length=max_length, on_error="skip")
+    ds = LlavaJsonDataset(first_turns, images_dir, processor, template=template, on_error="skip")
     items: list[dict] = []
     bar = None
     if progress:

@@ -34,7 +34,7 @@ def masking_variants(num_layers: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_variants(
-    model, embeds: torch.Tensor, batch: dict, blocked: torch.Tensor, max_rows: int = 64
+    model, embeds: torch.Tensor, batch: dict, blocked: torch.Tensor, max_rows: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer log-likelihood and teacher-forced accuracy of every (sample, variant): two (B, V) tensors.
 

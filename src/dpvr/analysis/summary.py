@@ -15,6 +15,7 @@ reason says why and the split falls back to the paper's depth ratio (18/32).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ from dpvr.analysis.saturation import BatchStats
 def _mean_sem(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (N, L) -> per-column mean and standard error, ignoring NaN."""
     n = np.sum(~np.isnan(x), axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with warnings.catch_warnings():  # all-NaN columns are expected (e.g. no text after an image): mean NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(x, axis=0) if x.size else np.full(x.shape[1:], np.nan)
         sd = np.nanstd(x, axis=0, ddof=1) if x.shape[0] > 1 else np.zeros(x.shape[1:])
         sem = np.where(n > 1, sd / np.sqrt(np.maximum(n, 1)), 0.0)
@@ -59,12 +61,14 @@ class Accumulator:
         out: dict = {"n_samples": int(a["cos_image"].shape[0]), "num_layers": int(a["cos_image"].shape[1])}
         for key in ("cos_image", "cos_text", "kl_image", "kl_text"):
             out[key], out[f"{key}_sem"] = _mean_sem(a[key])
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             head_mean = np.nanmean(a["mass"], axis=2)  # (N, L): NaN only if a sample had no text after its image
         out["mass"], out["mass_sem"] = _mean_sem(head_mean)
         per_head = _heads(a["mass"])  # (L, H)
-        out["mass_max_head"] = np.nanmax(per_head, axis=1)  # (L,)
-        out["mass_max_head_index"] = np.nanargmax(per_head, axis=1)
+        filled = np.where(np.isnan(per_head), -np.inf, per_head)
+        out["mass_max_head"] = np.where(np.isnan(per_head).all(1), np.nan, filled.max(1))  # (L,)
+        out["mass_max_head_index"] = filled.argmax(1)
         if "ll" in a:
             L = out["num_layers"]
             ll, correct = a["ll"], a["correct"]  # (N, 1 + 2L)
@@ -79,7 +83,8 @@ class Accumulator:
 
 def _heads(mass: np.ndarray) -> np.ndarray:
     """mass (N, L, H) -> (L, H) mean over samples of each head's share."""
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(mass, axis=0)
 
 
