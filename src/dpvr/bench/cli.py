@@ -1,0 +1,181 @@
+"""`dpvr bench`: prefill latency, cached decode, KV-cache bytes, memory and a training step, per mode.
+
+    dpvr bench                                   # CPU preset: 7B depth and split, narrow width
+    dpvr bench --preset llava-1.5-7b --dtype bfloat16 --device cuda   # real 7B shape, random weights
+    dpvr bench --preset tiny --text-lens 16,32   # the embedded tiny LLaVA's shape
+
+Writes OUT/bench.json and OUT/bench.png. Every mode runs on the same weights in one process,
+interleaved after warm-up; medians and ratios against vanilla (the stock HF forward) are reported,
+next to the analytic FLOP ratio at the same shape (`dpvr flops`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dpvr.bench import latency as lat
+from dpvr.bench.flops import forward_flops
+from dpvr.bench.presets import PRESETS, build_random_model
+from dpvr.config import DPVRConfig
+from dpvr.loading import default_split
+from dpvr.routing import convert
+
+FLOP_MODE = {"vanilla": "vanilla", "lf": "lf", "lf-ideal": "lf", "pc": "pc", "kv": "kv", "fastv": "fastv", "vtw": "vtw"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu-7b-narrow", choices=sorted(PRESETS), help="architecture (random weights)")
+    p.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
+    p.add_argument("--fusion-layers", type=int, default=1)
+    p.add_argument("--side-depth", type=int, default=1)
+    p.add_argument("--modes", default="vanilla,lf,lf-ideal,pc,kv,fastv,vtw", help="comma-separated")
+    p.add_argument("--text-lens", default="32,64,128,256", help="text tokens per prompt (image tokens come extra)")
+    p.add_argument("--batches", default="1,4", help="batch sizes for prefill")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode length for the cached decode rate")
+    p.add_argument("--recompute-text-len", type=int, default=64,
+                   help="text length for the cached vs full-recompute (paper's) decode comparison; 0 skips it")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time an LF and a PC training step with and without activation checkpointing")  # fmt: skip
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--out", default="runs/bench", help="output folder")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    base = build_random_model(args.preset, dtype=dtype, device=device)
+    L = base.config.text_config.num_hidden_layers
+    split = default_split(L) if args.split_layer is None else args.split_layer
+    cfg = DPVRConfig(mode="lf", split_layer=split, fusion_layers=args.fusion_layers, side_depth=args.side_depth)
+    model = convert(base, cfg).eval()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(lat.MODE_ROUTING))
+    if unknown:
+        raise ValueError(f"unknown --modes {unknown}; choose from {sorted(lat.MODE_ROUTING)}")
+    if "vanilla" not in modes:
+        modes.insert(0, "vanilla")
+    text_lens, batches = _ints(args.text_lens), _ints(args.batches)
+    n_img = model.config.image_seq_length
+
+    steps = len(batches) * len(text_lens) * (args.repeats + 1) * len(modes)  # prefill
+    steps += (args.repeats + 1) * len(modes)  # cached decode
+    bar = tqdm(total=steps, desc="bench", unit="run")
+    result: dict = {
+        "preset": args.preset, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
+        "prefill": [], "decode": {}, "kv_cache_bytes": {}, "train_step": [],
+    }  # fmt: skip
+    for batch in batches:
+        for n_txt in text_lens:
+            w = lat.make_workload(model.config, n_txt, batch, device, dtype)
+            secs = lat.interleaved(model, modes, lambda m: lat.prefill(m, w), device, args.repeats, progress=bar)
+            row = {"batch": batch, "n_txt": n_txt, "seconds": secs, "ratio": {}, "flop_ratio": {}}
+            flops = {m: _flops(model.config, m, cfg, n_img, n_txt, batch) for m in modes}
+            for m in modes:
+                row["ratio"][m] = secs[m] / secs["vanilla"]
+                row["flop_ratio"][m] = flops[m] / flops["vanilla"]
+            result["prefill"].append(row)
+
+    w = lat.make_workload(model.config, text_lens[0], 1, device, dtype)
+    decode_modes = [m for m in modes if m != "vanilla"] + ["vanilla"]
+    per_token = lat.interleaved(
+        model, decode_modes, lambda m: lat.decode_seconds_per_token(m, w, args.new_tokens, device), device,
+        args.repeats, progress=bar,
+    )  # fmt: skip
+    for m in modes:
+        result["decode"][m] = {"n_txt": text_lens[0], "new_tokens": args.new_tokens,
+                               "ms_per_token": 1000 * per_token[m]}  # fmt: skip
+        with model.routing(**lat.MODE_ROUTING[m]):
+            result["kv_cache_bytes"][m] = lat.kv_cache_bytes(model, w)
+    bar.close()
+
+    if args.recompute_text_len:
+        result["recompute"] = _recompute_vs_cached(model, args, device, dtype)
+    if args.train_step:
+        w = lat.make_workload(model.config, text_lens[0], 1, device, dtype)
+        for m in ("pc", "lf"):
+            for ckpt in (False, True):
+                with model.routing(**lat.MODE_ROUTING[m]):
+                    r = lat.train_step_seconds(model, w, ckpt, device)
+                result["train_step"].append({"mode": m, "checkpointing": ckpt, **r})
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "bench.json", result)
+    from dpvr.bench.plots import plot_bench
+
+    plot_bench(result, out / "bench.png")
+    print(summary(result))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+def _recompute_vs_cached(model, args, device, dtype) -> dict:
+    """LF generating args.new_tokens tokens with the routed cache vs the paper's full recompute."""
+    w = lat.make_workload(model.config, args.recompute_text_len, 1, device, dtype)
+    res = {}
+    with model.routing(mode="lf"):
+        lat.decode(model, w, 2, use_cache=True)  # warm-up
+        for use_cache in (True, False):
+            res["cached_s" if use_cache else "recompute_s"] = lat.timed(
+                lambda: lat.decode(model, w, args.new_tokens, use_cache=use_cache), device
+            )
+    res.update(n_txt=args.recompute_text_len, new_tokens=args.new_tokens, speedup=res["recompute_s"] / res["cached_s"])
+    return res
+
+
+def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: int) -> float:
+    K = 0 if mode == "lf-ideal" else cfg.fusion_layers
+    f = forward_flops(config, FLOP_MODE[mode], cfg.split_layer, K, cfg.side_depth, n_img, n_txt, batch=batch)
+    return float(f["total"])
+
+
+def summary(result: dict) -> str:
+    modes = result["modes"]
+    lines = [f"device: {result['device']} ({result['dtype']}, {result['threads']} threads), preset {result['preset']}, "
+             f"{result['n_img']} image tokens"]  # fmt: skip
+    lines.append(f"{'prefill  B  text':<18}" + "".join(f"{m:>10}" for m in modes) + "   (time ratio vs vanilla / FLOP ratio)")
+    for r in result["prefill"]:
+        cells = "".join(f"{r['ratio'][m]:>5.2f}/{r['flop_ratio'][m]:<4.2f}" for m in modes)
+        lines.append(f"{'':<9}{r['batch']:>2} {r['n_txt']:>5}  " + cells)
+    v = result["decode"]["vanilla"]["ms_per_token"]
+    lines.append("cached decode ms/token: " + ", ".join(
+        f"{m} {d['ms_per_token']:.1f} ({d['ms_per_token'] / v:.2f}x)" for m, d in result["decode"].items()))  # fmt: skip
+    kv = result["kv_cache_bytes"]
+    lines.append("KV cache bytes vs vanilla: " + ", ".join(f"{m} {kv[m] / kv['vanilla']:.2f}" for m in kv))
+    if "recompute" in result:
+        r = result["recompute"]
+        lines.append(f"LF {r['new_tokens']} new tokens: routed cache {r['cached_s']:.2f} s vs full recompute "
+                     f"{r['recompute_s']:.2f} s -> {r['speedup']:.1f}x")  # fmt: skip
+    for t in result["train_step"]:
+        lines.append(f"train step {t['mode']} checkpointing={t['checkpointing']}: {1000 * t['seconds']:.0f} ms"
+                     + (f", peak {t['peak_bytes'] / 2**30:.2f} GiB" if t["peak_bytes"] else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

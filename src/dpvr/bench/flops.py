@@ -1,0 +1,152 @@
+"""Analytic forward FLOPs for every routing mode (the paper's Table 1), and `dpvr flops`.
+
+    dpvr flops --arch llava-1.5-7b --split-layer 18            # table for text lengths 32..1024
+    forward_flops(config, "lf", split_layer=18, fusion_layers=1, side_depth=1, n_img=576, n_txt=64)
+
+Convention: torch.utils.flop_counter's (2 x multiply-adds of matmuls, convolutions and attention;
+norms, rotary and other elementwise work are not counted), and exactly what dpvr computes: dense
+attention rectangles (a causal mask does not halve the count), DPVR-KV's image keys/values recomputed
+from the side-branch states in every deep layer, FastV's one probed query row. tests/test_flops.py
+checks these numbers against FlopCounterMode on real forwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from transformers import LlavaConfig
+
+MODES = ("vanilla", "lf", "lf-ideal", "pc", "kv", "fastv", "vtw")
+
+
+def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
+    return 2 * tokens * fan_in * fan_out
+
+
+def decoder_layer(text, nq: int, nk: int, kv_tokens: int | None = None) -> int:
+    """A Llama-style layer: nq query tokens attending over nk keys; k/v projected for kv_tokens (default nq)."""
+    D, H = text.hidden_size, text.num_attention_heads
+    hd = getattr(text, "head_dim", None) or D // H
+    Hkv = getattr(text, "num_key_value_heads", None) or H
+    kv_tokens = nq if kv_tokens is None else kv_tokens
+    proj = _linear(nq, D, H * hd) + _linear(nq, H * hd, D) + 2 * _linear(kv_tokens, D, Hkv * hd)
+    attention = 4 * H * hd * nq * nk
+    mlp = 3 * _linear(nq, D, text.intermediate_size)
+    return proj + attention + mlp
+
+
+def kv_projection(text, tokens: int) -> int:
+    """Keys and values of fixed states (DPVR-KV's image tokens) through one layer's k/v projections."""
+    D, H = text.hidden_size, text.num_attention_heads
+    hd = getattr(text, "head_dim", None) or D // H
+    Hkv = getattr(text, "num_key_value_heads", None) or H
+    return 2 * _linear(tokens, D, Hkv * hd)
+
+
+def vision_flops(config: LlavaConfig, n_images: int) -> int:
+    """CLIP tower (patch conv + every encoder layer on CLS + patches) and the 2-layer projector."""
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    S, D = patches + 1, v.hidden_size
+    conv = 2 * patches * D * 3 * v.patch_size**2
+    layer = 4 * _linear(S, D, D) + 4 * S * S * D + 2 * _linear(S, D, v.intermediate_size)
+    n_feat = patches if config.vision_feature_select_strategy == "default" else S
+    t = config.text_config.hidden_size
+    projector = _linear(n_feat, D, t) + _linear(n_feat, t, t)
+    return n_images * (conv + v.num_hidden_layers * layer + projector)
+
+
+def forward_flops(
+    config: LlavaConfig,
+    mode: str,
+    split_layer: int,
+    fusion_layers: int = 1,
+    side_depth: int = 1,
+    n_img: int | None = None,
+    n_txt: int = 64,
+    batch: int = 1,
+    n_images: int = 1,
+    logits_tokens: int | None = None,
+    fastv_layer: int = 2,
+    fastv_ratio: float = 0.5,
+) -> dict[str, int]:
+    """Forward FLOPs of one prefill, split into vision, lm_layers, side, lm_head and total.
+
+    `mode` is one of MODES ('lf' with fusion_layers=0 equals 'lf-ideal'); n_img is the image-token
+    count of the prompt (default: config.image_seq_length x n_images); logits_tokens the positions
+    lm_head runs on (default: all, as HF's forward; 1 with logits_to_keep=1)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    text = config.text_config
+    L, s, K, D = text.num_hidden_layers, split_layer, fusion_layers, side_depth
+    n_img = config.image_seq_length * n_images if n_img is None else n_img
+    T = n_img + n_txt
+    if mode == "lf-ideal":
+        mode, K = "lf", 0
+    full = decoder_layer(text, T, T)
+    side = D * decoder_layer(text, n_img, n_img) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0
+    if mode == "vanilla":
+        layers = L * full
+    elif mode == "lf":
+        layers = (s + K) * full + (L - s - K) * decoder_layer(text, n_txt, n_txt)
+    elif mode == "pc":
+        layers = L * full
+    elif mode == "kv":
+        deep = decoder_layer(text, n_txt, T, kv_tokens=n_txt) + kv_projection(text, n_img)
+        layers = s * full + (L - s) * deep
+    elif mode == "vtw":
+        layers = s * full + (L - s) * decoder_layer(text, n_txt, n_txt)
+    else:  # fastv: layers [0, K_f] on everything, one probed query row, the rest on the kept tokens
+        H = text.num_attention_heads
+        hd = getattr(text, "head_dim", None) or text.hidden_size // H
+        kept = T - int(n_img * fastv_ratio)
+        layers = (fastv_layer + 1) * full + 2 * H * hd * T + (L - fastv_layer - 1) * decoder_layer(text, kept, kept)
+    head = _linear(T if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
+    out = {"vision": vision_flops(config, n_images), "lm_layers": layers, "side": side, "lm_head": head}
+    out = {k: batch * v for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dpvr.bench.presets import PRESETS
+
+    p.add_argument("--arch", default="llava-1.5-7b", choices=sorted(PRESETS), help="architecture preset")
+    p.add_argument("--split-layer", type=int, default=18)
+    p.add_argument("--fusion-layers", type=int, default=1)
+    p.add_argument("--side-depth", type=int, default=1)
+    p.add_argument("--n-img", type=int, default=None, help="image tokens (default: the preset's, 576 for LLaVA-1.5)")
+    p.add_argument("--text-lens", default="32,64,128,256,512,1024")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+
+
+def table(config: LlavaConfig, split: int, K: int, D: int, n_img: int | None, text_lens: list[int]) -> dict:
+    rows = {}
+    for mode in MODES:
+        rows[mode] = {n: forward_flops(config, mode, split, K, D, n_img=n_img, n_txt=n) for n in text_lens}
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpvr.bench.presets import preset_config
+
+    config = preset_config(args.arch)
+    lens = [int(x) for x in args.text_lens.split(",")]
+    rows = table(config, args.split_layer, args.fusion_layers, args.side_depth, args.n_img, lens)
+    n_img = args.n_img or config.image_seq_length
+    print(f"{args.arch}: forward TFLOPs of one prefill ({n_img} image tokens + text), "
+          f"s={args.split_layer} K={args.fusion_layers} D={args.side_depth}; saving vs vanilla in brackets")  # fmt: skip
+    print(f"{'mode':<10}" + "".join(f"{n:>18}" for n in lens))
+    for mode, by_len in rows.items():
+        cells = []
+        for n in lens:
+            tot, van = by_len[n]["total"], rows["vanilla"][n]["total"]
+            cells.append(f"{tot / 1e12:8.3f} ({100 * (1 - tot / van):+5.1f}%)")
+        print(f"{mode:<10}" + "".join(f"{c:>18}" for c in cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "split_layer": args.split_layer, "fusion_layers": args.fusion_layers,
+                       "side_depth": args.side_depth, "n_img": n_img,
+                       "flops": {m: {str(n): v for n, v in r.items()} for m, r in rows.items()}}, f, indent=2)  # fmt: skip
+    return 0

@@ -1,0 +1,167 @@
+"""Measured prefill latency, cached decode rate, KV-cache bytes and peak memory for every mode.
+
+All modes run on the SAME weights (one converted model, switched with `model.routing(...)`), in one
+process, interleaved: every repeat visits every mode once, after warm-up, and medians are reported
+with ratios against vanilla (the stock HF forward and its DynamicCache). The timing primitives here
+are shared by `dpvr bench` and `dpvr demo`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dpvr.routing import DPVRForConditionalGeneration
+from dpvr.routing.cache import RoutedCache
+
+# name -> routing overrides applied to a model converted with a side branch
+MODE_ROUTING: dict[str, dict] = {
+    "vanilla": {"mode": "vanilla"},
+    "lf": {"mode": "lf"},
+    "lf-ideal": {"mode": "lf", "fusion_layers": 0},
+    "pc": {"mode": "pc"},
+    "kv": {"mode": "kv"},
+    "fastv": {"mode": "fastv"},
+    "vtw": {"mode": "vtw"},
+}
+
+
+@dataclass
+class Workload:
+    input_ids: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def make_workload(config, n_text: int, batch: int, device, dtype, seed: int = 0) -> Workload:
+    """One image per row at the front (after a BOS-like token), then n_text - 1 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = config.image_seq_length
+    vocab = config.text_config.vocab_size
+    text = torch.randint(3, min(vocab, 30000), (batch, n_text), generator=g)
+    text[text == config.image_token_id] = 3
+    img = torch.full((batch, n_img), config.image_token_id)
+    ids = torch.cat([text[:, :1], img, text[:, 1:]], dim=1)
+    vision = config.vision_config
+    px = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g)
+    return Workload(ids.to(device), px.to(device=device, dtype=dtype))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def prefill(model, w: Workload, use_cache: bool = False):
+    return model(input_ids=w.input_ids, pixel_values=w.pixel_values, use_cache=use_cache, logits_to_keep=1)
+
+
+@torch.inference_mode()
+def decode(model, w: Workload, n_new: int, use_cache: bool = True) -> None:
+    """Greedy decode n_new tokens after the prompt (cached: one token per step; else full recompute)."""
+    ids = w.input_ids
+    if use_cache:
+        out = prefill(model, w, use_cache=True)
+        decode_steps(model, out, n_new - 1)
+        return
+    for _ in range(n_new):
+        out = model(input_ids=ids, pixel_values=w.pixel_values, use_cache=False, logits_to_keep=1)
+        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+
+@torch.inference_mode()
+def decode_steps(model, out, n_steps: int):
+    """Continue a cached forward `out` by n_steps greedy tokens, one token per step."""
+    for _ in range(n_steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return out
+
+
+def decode_seconds_per_token(model, w: Workload, n_new: int, device) -> float:
+    """Seconds per cached decode step (prefill excluded, measured separately)."""
+    out = prefill(model, w, use_cache=True)
+    return timed(lambda: decode_steps(model, out, n_new - 1), device) / max(n_new - 1, 1)
+
+
+@torch.inference_mode()
+def kv_cache_bytes(model, w: Workload) -> int:
+    cache = prefill(model, w, use_cache=True).past_key_values
+    if isinstance(cache, RoutedCache):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def peak_memory(fn: Callable[[], object], device) -> int | None:
+    """Peak allocated bytes during fn on CUDA; None on CPU (no allocator statistics there)."""
+    if torch.device(device).type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def interleaved(
+    model: DPVRForConditionalGeneration,
+    modes: list[str],
+    fn: Callable[[object], object],
+    device,
+    repeats: int,
+    warmup: int = 1,
+    progress=None,
+) -> dict[str, float]:
+    """Median seconds of fn(model) per mode; every repeat visits every mode in turn. fn may return
+    its own measured seconds (a float), e.g. to leave set-up work out of the timing."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(warmup + repeats):
+        for m in modes:
+            with model.routing(**MODE_ROUTING[m]):
+                box = []
+                t = timed(lambda: box.append(fn(model)), device)
+                t = box[0] if isinstance(box[0], float) else t
+            if r >= warmup:
+                times[m].append(t)
+            if progress is not None:
+                progress.update(1)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:
+    """Median forward+backward seconds (and CUDA peak bytes) of the current routing, labels on the text."""
+    labels = w.input_ids.masked_fill(w.input_ids == model.config.image_token_id, -100)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+
+    def step():
+        model(input_ids=w.input_ids, pixel_values=w.pixel_values, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        step()  # warm-up
+        secs = statistics.median(timed(step, device) for _ in range(repeats))
+        peak = peak_memory(step, device)
+    finally:
+        model.eval()
+        if checkpointing:
+            model.activation_checkpointing_disable()
+    return {"seconds": secs, "peak_bytes": peak}

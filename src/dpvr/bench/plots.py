@@ -1,0 +1,49 @@
+"""Plots for `dpvr bench`: prefill time ratio vs text length (with the FLOP ratio), decode and KV bytes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_bench(result: dict, path: Path) -> None:
+    modes = result["modes"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    batch = result["prefill"][0]["batch"]
+    rows = [r for r in result["prefill"] if r["batch"] == batch]
+    xs = [r["n_txt"] for r in rows]
+    for i, m in enumerate(modes):
+        color = f"C{i}"
+        ax.plot(xs, [r["ratio"][m] for r in rows], "o-", color=color, label=f"{m} measured")
+        ax.plot(xs, [r["flop_ratio"][m] for r in rows], "--", color=color, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("text tokens")
+    ax.set_ylabel("prefill time / vanilla (dashed: FLOPs / vanilla)")
+    ax.set_title(f"prefill, batch {batch}, {result['n_img']} image tokens")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    dec = result["decode"]
+    ax.bar(list(dec), [d["ms_per_token"] for d in dec.values()], color=[f"C{modes.index(m)}" for m in dec])
+    ax.set_ylabel("ms / token")
+    ax.set_title("cached decode")
+    if "recompute" in result:
+        r = result["recompute"]
+        ax.text(0.02, 0.95, f"LF, {r['new_tokens']} tokens: routed cache {r['speedup']:.1f}x faster than recompute",
+                transform=ax.transAxes, fontsize=8, va="top")  # fmt: skip
+
+    ax = axes[2]
+    kv = result["kv_cache_bytes"]
+    ax.bar(list(kv), [kv[m] / kv["vanilla"] for m in kv], color=[f"C{modes.index(m)}" for m in kv])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("KV-cache bytes / vanilla")
+    ax.set_title("KV cache after prefill")
+    fig.suptitle(f"dpvr bench: {result['preset']} on {result['device']} ({result['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
