@@ -65,7 +65,8 @@ class _Loop:
         else:
             out, own, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
         if self.cfg.check_finite:  # flag only; one sync at the end of the forward
-            self.flags.append((name, torch.where(valid[..., None], out, 0).isfinite().all()))
+            checked = out if dense else torch.where(valid[..., None], out, 0)  # filler rows may hold anything
+            self.flags.append((name, checked.isfinite().all()))
         return out, own, probs
 
     def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
