@@ -215,6 +215,20 @@ def ensure_benchmark(
     return root
 
 
+def open_benchmark(path: str | os.PathLike | None, seed: int = 0) -> Path:
+    """An existing benchmark dir (any size; checked by its MANIFEST), or, for None, `ensure_benchmark(seed=seed)`."""
+    if path is None:
+        return ensure_benchmark(None, seed)
+    root = Path(path)
+    try:
+        manifest = json.loads((root / "MANIFEST.json").read_text())
+    except (OSError, ValueError):
+        raise DPVRError(f"{root} is not a digit-scenes benchmark (no readable MANIFEST.json); write one with `dpvr data --out {root}`") from None
+    if manifest.get("version") != VERSION:
+        raise DPVRError(f"{root} holds {manifest.get('version')}, expected {VERSION}; rewrite it with `dpvr data`")
+    return root
+
+
 def load_split(root: str | os.PathLike, split: str) -> list[dict]:
     path = Path(root) / f"{split}.json"
     try:

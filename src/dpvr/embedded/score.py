@@ -87,7 +87,7 @@ def format_table(families: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dpvr.data.digit_scenes import ensure_benchmark, load_split
+    from dpvr.data.digit_scenes import load_split, open_benchmark
     from dpvr.embedded import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the scores as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    root = ensure_benchmark(args.data, args.seed)
+    root = open_benchmark(args.data, args.seed)
     samples = load_split(root, args.split)[: args.limit]
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
