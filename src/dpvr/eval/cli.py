@@ -1,0 +1,47 @@
+"""`dpvr eval`: score a model on the digit-scenes benchmark with the paper's metrics.
+
+    dpvr eval                                              # the embedded tiny LLaVA, vanilla
+    dpvr eval --mode fastv --fastv-layer 2 --fastv-ratio 0.5
+    dpvr eval --mode vtw --split-layer 7
+    dpvr eval --model BASE --adapter runs/train/lf/final   # a trained side branch on its base
+
+Writes OUT/eval.json (every metric, per POPE subset too, and every reply) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from dpvr.eval.metrics import FAMILIES
+from dpvr.eval.runner import evaluate, format_table
+from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="benchmark folder (default: the digit-scenes cache for --seed)")
+    p.add_argument("--seed", type=int, default=0, help="benchmark seed (when --data is not given)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated question families")
+    p.add_argument("--limit-per-family", type=int, default=None, help="score only the first N of each family")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="runs/eval", help="output folder")
+    add_model_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpvr.data.digit_scenes import open_benchmark
+
+    data = open_benchmark(args.data, args.seed)
+    model, processor = load_model(**model_kwargs(args))
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    result = evaluate(model, processor, data, args.split, args.batch_size, families, args.limit_per_family)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / "eval.json")
+    print(format_table({describe(model): result}))
+    print(f"{result['n']} questions in {result['seconds']:.1f} s; wrote {out / 'eval.json'}")
+    return 0

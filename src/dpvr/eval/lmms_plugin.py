@@ -1,0 +1,161 @@
+"""DPVR models inside lmms-eval 0.7 without forking it (`pip install dpvr[lmms]`):
+
+    python -m lmms_eval --model dpvr_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,adapter=runs/lf/final \\
+        --tasks pope,mme,mmbench_en_dev,mmbench_cn_dev,scienceqa_img,seedbench,blink --batch_size 8
+    # or a stock checkpoint with an inference-only routing: ...,mode=fastv,fastv_layer=2,fastv_ratio=0.5
+
+Registered through the `lmms_eval.models` entry point (pyproject.toml) as `MANIFEST`, a callable, so
+importing this module needs no lmms-eval. Unlike lmms-eval's own llava_hf model, exceptions are never
+turned into empty answers (a routing bug must not show up as a quietly low score), batches larger
+than 1 work (left padding), and loglikelihood is the summed log-probability of the continuation
+(llava_hf reports the mean token loss instead). The request-handling logic lives in plain functions
+(`generate_texts`, `continuation_logprobs`) that the tests exercise without lmms-eval installed.
+"""
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+
+MODEL_ID = "dpvr_llava"
+IMAGE = "<image>"
+
+
+def MANIFEST():  # noqa: N802 - the entry point's name in pyproject.toml
+    try:
+        from lmms_eval.models.registry_v2 import ModelManifest
+    except ImportError as exc:
+        raise ImportError(f"the dpvr lmms-eval plugin needs lmms-eval 0.7 (pip install 'dpvr[lmms]'): {exc}") from exc
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="dpvr.eval.lmms_plugin.DPVRLlava")
+
+
+def render(processor, context: str, n_images: int) -> str:
+    """The checkpoint's chat template with n_images image placeholders before the text."""
+    text = context.replace(IMAGE, "").strip()
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _encode(processor, prompts: list[str], images: list[list], device):
+    flat = [im for ims in images for im in ims]
+    kw = dict(padding=True, padding_side="left", return_tensors="pt")
+    enc = processor(text=prompts, images=flat, **kw) if flat else processor.tokenizer(prompts, **kw)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _gen_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list[str]]:
+    gk = dict(gen_kwargs or {})
+    until = gk.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    temperature = float(gk.pop("temperature", 0) or 0)
+    settings = dict(max_new_tokens=int(gk.pop("max_new_tokens", default_max_new_tokens)),
+                    num_beams=int(gk.pop("num_beams", 1) or 1))  # fmt: skip
+    if temperature > 0:
+        settings.update(do_sample=True, temperature=temperature, top_p=float(gk.pop("top_p", 1.0) or 1.0))
+    else:
+        settings["do_sample"] = False
+        gk.pop("top_p", None)
+    gk.pop("do_sample", None)
+    if gk:
+        raise ValueError(f"unsupported generation kwargs {sorted(gk)}")
+    return settings, until
+
+
+@torch.inference_mode()
+def generate_texts(model, processor, items: list[tuple[str, dict, list]], batch_size: int = 8,
+                   max_new_tokens: int = 128, use_cache: bool = True) -> list[str]:  # fmt: skip
+    """items: (context, gen_kwargs, images). Greedy unless gen_kwargs ask otherwise; `until` cuts the text."""
+    out: list[str | None] = [None] * len(items)
+    # batches share generation settings and image-ness; original order is restored at the end
+    key = lambda i: (repr(sorted((items[i][1] or {}).items())), bool(items[i][2]))  # noqa: E731
+    order = sorted(range(len(items)), key=key)
+    for _, group in groupby(order, key=key):
+        group = list(group)
+        for k in range(0, len(group), batch_size):
+            idx = group[k : k + batch_size]
+            settings, until = _gen_settings(items[idx[0]][1], max_new_tokens)
+            prompts = [render(processor, items[i][0], len(items[i][2])) for i in idx]
+            enc = _encode(processor, prompts, [items[i][2] for i in idx], model.device)
+            gen = model.generate(**enc, **settings, use_cache=use_cache, pad_token_id=processor.tokenizer.pad_token_id)
+            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1] :]):
+                text = processor.tokenizer.decode(row, skip_special_tokens=True)
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                out[i] = text.strip()
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, processor, items: list[tuple[str, str, list]]) -> list[tuple[float, bool]]:
+    """items: (context, continuation, images) -> (sum of log p(continuation | context), greedy match)."""
+    results = []
+    for context, continuation, images in items:
+        prompt = render(processor, context, len(images))
+        enc = _encode(processor, [prompt + continuation], [images], model.device)
+        n_prompt = _encode(processor, [prompt], [images], model.device)["input_ids"].shape[1]
+        ids = enc["input_ids"]
+        if ids.shape[1] <= n_prompt:
+            raise ValueError(f"continuation {continuation!r} adds no tokens to the context")
+        logits = model(**enc).logits[:, n_prompt - 1 : -1].float()  # predictions of the continuation tokens
+        target = ids[:, n_prompt:]
+        logp = logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+        results.append((float(logp.sum()), bool((logits.argmax(-1) == target).all())))
+    return results
+
+
+try:  # the lmms-eval model class exists only where lmms-eval is installed
+    from lmms_eval.api.model import lmms
+except ImportError:  # pragma: no cover - exercised where lmms-eval is absent (CI)
+    lmms = None
+
+if lmms is not None:
+
+    class DPVRLlava(lmms):
+        """lmms-eval model: a stock llava checkpoint, a DPVR checkpoint, or a base plus an adapter."""
+
+        is_simple = True
+
+        def __init__(self, pretrained: str, adapter: str | None = None, mode: str | None = None,
+                     split_layer: int | None = None, fusion_layers: int = 1, side_depth: int = 1,
+                     fastv_layer: int = 2, fastv_ratio: float = 0.5, device: str = "cuda", dtype: str = "bfloat16",
+                     attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
+                     use_cache: bool = True, **kwargs) -> None:  # fmt: skip
+            super().__init__()
+            if kwargs:
+                raise ValueError(f"dpvr_llava: unexpected model_args {sorted(kwargs)}")
+            from dpvr.loading import load_model
+
+            self._model, self.processor = load_model(
+                model=pretrained, adapter=adapter, mode=mode,
+                split_layer=None if split_layer is None else int(split_layer), fusion_layers=int(fusion_layers),
+                side_depth=int(side_depth), fastv_layer=int(fastv_layer), fastv_ratio=float(fastv_ratio),
+                attn=attn_implementation, dtype=dtype, device=device,
+            )  # fmt: skip
+            self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+            self.use_cache = str(use_cache).lower() not in ("false", "0")
+            self._rank, self._world_size = 0, 1
+
+        @property
+        def model(self):
+            return self._model
+
+        def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+            return [v for v in (visuals or []) if v is not None]
+
+        def generate_until(self, requests) -> list[str]:
+            items = [(ctx, gk, self._visuals(dtv, doc_id, task, split))
+                     for ctx, gk, dtv, doc_id, task, split in (r.args for r in requests)]  # fmt: skip
+            return generate_texts(self._model, self.processor, items, self.batch_size_per_gpu, self.max_new_tokens,
+                                  self.use_cache)  # fmt: skip
+
+        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            items = []
+            for ctx, target, dtv, doc_id, task, split in (r.args for r in requests):
+                doc = self.task_dict[task][split][doc_id]
+                items.append((ctx, target if isinstance(target, str) else target(doc), self._visuals(dtv, doc_id, task, split)))
+            return continuation_logprobs(self._model, self.processor, items)
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError("dpvr_llava does not implement multi-round generation")
