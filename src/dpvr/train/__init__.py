@@ -1,0 +1,1 @@
+"""Training: `dpvr train` (HF Trainer, side branch or baselines) and `dpvr reproduce`."""

@@ -1,0 +1,47 @@
+"""Command-line arguments of `dpvr train`: model/method and data dataclasses, plus every HF
+TrainingArguments flag (`--bf16`, `--deepspeed`, `--gradient_checkpointing`, `--report_to`, ...).
+
+Defaults follow the paper: only the side branch trains, AdamW, cosine schedule, warmup ratio 0.03,
+zero weight decay, and a higher learning rate for LF (sparser gradient: one attention path into the
+side branch) than for PC/KV.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS = ("dpvr", "full", "lora")
+# learning rates for the embedded tiny model; the paper's 7B values were lost in its text copy
+DEFAULT_LR = {"lf": 1e-3, "pc": 5e-4, "kv": 5e-4, "full": 1e-4, "lora": 5e-4}
+TRAINING_DEFAULTS = dict(
+    output_dir="runs/train", lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0, optim="adamw_torch",
+    per_device_train_batch_size=8, num_train_epochs=1, logging_steps=10, save_strategy="steps", save_steps=200,
+    save_total_limit=2, report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+)  # fmt: skip
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(default=None, metadata={"help": "base llava checkpoint (default: the embedded tiny LLaVA)"})
+    method: str = field(default="dpvr", metadata={"help": f"one of {METHODS}: DPVR side branch, full fine-tune, LoRA"})
+    mode: str = field(default="lf", metadata={"help": "dpvr routing: lf, pc or kv"})
+    split_layer: int | None = field(default=None, metadata={"help": "s (default: 18/32 of the depth)"})
+    fusion_layers: int = field(default=1, metadata={"help": "K for lf (0 = LF-ideal, which cannot train)"})
+    side_depth: int = field(default=1, metadata={"help": "D: decoder layers in the side branch"})
+    side_init: str = field(default="copy", metadata={"help": "copy (layers s..s+D-1) or random"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)"})
+    attn: str = field(default="sdpa", metadata={"help": "attention implementation: sdpa or eager"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {METHODS}")
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(default=None, metadata={"help": "LLaVA-665k JSON (default: digit scenes train.json)"})
+    images: str | None = field(default=None, metadata={"help": "image folder (default: the JSON's benchmark images/)"})
+    template: str = field(default="chat", metadata={"help": "chat (the checkpoint's own) or vicuna_v1 (LLaVA-1.5)"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate longer samples (never inside images)"})
+    on_error: str = field(default="raise", metadata={"help": "raise, or skip (and count) bad samples"})
+    limit: int | None = field(default=None, metadata={"help": "train on the first N samples only"})
+    benchmark_seed: int = field(default=0, metadata={"help": "digit-scenes seed when --data is not given"})

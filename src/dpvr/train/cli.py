@@ -1,0 +1,101 @@
+"""`dpvr train`: train a DPVR side branch (or a baseline) on LLaVA-665k-format data with the HF Trainer.
+
+    dpvr train --mode lf --split_layer 7 --max_steps 300 --output_dir runs/lf          # embedded default
+    dpvr train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json --images DIR \\
+        --template vicuna_v1 --mode lf --split_layer 18 --bf16 --gradient_checkpointing \\
+        --per_device_train_batch_size 16 --output_dir runs/lf-7b
+    torchrun --nproc_per_node 8 -m dpvr.cli train ...     # DDP; --deepspeed / --fsdp through the Trainer
+    dpvr train ... --resume_from_checkpoint true           # after an interruption: the same final weights
+    dpvr train --method lora --lora_r 16 ...                # baselines: --method full | lora
+
+Every TrainingArguments flag is accepted (`--help` lists them). The seed reaches the model init, the
+side-branch init and the data order. The final side branch is written to OUTPUT_DIR/final (adapter
+files) with run.json (trainable parameters, loss curve).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.training_args import ParallelMode
+
+from dpvr.errors import DPVRError
+
+from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
+
+
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="dpvr train",
+                              description=__doc__.splitlines()[0])  # fmt: skip
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    argv = [a for a in argv if a != "--debug"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
+        # without it, accelerate sees no distributed CPU setup and every process trains its own model
+        argv = [*argv, "--use_cpu", "true"]
+    margs, dargs, targs, _ = parser.parse_args_into_dataclasses(args=argv)
+    if world > 1 and targs.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise DPVRError(f"launched as {world} processes but the Trainer is not in distributed mode "
+                        f"({targs.parallel_mode}); each process would train its own model")  # fmt: skip
+    if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
+        targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
+    return margs, dargs, targs
+
+
+def build_dataset(dargs: DataArguments, processor):
+    from dpvr.data.digit_scenes import open_benchmark
+    from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+
+    if dargs.data is None:
+        root = open_benchmark(None, dargs.benchmark_seed)
+        data, images = root / "train.json", root / "images"
+    else:
+        data = Path(dargs.data)
+        images = Path(dargs.images) if dargs.images else data.parent / "images"
+    samples = load_samples(data)[: dargs.limit]
+    return LlavaJsonDataset(samples, images, processor, template=dargs.template, max_length=dargs.max_length,
+                            on_error=dargs.on_error)  # fmt: skip
+
+
+def train(argv: list[str]) -> dict:
+    from dpvr.data.collate import Collator
+    from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, write_run_record
+
+    margs, dargs, targs = parse(argv)
+    set_seed(targs.seed)  # before the model: a random side-branch init follows the seed too
+    model, processor = build_model(margs)
+    if targs.gradient_checkpointing:
+        targs.gradient_checkpointing_kwargs = targs.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    dataset = build_dataset(dargs, processor)
+    collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
+    trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collate,
+                          callbacks=[DigestCallback()])  # fmt: skip
+    if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    resume = targs.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+    final = Path(targs.output_dir) / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        if margs.method != "dpvr":  # a full or LoRA checkpoint is used on its own: ship the processor
+            processor.save_pretrained(final)
+        write_run_record(str(final), trainer.model, trainer.state.log_history,
+                         {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
+                          "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
+                          "base_model": str(margs.model)})  # fmt: skip
+    return {"final": str(final), "train_loss": result.training_loss}
+
+
+def main(argv: list[str]) -> int:
+    out = train(argv)
+    print(f"final weights: {out['final']} (train loss {out['train_loss']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

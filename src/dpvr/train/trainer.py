@@ -1,0 +1,150 @@
+"""Side-branch training on the HF Trainer: model building per method, atomic side-branch-only
+checkpoints, exact resume, and a DDP consistency record.
+
+    model, processor = build_model(ModelArguments(mode="lf", split_layer=7))
+    trainer = DPVRTrainer(model=model, args=training_args, train_dataset=ds, data_collator=collate)
+
+Checkpoints: `checkpoint-N` is written under `.partial/` and renamed into place only when complete,
+so a crash (kill -9 included) never leaves a half-written checkpoint that resume would pick. For the
+DPVR method a checkpoint holds the side branch (adapter files) plus the optimizer, scheduler, RNG
+and trainer state; resuming checks that the routing config is the one the checkpoint was made with.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from dpvr.config import DPVRConfig
+from dpvr.errors import DPVRError
+from dpvr.loading import default_split, resolve_model_path
+from dpvr.routing import DPVRForConditionalGeneration, convert
+from dpvr.routing.adapter import WEIGHTS, read_adapter_config
+from dpvr.train.args import ModelArguments
+
+logger = logging.get_logger(__name__)
+STAGING = ".partial"
+
+
+def build_model(margs: ModelArguments):
+    """(trainable model, processor) for --method dpvr / full / lora."""
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(margs.model)
+    base = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=margs.attn)
+    processor = AutoProcessor.from_pretrained(path)
+    if margs.method == "full":
+        base.requires_grad_(True)
+        return base, processor
+    if margs.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        lora = LoraConfig(r=margs.lora_r, lora_alpha=2 * margs.lora_r, lora_dropout=0.0, target_modules=targets)
+        return get_peft_model(base, lora), processor
+    L = base.config.text_config.num_hidden_layers
+    cfg = DPVRConfig(
+        mode=margs.mode, split_layer=default_split(L) if margs.split_layer is None else margs.split_layer,
+        fusion_layers=margs.fusion_layers, side_depth=margs.side_depth, side_init=margs.side_init,
+    )  # fmt: skip
+    if cfg.mode not in ("lf", "pc", "kv"):
+        raise DPVRError(f"--mode {cfg.mode!r} has nothing to train; train lf, pc or kv (fastv/vtw are inference-only)")
+    if cfg.is_lf_ideal:
+        raise DPVRError(
+            "DPVR-LF-ideal (mode lf, fusion_layers 0) cannot be trained: under LLaVA label masking its side "
+            "branch gets exactly zero gradient (paper, Appendix A); use fusion_layers >= 1"
+        )
+    return convert(base, cfg), processor
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 of every trainable parameter, in name order: equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class DigestCallback(TrainerCallback):
+    """At the end of training every rank writes the digest of its trainable weights: under DDP they
+    must all agree (one consistent model)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        rank = args.process_index
+        Path(args.output_dir, f"trainable_digest_rank{rank}.txt").write_text(param_digest(model) + "\n")
+
+
+class DPVRTrainer(Trainer):
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._unwrapped()
+        if isinstance(model, DPVRForConditionalGeneration) and model.side_branch is not None:
+            output_dir = output_dir or self.args.output_dir
+            model.save_pretrained(output_dir, side_branch_only=True)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            return
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self._unwrapped()
+        adapter = Path(resume_from_checkpoint) / "dpvr_adapter.json"
+        if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = read_adapter_config(resume_from_checkpoint)["dpvr"]
+        if saved != model.config.dpvr:
+            changed = {k: (saved.get(k), v) for k, v in model.config.dpvr.items() if saved.get(k) != v}
+            raise DPVRError(f"cannot resume from {resume_from_checkpoint}: routing config changed {changed} (saved, now)")
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("side_branch."): v for k, v in load_file(Path(resume_from_checkpoint) / WEIGHTS).items()}
+        model.side_branch.load_state_dict(state, strict=True)
+
+    # ---------------------------------------------------------------- atomic checkpoints
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(self._staging_dir, name), ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(run_dir, STAGING, name), final)  # the checkpoint appears complete or not at all
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+
+
+def write_run_record(output_dir: str, model, log_history: list[dict], extra: dict) -> None:
+    """run.json next to the final weights: method, routing, trainable params, loss curve."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    record = {"trainable_params": trainable, "total_params": total, "log_history": log_history, **extra}
+    if isinstance(model, DPVRForConditionalGeneration):
+        record["dpvr"] = model.config.dpvr
+    tmp = Path(output_dir, ".run.json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, Path(output_dir, "run.json"))
