@@ -1,0 +1,75 @@
+"""`dpvr demo`: the whole idea on the embedded default, in minutes on a laptop CPU.
+
+    dpvr demo                     # -> runs/demo/report.html and a summary table
+    dpvr demo --train-steps 600   # a longer side-branch training
+
+1. analyze the tiny LLaVA's visual saturation and pick the split (`dpvr analyze`);
+2. convert to DPVR-LF at that split and train the side branch briefly (`dpvr train`);
+3. evaluate vanilla, FastV, VTW and DPVR-LF side by side (`dpvr eval`);
+4. benchmark prefill and cached decode for the same modes (`dpvr bench --preset tiny`);
+5. write a summary table and a self-contained HTML report with the plots.
+Each step is a dpvr command run in-process into its own folder, reused on a rerun (see steps.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dpvr.demo.steps import Step
+
+METHODS = ("vanilla", "fastv", "vtw", "lf")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (steps inside it are reused on reruns)")
+    p.add_argument("--analyze-samples", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--eval-per-family", type=int, default=60, help="questions per family (None: all)")
+    p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    analyze = Step("analyze", ["analyze", "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
+                               "--mask-samples", "16", "--batch-size", "8"], out / "analyze")  # fmt: skip
+    analyze.run(args.fresh)
+    rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
+    split = int(rec["split"])
+    print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
+
+    train = Step("train", ["train", "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
+                           "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
+                           "--output_dir", str(out / "train")], out / "train")  # fmt: skip
+    train.run(args.fresh)
+    adapter = out / "train" / "final"
+
+    limit = [] if args.eval_per_family is None else ["--limit-per-family", str(args.eval_per_family)]
+    routing = {"vanilla": [], "fastv": ["--mode", "fastv"], "vtw": ["--mode", "vtw", "--split-layer", str(split)],
+               "lf": ["--adapter", str(adapter)]}  # fmt: skip
+    evals = {}
+    for name in METHODS:
+        step = Step(f"eval {name}", ["eval", *routing[name], *limit, "--out", str(out / f"eval-{name}")],
+                    out / f"eval-{name}")  # fmt: skip
+        step.run(args.fresh)
+        evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
+
+    bench = Step("bench", ["bench", "--preset", "tiny", "--split-layer", str(split), "--modes", ",".join(METHODS),
+                           "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
+                           "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
+                 out / "bench")  # fmt: skip
+    bench.run(args.fresh)
+    bench_result = json.loads((out / "bench" / "bench.json").read_text())
+
+    from dpvr.demo.summary import build_report, summary_rows, summary_text
+
+    rows = summary_rows(evals, bench_result, split, out / "train" / "final" / "run.json")
+    print(summary_text(rows, evals))
+    report = build_report(out, rows, evals, bench_result, rec)
+    print(f"[demo] report: {report}")
+    return 0

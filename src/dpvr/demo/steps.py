@@ -1,0 +1,53 @@
+"""Resumable pipeline steps: each step is a dpvr command run in-process into its own folder.
+
+A step is done when its folder holds `step.json` (written last, atomically) recording the exact
+command line; a rerun with the same command line reuses it, a changed one reruns it. So `dpvr demo`
+can be interrupted anywhere and rerun, and every intermediate result is also something a user can
+reproduce by hand with the printed command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpvr.cli import main as dpvr_main
+from dpvr.errors import DPVRError
+
+STAMP = "step.json"
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]  # dpvr command line, e.g. ["analyze", "--out", "...", ...]
+    out: Path
+
+    @property
+    def command(self) -> str:
+        return "dpvr " + shlex.join(self.argv)
+
+    def done(self) -> bool:
+        stamp = self.out / STAMP
+        return stamp.exists() and json.loads(stamp.read_text()).get("argv") == self.argv
+
+    def run(self, fresh: bool = False) -> float:
+        """Run (or reuse) the step; returns the seconds it took (0 when reused)."""
+        if self.done() and not fresh:
+            print(f"[demo] {self.name}: reusing {self.out} ({self.command})", flush=True)
+            return 0.0
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / STAMP).unlink(missing_ok=True)
+        print(f"[demo] {self.name}: {self.command}", flush=True)
+        start = time.perf_counter()
+        rc = dpvr_main(self.argv)
+        if rc != 0:
+            raise DPVRError(f"demo step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
+        seconds = time.perf_counter() - start
+        tmp = self.out / f".{STAMP}.tmp"
+        tmp.write_text(json.dumps({"argv": self.argv, "seconds": seconds}, indent=2) + "\n")
+        os.replace(tmp, self.out / STAMP)
+        return seconds
