@@ -30,7 +30,8 @@ FLOP_MODE = {"vanilla": "vanilla", "lf": "lf", "lf-ideal": "lf", "pc": "pc", "kv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu-7b-narrow", choices=sorted(PRESETS), help="architecture (random weights)")
+    p.add_argument("--preset", default="cpu-7b-narrow",
+                   help=f"architecture, random weights: one of {sorted(PRESETS)} or a checkpoint folder")  # fmt: skip
     p.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
     p.add_argument("--fusion-layers", type=int, default=1)
     p.add_argument("--side-depth", type=int, default=1)

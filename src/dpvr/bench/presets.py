@@ -3,10 +3,13 @@
     tiny            the embedded tiny LLaVA's config (dpvr.embedded.default_model_path())
     llava-1.5-7b    CLIP ViT-L/14-336 (576 image tokens) + Vicuna-7B shape: 32 layers, hidden 4096
     llava-1.5-13b   the same vision tower + Vicuna-13B shape: 40 layers, hidden 5120
+    PATH            any llava checkpoint folder's config
     cpu-7b-narrow   the 7B's depth (32 layers), split (18) and 576 image tokens, at hidden 512 with a
                     small vision tower: routing ratios measurable on a laptop CPU
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -45,9 +48,12 @@ PRESETS = {
 
 
 def preset_config(name: str) -> LlavaConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]()
+    """A preset by name, or the config of a llava checkpoint folder (its shape, not its weights)."""
+    if name in PRESETS:
+        return PRESETS[name]()
+    if Path(name, "config.json").exists():
+        return LlavaConfig.from_pretrained(name)
+    raise ValueError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)} or a checkpoint folder")
 
 
 def build_random_model(name: str, dtype: torch.dtype = torch.float32, device="cpu", attn: str = "sdpa"):

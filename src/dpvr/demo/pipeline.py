@@ -23,6 +23,7 @@ METHODS = ("vanilla", "fastv", "vtw", "lf")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (steps inside it are reused on reruns)")
+    p.add_argument("--model", default=None, help="stock llava checkpoint (default: the embedded tiny LLaVA)")
     p.add_argument("--analyze-samples", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--eval-per-family", type=int, default=60, help="questions per family (None: all)")
@@ -36,14 +37,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    analyze = Step("analyze", ["analyze", "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
+    model = [] if args.model is None else ["--model", args.model]
+    analyze = Step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
                                "--mask-samples", "16", "--batch-size", "8"], out / "analyze")  # fmt: skip
     analyze.run(args.fresh)
     rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
     split = int(rec["split"])
     print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
 
-    train = Step("train", ["train", "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
+    train = Step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
                            "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
                            "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)
@@ -54,12 +56,14 @@ def run(args: argparse.Namespace) -> int:
                "lf": ["--adapter", str(adapter)]}  # fmt: skip
     evals = {}
     for name in METHODS:
-        step = Step(f"eval {name}", ["eval", *routing[name], *limit, "--out", str(out / f"eval-{name}")],
+        step = Step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
                     out / f"eval-{name}")  # fmt: skip
         step.run(args.fresh)
         evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
 
-    bench = Step("bench", ["bench", "--preset", "tiny", "--split-layer", str(split), "--modes", ",".join(METHODS),
+    from dpvr.loading import resolve_model_path
+
+    bench = Step("bench", ["bench", "--preset", resolve_model_path(args.model), "--split-layer", str(split), "--modes", ",".join(METHODS),
                            "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
                            "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
                  out / "bench")  # fmt: skip

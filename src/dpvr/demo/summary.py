@@ -83,7 +83,7 @@ def build_report(out: Path, rows: list[dict], evals: dict, bench: dict, rec: dic
         ("Visual saturation (dpvr analyze)", figure(out / "analyze" / "analysis.png", "per-layer statistics")
          + f"<p>Recommended split: <b>{rec['split']}</b>. {html.escape(rec['reason'])}</p>"),  # fmt: skip
         ("Accuracy vs FLOPs", figure(acc_png, "mean score against analytic prefill FLOPs")),
-        ("Latency (dpvr bench --preset tiny)", figure(out / "bench" / "bench.png", "prefill, decode, KV cache")),
+        ("Latency (dpvr bench: random weights of the same shape)", figure(out / "bench" / "bench.png", "prefill, decode, KV cache")),
         ("POPE by negative type", pope),
         ("How each number was made", commands),
     ]

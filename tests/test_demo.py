@@ -1,0 +1,40 @@
+"""dpvr demo end to end (small settings, untrained tiny LLaVA): every step runs, reruns reuse them,
+and the HTML report renders in headless Chromium with every plot and table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpvr.cli import main
+from dpvr.demo.browser import render_check
+from dpvr.embedded import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    model, processor = build_tiny_model(seed=0)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    argv = ["demo", "--model", str(root / "model"), "--out", str(root / "out"), "--analyze-samples", "8",
+            "--train-steps", "3", "--eval-per-family", "4", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_demo_writes_every_step_and_a_report_that_renders(demo):
+    root, _ = demo
+    out = root / "out"
+    for step in ("analyze", "train", "eval-vanilla", "eval-fastv", "eval-vtw", "eval-lf", "bench"):
+        assert json.loads((out / step / "step.json").read_text())["argv"], step
+    check = render_check(out / "report.html")
+    assert check == {"images": 3, "broken": 0, "tables": 3, "empty": 0}, check
+
+
+def test_demo_rerun_reuses_finished_steps(demo, capsys):
+    root, argv = demo
+    before = {p: p.stat().st_mtime for p in (root / "out").glob("*/step.json")}
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("reusing") == 7
+    assert {p: p.stat().st_mtime for p in (root / "out").glob("*/step.json")} == before
