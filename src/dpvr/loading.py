@@ -31,7 +31,7 @@ def default_split(num_layers: int) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the embedded tiny LLaVA)")
-    g.add_argument("--adapter", default=None, help="side-branch-only checkpoint to load onto --model")
+    g.add_argument("--adapter", default=None, help="DPVR side-branch (or PEFT LoRA) checkpoint to load onto --model")
     if with_mode:
         g.add_argument("--mode", default=None, choices=MODES, help="routing to apply to a stock --model")
         g.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
@@ -78,7 +78,12 @@ def load_model(
         if mode is not None:
             raise DPVRError(f"--mode {mode} conflicts with --adapter (the adapter records its own routing)")
         base = LlavaForConditionalGeneration.from_pretrained(path, **load)
-        net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
+        if (Path(adapter) / "adapter_config.json").exists():  # a PEFT (LoRA) baseline: merge it in
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        else:
+            net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
         processor_path = path
     elif _model_type(path) == "dpvr_llava":
         if mode is not None:
