@@ -6,15 +6,13 @@ import pytest
 from PIL import Image
 
 from dpvr.cli import main
-from dpvr.embedded import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(d)
-    processor.save_pretrained(d)
+def checkpoint(tiny_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("generate")
+    for f in tiny_checkpoint.iterdir():
+        (d / f.name).symlink_to(f)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "img.png")
     return d
 

@@ -8,16 +8,12 @@ import pytest
 
 from dpvr.cli import main
 from dpvr.demo.browser import render_check
-from dpvr.embedded import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    argv = ["demo", "--model", str(root / "model"), "--out", str(root / "out"), "--analyze-samples", "8",
+    argv = ["demo", "--model", str(tiny_checkpoint), "--out", str(root / "out"), "--analyze-samples", "8",
             "--train-steps", "3", "--eval-per-family", "4", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     return root, argv

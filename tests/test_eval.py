@@ -51,13 +51,11 @@ def test_mme_accuracy_plus_and_mmbench_circular_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 2, "val": 2, "test": 6}, progress=False)
     model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return model.eval(), processor, data, root
+    return model.eval(), processor, data, tiny_checkpoint
 
 
 def test_evaluate_is_deterministic_and_batch_independent(tiny):
@@ -70,7 +68,7 @@ def test_evaluate_is_deterministic_and_batch_independent(tiny):
 
 def test_eval_cli_fastv_writes_json(tiny, tmp_path):
     _, _, data, root = tiny
-    rc = main(["eval", "--model", str(root / "model"), "--data", str(data), "--mode", "fastv", "--fastv-layer", "1",
+    rc = main(["eval", "--model", str(root), "--data", str(data), "--mode", "fastv", "--fastv-layer", "1",
                "--out", str(tmp_path), "--families", "pope,spatial"])  # fmt: skip
     assert rc == 0
     result = json.loads((tmp_path / "eval.json").read_text())

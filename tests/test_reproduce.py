@@ -5,15 +5,11 @@ import json
 import time
 
 from dpvr.cli import main
-from dpvr.embedded import build_tiny_model
 
 
-def test_reproduce_quick(tmp_path):
-    model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+def test_reproduce_quick(tiny_checkpoint, tmp_path):
     start = time.perf_counter()
-    assert main(["reproduce", "--quick", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 0
+    assert main(["reproduce", "--quick", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")]) == 0
     assert time.perf_counter() - start < 300, "--quick must finish in under 5 minutes"
     results = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
     assert {"full fine-tune", "LoRA r=16", "LoRA r=64", "DPVR-PC", "DPVR-KV", "DPVR-LF"} <= set(results)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from dpvr.data.digit_scenes import ensure_benchmark
-from dpvr.embedded import build_tiny_model
 from dpvr.errors import DPVRError
 from dpvr.train.args import ModelArguments
 from dpvr.train.cli import train
@@ -21,18 +20,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
     data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2}, progress=False)
-    return root, data
+    return tiny_checkpoint, data
 
 
 def args(world, out, *extra) -> list[str]:
     root, data = world
-    return ["--model", str(root / "model"), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "6",
+    return ["--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "6",
             "--per_device_train_batch_size", "4", "--save_steps", "2", "--save_total_limit", "3", "--logging_steps", "1",
             "--output_dir", str(out), "--disable_tqdm", "true", *extra]  # fmt: skip
 
@@ -69,9 +65,9 @@ def test_resume_with_changed_routing_is_refused(world, tmp_path):
 def test_lf_ideal_and_inference_only_modes_refuse_to_train(world):
     root, _ = world
     with pytest.raises(DPVRError, match="LF-ideal .* exactly zero gradient"):
-        build_model(ModelArguments(model=str(root / "model"), mode="lf", fusion_layers=0))
+        build_model(ModelArguments(model=str(root), mode="lf", fusion_layers=0))
     with pytest.raises(DPVRError, match="inference-only"):
-        build_model(ModelArguments(model=str(root / "model"), mode="fastv"))
+        build_model(ModelArguments(model=str(root), mode="fastv"))
 
 
 @pytest.mark.parametrize("method,extra", [("lora", ["--lora_r", "4"]), ("full", [])])
