@@ -132,3 +132,16 @@ def test_fastv_prunes_once_at_prefill():
     step = model(input_ids=torch.tensor([[9]]), past_key_values=out.past_key_values)
     assert out.past_key_values.lengths() == [T + 1, T + 1] + [kept + 1] * 4
     assert step.logits.isfinite().all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 3, 5])
+def test_nan_while_decoding_names_the_layer(layer):
+    from dpvr import NonFiniteError
+
+    model = model_for(CACHED_MODES[0])
+    cache = model(input_ids=torch.tensor([prompt(3, 4)]), pixel_values=pixels(1), use_cache=True).past_key_values
+    with torch.no_grad():
+        model.model.language_model.layers[layer].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=f"^layer {layer} produced NaN/inf while decoding"):
+        model(input_ids=torch.tensor([[9]]), past_key_values=cache)

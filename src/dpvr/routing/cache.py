@@ -38,6 +38,12 @@ class RoutedCache:
     def append(self, i: int, new: KV) -> None:
         self.layers[i] = _cat(self.layers[i], new)
 
+    def newest_finite(self, i: int, n: int) -> bool:
+        """Whether the keys/values layer i appended for the last n tokens are finite (valid rows)."""
+        kv, valid = self.layers[i], self.layers[i].valid[:, -n:]
+        mask = valid[:, None, :, None]
+        return all(bool(torch.where(mask, t[:, :, -n:], 0).isfinite().all()) for t in (kv.key, kv.value))
+
     # --------------------------------------------------------------- generate() protocol
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen

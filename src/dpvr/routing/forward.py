@@ -198,14 +198,19 @@ def routed_decode(
     all modes: the routing lives in what each layer's cache holds."""
     n = h.shape[1]
     order = (cache.seen + torch.arange(n, device=h.device)).expand_as(valid)  # (B, n) sequence index
-    loop = _Loop(lm, cfg, h, pos, checkpointing=False, keep_hidden=False, keep_kv=False)
+    cos, sin = lm.rotary_emb(h, pos)
     dense = cache.dense and bool(valid.all())
     for i, layer in enumerate(lm.layers):
-        h, own, _ = loop.run(f"layer {i}", layer, h, order, valid, loop.cos, loop.sin, cache.layers[i], dense=dense)
+        h, own, _ = routed_layer(layer, h, order, valid, cos, sin, cache.layers[i], dense=dense)
         cache.append(i, own)
     cache.seen += n
     cache.dense = dense
-    loop.raise_if_not_finite()
+    # Decoding is launch-bound: instead of a check per layer, one on the output, and on failure the
+    # culprit is found from the cache (layer i's bad output poisons the keys layer i + 1 appended).
+    if cfg.check_finite and not bool(torch.where(valid[..., None], h, 0).isfinite().all()):
+        bad = next((i - 1 for i in range(len(lm.layers)) if not cache.newest_finite(i, n)), len(lm.layers) - 1)
+        where = "the input embeddings" if bad < 0 else f"layer {bad}"
+        raise NonFiniteError(f"{where} produced NaN/inf while decoding (e.g. fp16 overflow)")
     return lm.norm(h)
 
 
