@@ -9,7 +9,6 @@ import pytest
 
 from dpvr.analysis.summary import collapse_layer, recommend_split, transition_layer
 from dpvr.cli import main
-from dpvr.embedded import build_tiny_model
 
 
 def paper_like_curves(L: int = 32) -> dict:
@@ -46,13 +45,12 @@ def test_transition_needs_the_curve_to_stay_low():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_checkpoint):
+    """(folder with the untrained tiny checkpoint as model/, a 3-scene digit-scenes benchmark)."""
     from dpvr.data.digit_scenes import ensure_benchmark
 
     d = tmp_path_factory.mktemp("analyze")
-    model, processor = build_tiny_model(seed=0)
-    model.save_pretrained(d / "model")
-    processor.save_pretrained(d / "model")
+    (d / "model").symlink_to(tiny_checkpoint, target_is_directory=True)
     data = ensure_benchmark(d / "data", scenes={"train": 2, "val": 1, "test": 3}, progress=False)
     return d, data
 

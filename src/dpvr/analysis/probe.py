@@ -4,7 +4,7 @@ attention at chosen layers, while the layer output is still computed by sdpa.
     state = ProbeState.for_batch(input_ids, attention_mask, image_token_id, num_layers, measure_mass=True)
     with probing(model, state):
         model.model(input_ids=..., pixel_values=..., attention_mask=..., position_ids=...)
-    state.mass            # (L, B, H) share of each text query's attention on image keys, mean over queries
+    state.mass_tensor()   # (L, B, H) share of each text query's attention on image keys, mean over queries
 
 How: transformers dispatches every decoder attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
 and builds the mask with `ALL_MASK_ATTENTION_FUNCTIONS[...]`. We register "dpvr_probe" in both and switch only the
