@@ -1,7 +1,7 @@
 """`dpvr data`: write the digit-scenes benchmark (LLaVA-665k JSON + PNG images) and print its summary.
 
     dpvr data --out /tmp/digit-scenes --seed 0
-    dpvr data                      # into the cache dir (~/.cache/dpvr/digit-scenes-v1-seed0, or $DPVR_CACHE)
+    dpvr data                      # into the cache dir (~/.cache/dpvr/digit-scenes-v2-seed0, or $DPVR_CACHE)
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from PIL import Image
 from dpvr.data.scene_questions import SceneQuestions, caption, text_only_question
 from dpvr.errors import DPVRError
 
-VERSION = "digit-scenes-v1"
+VERSION = "digit-scenes-v2"  # v2: captions name the cells in a random order
 GRID = 2  # cells per side
 CELL = 16  # pixels per cell (8x8 scan upscaled 2x)
 IMAGE_SIZE = GRID * CELL
@@ -151,13 +151,14 @@ def build_split(split: str, seed: int, out: Path, n_scenes: int | None = None) -
     return samples
 
 
-def build_pretrain(train: list[dict]) -> list[dict]:
+def build_pretrain(train: list[dict], seed: int) -> list[dict]:
     """One caption per training scene (projector alignment, the LLaVA-558k analogue)."""
+    rng = np.random.default_rng([seed, len(SPLIT_SCENES)])  # a stream of its own, apart from the splits'
     out = []
     for s in train:
         if "image" not in s:
             continue
-        qa = caption(s["meta"]["cells"])
+        qa = caption(rng, s["meta"]["cells"])
         out.append(_sample(s["id"].replace("-qa", "-cap"), s["image"], [qa], {"family": "caption", "answer": qa["answer"]}))
     return out
 
@@ -204,14 +205,19 @@ def ensure_benchmark(
         _dump(samples, tmp / f"{split}.json")
         counts[split] = len(samples)
         if split == "train":
-            pre = build_pretrain(samples)
+            pre = build_pretrain(samples, seed)
             _dump(pre, tmp / "pretrain.json")
             counts["pretrain"] = len(pre)
     manifest = {"version": VERSION, "seed": seed, "scenes": sizes, "samples": counts, "image_size": IMAGE_SIZE, "grid": GRID}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if root.exists():
         root.rmdir()  # empty (checked above)
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished the same benchmark first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(root, seed, sizes):
+            raise
     return root
 
 

@@ -62,8 +62,10 @@ def _cell(d: int) -> str:
     return NONE if d == EMPTY else str(d)
 
 
-def caption(cells: list[int]) -> dict:
-    answer = " ".join(f"{pos} {_cell(d)}" for pos, d in zip(POSITIONS, cells))
+def caption(rng: np.random.Generator, cells: list[int]) -> dict:
+    """Every cell named with its content, in a random order: a fixed order would let the model copy
+    the k-th cell to the k-th slot without ever binding the position words to image regions."""
+    answer = " ".join(f"{POSITIONS[i]} {_cell(cells[i])}" for i in rng.permutation(len(cells)))
     return {"family": "caption", "question": T["caption"], "answer": answer}
 
 

@@ -6,10 +6,12 @@
 Stages (a model trained end to end from random init stays at chance here; see docs/embedded.md):
   0. vision: the CLIP tower alone learns digits -- the mean of each cell's patch tokens feeds a
      linear 11-way head (10 digits + empty). The stand-in for LLaVA's pretrained CLIP.
-  1. align: tower frozen, projector + language model learn to caption scenes ("top left 3 top right
-     none ..."), the LLaVA-558k analogue; dense supervision that teaches which image tokens are where.
+  1. align: tower frozen, projector + language model learn to caption scenes ("bottom left 3 top left
+     none ...", cells in a random order), the LLaVA-558k analogue; dense supervision that binds the
+     position words to image regions.
   2. tune: projector + language model on the multi-turn instruction data (train.json, the LLaVA-665k
-     analogue); the tower stays frozen, as in LLaVA-1.5.
+     analogue) with every `--caption-every`-th caption mixed in, so the reading learnt in stage 1 is
+     kept while the question formats are learnt; the tower stays frozen, as in LLaVA-1.5.
 Seeded throughout (data order included); the same seed and step counts give the same weights on the
 same machine. `--minutes` is a safety cap: if reached, stage 2 stops early and the log says so.
 Writes the checkpoint atomically, plus `training_log.json` and `training_curve.png` next to it.
@@ -42,10 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="digit-scenes dir (default: the cache for --seed)")
     parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock cap for the whole run")
     parser.add_argument("--vision-steps", type=int, default=600)
-    parser.add_argument("--align-steps", type=int, default=200)
+    parser.add_argument("--align-steps", type=int, default=400)
     parser.add_argument("--tune-steps", type=int, default=900)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of stages 1-2 (stage 0 uses 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of stage 1 (stage 0 uses 1e-3)")
+    parser.add_argument("--tune-lr", type=float, default=5e-4, help="peak lr of stage 2 (lower: it starts from stage 1)")
+    parser.add_argument("--caption-every", type=int, default=3,
+                        help="stage 2 mixes in every N-th stage-1 caption (0: none)")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=150, help="tune steps between held-out checks")
     parser.add_argument("--eval-n", type=int, default=300, help="val questions per held-out check")
     parser.add_argument("--threads", type=int, default=2)
@@ -172,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     model, processor = build_tiny_model(args.seed)
     pad = processor.tokenizer.pad_token_id
     log = {"command": f"dpvr train-tiny --seed {args.seed} --vision-steps {args.vision_steps} --align-steps "
-                      f"{args.align_steps} --tune-steps {args.tune_steps} --batch-size {args.batch_size} --lr {args.lr}",
+                      f"{args.align_steps} --tune-steps {args.tune_steps} --batch-size {args.batch_size} --lr {args.lr} "
+                      f"--tune-lr {args.tune_lr} --caption-every {args.caption_every}",
            "seed": args.seed, "steps": {"vision": args.vision_steps, "align": args.align_steps, "tune": args.tune_steps},
            "parameters": sum(p.numel() for p in model.parameters()), "loss": [], "val": []}  # fmt: skip
     train = load_split(root, "train")
@@ -187,8 +193,11 @@ def run(args: argparse.Namespace) -> int:
         stage_lm(model, _loader(pretrain, args.batch_size, args.seed + 1, pad), lm_params, args.align_steps,
                  args.lr, bar, "align", log, deadline)  # fmt: skip
         tune = LlavaJsonDataset(root / "train.json", root / "images", processor)
+        if args.caption_every > 0:
+            captions = torch.utils.data.Subset(pretrain, range(0, len(pretrain), args.caption_every))
+            tune = torch.utils.data.ConcatDataset([tune, captions])
         stage_lm(model, _loader(tune, args.batch_size, args.seed + 2, pad), lm_params, args.tune_steps,
-                 args.lr, bar, "tune", log, deadline, eval_fn, args.eval_every)  # fmt: skip
+                 args.tune_lr, bar, "tune", log, deadline, eval_fn, args.eval_every)  # fmt: skip
     model.model.vision_tower.requires_grad_(True)  # saved weights carry no training state
     log["final_val"] = eval_fn()
     log["wall_minutes"] = round((time.monotonic() - t0) / 60, 2)
