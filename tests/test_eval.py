@@ -75,6 +75,16 @@ def test_eval_cli_fastv_writes_json(tiny, tmp_path):
     assert result["model"].startswith("fastv") and set(result["scores"]) == {"pope", "spatial", "mean"}
 
 
+def test_eval_cli_shallow_fastv_composes_with_lf_and_refuses_stock(tiny, tmp_path, capsys):
+    _, _, data, root = tiny
+    rc = main(["eval", "--model", str(root), "--data", str(data), "--mode", "lf", "--split-layer", "6", "--shallow-fastv",
+               "--fastv-layer", "2", "--out", str(tmp_path), "--families", "spatial", "--limit-per-family", "4"])  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"] == "lf s=6 K=1 D=1 +FastV@2 ratio=0.5 in [0, s)"
+    rc = main(["eval", "--model", str(root), "--data", str(data), "--shallow-fastv", "--out", str(tmp_path / "x")])
+    assert rc != 0 and "--shallow-fastv composes with lf/pc/kv/vtw" in capsys.readouterr().err
+
+
 def _image(seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
 

@@ -19,6 +19,11 @@ CASES = [
     ("kv", dict(split_layer=3)),
     ("vtw", dict(split_layer=2)),
     ("fastv", dict(fastv_layer=1, fastv_ratio=0.5)),
+    # beyond the paper: FastV pruning inside the shared layers, composed with each split mode
+    ("lf", dict(split_layer=3, fusion_layers=1, shallow_fastv=True, fastv_layer=1, fastv_ratio=0.5)),
+    ("pc", dict(split_layer=3, shallow_fastv=True, fastv_layer=0, fastv_ratio=0.75)),
+    ("kv", dict(split_layer=2, shallow_fastv=True, fastv_layer=1, fastv_ratio=0.5)),
+    ("vtw", dict(split_layer=3, shallow_fastv=True, fastv_layer=1, fastv_ratio=0.5)),
 ]
 
 
@@ -40,7 +45,7 @@ def test_analytic_flops_match_flop_counter(mode, kw):
     got = counted(model, input_ids=ids, pixel_values=pixels(1))
     want = forward_flops(
         model.config, mode, cfg.split_layer, cfg.fusion_layers, cfg.side_depth, n_img=N_IMG, n_txt=pre + post,
-        fastv_layer=cfg.fastv_layer, fastv_ratio=cfg.fastv_ratio,
+        fastv_layer=cfg.fastv_layer, fastv_ratio=cfg.fastv_ratio, shallow_fastv=cfg.shallow_fastv,
     )["total"]  # fmt: skip
     assert abs(got - want) <= 0.02 * want, f"{mode} {attn}: counted {got} vs analytic {want} ({got / want - 1:+.2%})"
 

@@ -39,6 +39,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True)
         g.add_argument("--side-depth", type=int, default=1, help="D for pc/kv/lf")
         g.add_argument("--fastv-layer", type=int, default=2, help="FastV ranking layer K")
         g.add_argument("--fastv-ratio", type=float, default=0.5, help="FastV share of image tokens dropped")
+        g.add_argument("--shallow-fastv", action="store_true",
+                       help="lf/pc/kv/vtw (also via --adapter): prune image tokens FastV-style inside [0, s) too")  # fmt: skip
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True)
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     keys = ["model", "adapter", "mode", "split_layer", "fusion_layers", "side_depth", "fastv_layer", "fastv_ratio",
-            "attn", "dtype", "device"]  # fmt: skip
+            "shallow_fastv", "attn", "dtype", "device"]  # fmt: skip
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
@@ -67,6 +69,7 @@ def load_model(
     side_depth: int = 1,
     fastv_layer: int = 2,
     fastv_ratio: float = 0.5,
+    shallow_fastv: bool = False,
     attn: str = "sdpa",
     dtype: str = "float32",
     device: str = "cpu",
@@ -100,8 +103,21 @@ def load_model(
             )  # fmt: skip
             net = convert(net, cfg)
         processor_path = path
+    if shallow_fastv:
+        net = _with_shallow_fastv(net, fastv_layer, fastv_ratio)
     processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
     return net.to(device).eval(), processor
+
+
+def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForConditionalGeneration:
+    """Compose FastV pruning of the shared layers with the routing the model already has (inference only)."""
+    mode = net.dpvr_config.mode if isinstance(net, DPVRForConditionalGeneration) else "vanilla"
+    if mode not in ("lf", "pc", "kv", "vtw"):
+        raise DPVRError(f"--shallow-fastv composes with lf/pc/kv/vtw routing; this model runs {mode!r} (use --mode fastv)")
+    cfg = DPVRConfig.from_dict({**net.config.dpvr, "shallow_fastv": True, "fastv_layer": fastv_layer, "fastv_ratio": fastv_ratio})
+    cfg.validate_for(net.config.text_config.num_hidden_layers)
+    net.config.dpvr = cfg.to_dict()
+    return net
 
 
 def describe(model) -> str:
@@ -112,7 +128,8 @@ def describe(model) -> str:
     extra = {"lf": f" K={c.fusion_layers} D={c.side_depth}", "pc": f" D={c.side_depth}", "kv": f" D={c.side_depth}",
              "fastv": f" layer={c.fastv_layer} ratio={c.fastv_ratio}"}.get(c.mode, "")  # fmt: skip
     split = f" s={c.split_layer}" if c.mode in ("lf", "pc", "kv", "vtw") else ""
-    return f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}{split}{extra}"
+    shallow = f" +FastV@{c.fastv_layer} ratio={c.fastv_ratio} in [0, s)" if c.shallow_fastv else ""
+    return f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}{split}{extra}{shallow}"
 
 
 def _model_type(path: str) -> str | None:

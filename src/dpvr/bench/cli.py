@@ -26,7 +26,6 @@ from dpvr.config import DPVRConfig
 from dpvr.loading import default_split
 from dpvr.routing import convert
 
-FLOP_MODE = {"vanilla": "vanilla", "lf": "lf", "lf-ideal": "lf", "pc": "pc", "kv": "kv", "fastv": "fastv", "vtw": "vtw"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
     p.add_argument("--fusion-layers", type=int, default=1)
     p.add_argument("--side-depth", type=int, default=1)
-    p.add_argument("--modes", default="vanilla,lf,lf-ideal,pc,kv,fastv,vtw", help="comma-separated")
+    p.add_argument("--modes", default="vanilla,lf,lf-ideal,pc,kv,fastv,vtw,lf+fastv",
+                   help="comma-separated; lf+fastv: LF with FastV pruning in the shared layers (beyond the paper)")  # fmt: skip
     p.add_argument("--text-lens", default="32,64,128,256", help="text tokens per prompt (image tokens come extra)")
     p.add_argument("--batches", default="1,4", help="batch sizes for prefill")
     p.add_argument("--new-tokens", type=int, default=64, help="decode length for the cached decode rate")
@@ -142,8 +142,9 @@ def _recompute_vs_cached(model, args, device, dtype) -> dict:
 
 
 def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: int) -> float:
-    K = 0 if mode == "lf-ideal" else cfg.fusion_layers
-    f = forward_flops(config, FLOP_MODE[mode], cfg.split_layer, K, cfg.side_depth, n_img, n_txt, batch=batch)
+    run = DPVRConfig.from_dict({**cfg.to_dict(), **lat.MODE_ROUTING[mode]})  # exactly what the timed mode runs
+    f = forward_flops(config, run.mode, run.split_layer, run.fusion_layers, run.side_depth, n_img, n_txt, batch=batch,
+                      fastv_layer=run.fastv_layer, fastv_ratio=run.fastv_ratio, shallow_fastv=run.shallow_fastv)  # fmt: skip
     return float(f["total"])
 
 

@@ -69,38 +69,52 @@ def forward_flops(
     logits_tokens: int | None = None,
     fastv_layer: int = 2,
     fastv_ratio: float = 0.5,
+    shallow_fastv: bool = False,
 ) -> dict[str, int]:
     """Forward FLOPs of one prefill, split into vision, lm_layers, side, lm_head and total.
 
     `mode` is one of MODES ('lf' with fusion_layers=0 equals 'lf-ideal'); n_img is the image-token
     count of the prompt (default: config.image_seq_length x n_images); logits_tokens the positions
-    lm_head runs on (default: all, as HF's forward; 1 with logits_to_keep=1)."""
+    lm_head runs on (default: all, as HF's forward; 1 with logits_to_keep=1). `shallow_fastv` (lf, pc,
+    kv, vtw): FastV pruning at `fastv_layer` inside the shared layers, so everything after it runs on
+    the kept image tokens only."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     text = config.text_config
     L, s, K, D = text.num_hidden_layers, split_layer, fusion_layers, side_depth
     n_img = config.image_seq_length * n_images if n_img is None else n_img
-    T = n_img + n_txt
+    T0 = T = n_img + n_txt
     if mode == "lf-ideal":
         mode, K = "lf", 0
-    full = decoder_layer(text, T, T)
+    H = text.num_attention_heads
+    probe = 2 * H * (getattr(text, "head_dim", None) or text.hidden_size // H) * T  # the last query's scores
+    dropped = int(n_img * fastv_ratio)
+
+    def fastv_stack(n_layers: int) -> int:  # [0, n_layers) with FastV at fastv_layer; prunes n_img and T
+        nonlocal n_img, T
+        before = (fastv_layer + 1) * decoder_layer(text, T, T) + probe
+        n_img, T = n_img - dropped, T - dropped
+        return before + (n_layers - fastv_layer - 1) * decoder_layer(text, T, T)
+
+    if mode == "fastv":
+        layers = fastv_stack(L)
+    elif mode == "vanilla":
+        layers = L * decoder_layer(text, T, T)
+    else:
+        if shallow_fastv and not fastv_layer < s:
+            raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
+        layers = fastv_stack(s) if shallow_fastv else s * decoder_layer(text, T, T)
+        full, text_only = decoder_layer(text, T, T), decoder_layer(text, n_txt, n_txt)
+        if mode == "lf":
+            layers += K * full + (L - s - K) * text_only
+        elif mode == "pc":
+            layers += (L - s) * full
+        elif mode == "kv":
+            layers += (L - s) * (decoder_layer(text, n_txt, T, kv_tokens=n_txt) + kv_projection(text, n_img))
+        else:  # vtw
+            layers += (L - s) * text_only
     side = D * decoder_layer(text, n_img, n_img) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0
-    if mode == "vanilla":
-        layers = L * full
-    elif mode == "lf":
-        layers = (s + K) * full + (L - s - K) * decoder_layer(text, n_txt, n_txt)
-    elif mode == "pc":
-        layers = L * full
-    elif mode == "kv":
-        deep = decoder_layer(text, n_txt, T, kv_tokens=n_txt) + kv_projection(text, n_img)
-        layers = s * full + (L - s) * deep
-    elif mode == "vtw":
-        layers = s * full + (L - s) * decoder_layer(text, n_txt, n_txt)
-    else:  # fastv: layers [0, K_f] on everything, one probed query row, the rest on the kept tokens
-        H = text.num_attention_heads
-        hd = getattr(text, "head_dim", None) or text.hidden_size // H
-        kept = T - int(n_img * fastv_ratio)
-        layers = (fastv_layer + 1) * full + 2 * H * hd * T + (L - fastv_layer - 1) * decoder_layer(text, kept, kept)
+    T = T0  # lm_head runs on every position (HF's default forward), pruned ones included
     head = _linear(T if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
     out = {"vision": vision_flops(config, n_images), "lm_layers": layers, "side": side, "lm_head": head}
     out = {k: batch * v for k, v in out.items()}

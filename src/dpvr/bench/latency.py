@@ -26,6 +26,7 @@ MODE_ROUTING: dict[str, dict] = {
     "kv": {"mode": "kv"},
     "fastv": {"mode": "fastv"},
     "vtw": {"mode": "vtw"},
+    "lf+fastv": {"mode": "lf", "shallow_fastv": True},  # beyond the paper: FastV inside [0, s) as well
 }
 
 
@@ -81,14 +82,22 @@ def decode(model, w: Workload, n_new: int, use_cache: bool = True) -> None:
         return
     for _ in range(n_new):
         out = model(input_ids=ids, pixel_values=w.pixel_values, use_cache=False, logits_to_keep=1)
-        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        ids = torch.cat([ids, _greedy_text_token(model, out.logits)], dim=1)
+
+
+def _greedy_text_token(model, logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1) argmax of the last position, never the image token: random weights can pick it, and an
+    image token after the prompt is (rightly) refused by the routed cache."""
+    last = logits[:, -1].clone()
+    last[:, model.config.image_token_id] = float("-inf")
+    return last.argmax(-1, keepdim=True)
 
 
 @torch.inference_mode()
 def decode_steps(model, out, n_steps: int):
     """Continue a cached forward `out` by n_steps greedy tokens, one token per step."""
     for _ in range(n_steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        nxt = _greedy_text_token(model, out.logits)
         out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return out
 
