@@ -44,6 +44,11 @@ def _encode(processor, prompts: list[str], images: list[list], device):
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def _flag(value) -> bool:
+    """A boolean model_arg: lmms-eval passes `key=False` through as the string 'False'."""
+    return str(value).lower() not in ("false", "0")
+
+
 def _gen_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list[str]]:
     gk = dict(gen_kwargs or {})
     until = gk.pop("until", None) or []
@@ -118,7 +123,8 @@ if lmms is not None:
 
         def __init__(self, pretrained: str, adapter: str | None = None, mode: str | None = None,
                      split_layer: int | None = None, fusion_layers: int = 1, side_depth: int = 1,
-                     fastv_layer: int = 2, fastv_ratio: float = 0.5, device: str = "cuda", dtype: str = "bfloat16",
+                     fastv_layer: int = 2, fastv_ratio: float = 0.5, shallow_fastv: bool = False,
+                     device: str = "cuda", dtype: str = "bfloat16",
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, **kwargs) -> None:  # fmt: skip
             super().__init__()
@@ -130,10 +136,10 @@ if lmms is not None:
                 model=pretrained, adapter=adapter, mode=mode,
                 split_layer=None if split_layer is None else int(split_layer), fusion_layers=int(fusion_layers),
                 side_depth=int(side_depth), fastv_layer=int(fastv_layer), fastv_ratio=float(fastv_ratio),
-                attn=attn_implementation, dtype=dtype, device=device,
+                shallow_fastv=_flag(shallow_fastv), attn=attn_implementation, dtype=dtype, device=device,
             )  # fmt: skip
             self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
-            self.use_cache = str(use_cache).lower() not in ("false", "0")
+            self.use_cache = _flag(use_cache)
             self._rank, self._world_size = 0, 1
 
         @property
