@@ -74,6 +74,22 @@ def test_gradient_checkpointing_matches_plain_backward():
     assert diff < 1e-6, f"checkpointed vs plain side-branch grads: max |diff| = {diff:.3e}"
 
 
+@pytest.mark.parametrize("mode", ["lf", "pc", "kv"])
+def test_checkpointing_keeps_the_frozen_shared_stack_out_of_backward(mode):
+    """Only the side branch trains: no activation below it may require grad, with or without
+    checkpointing (transformers' checkpointing hook would make the input embeddings require it)."""
+    for checkpointing in (False, True):
+        model = convert(tiny_llava(), DPVRConfig(mode=mode, split_layer=2))
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        seen = []
+        for layer in model.model.language_model.layers[:2]:  # routed layers call their submodules, not forward
+            layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out))
+        model(**llava_batch()).loss.backward()
+        assert seen and not any(t.requires_grad for t in seen), f"{mode} checkpointing={checkpointing}: shared stack in backward"
+
+
 def test_print_trainable_parameters(capsys):
     model = convert(tiny_llava(), DPVRConfig(mode="lf", split_layer=2))
     model.print_trainable_parameters()

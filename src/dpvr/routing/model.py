@@ -249,6 +249,15 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.config.dpvr)
 
     # ------------------------------------------------------------------ training helpers
+    def _activation_checkpointing_enable(self, *args, **kwargs):
+        super()._activation_checkpointing_enable(*args, **kwargs)
+        # transformers also makes the input embeddings require grad, so that *reentrant* checkpoints
+        # of a frozen stack still reach trainable weights (PEFT's case). dpvr checkpoints its layers
+        # non-reentrantly, so here that hook only sends the backward pass through every frozen layer
+        # below the side branch (the whole shared stack): measured, it erased LF's training saving.
+        if hasattr(self, "_require_grads_hook"):
+            self.disable_input_require_grads()
+
     def apply_freeze(self) -> None:
         cfg = self.dpvr_config
         train_all = cfg.freeze == "none"

@@ -62,6 +62,7 @@ def build_dataset(dargs: DataArguments, processor):
 
 def train(argv: list[str]) -> dict:
     from dpvr.data.collate import Collator
+    from dpvr.loading import resolve_model_path
     from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, write_run_record
 
     margs, dargs, targs = parse(argv)
@@ -87,7 +88,7 @@ def train(argv: list[str]) -> dict:
         write_run_record(str(final), trainer.model, trainer.state.log_history,
                          {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                           "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
-                          "base_model": str(margs.model)})  # fmt: skip
+                          "base_model": resolve_model_path(margs.model)})  # fmt: skip
     return {"final": str(final), "train_loss": result.training_loss}
 
 
