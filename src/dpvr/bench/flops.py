@@ -83,19 +83,19 @@ def forward_flops(
     text = config.text_config
     L, s, K, D = text.num_hidden_layers, split_layer, fusion_layers, side_depth
     n_img = config.image_seq_length * n_images if n_img is None else n_img
-    T0 = T = n_img + n_txt
+    T = n_img + n_txt
     if mode == "lf-ideal":
         mode, K = "lf", 0
     H = text.num_attention_heads
     probe = 2 * H * (getattr(text, "head_dim", None) or text.hidden_size // H) * T  # the last query's scores
     dropped = int(n_img * fastv_ratio)
 
-    def fastv_stack(n_layers: int) -> int:  # [0, n_layers) with FastV at fastv_layer; prunes n_img and T
-        nonlocal n_img, T
-        before = (fastv_layer + 1) * decoder_layer(text, T, T) + probe
-        n_img, T = n_img - dropped, T - dropped
-        return before + (n_layers - fastv_layer - 1) * decoder_layer(text, T, T)
+    def fastv_stack(n_layers: int) -> int:
+        """Layers [0, n_layers): all T tokens up to fastv_layer, its probed query row, then T - dropped."""
+        kept = T - dropped
+        return (fastv_layer + 1) * decoder_layer(text, T, T) + probe + (n_layers - fastv_layer - 1) * decoder_layer(text, kept, kept)
 
+    n_img_deep, T_deep = n_img, T  # image / all tokens that reach the split (fewer with shallow FastV)
     if mode == "fastv":
         layers = fastv_stack(L)
     elif mode == "vanilla":
@@ -104,17 +104,19 @@ def forward_flops(
         if shallow_fastv and not fastv_layer < s:
             raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
         layers = fastv_stack(s) if shallow_fastv else s * decoder_layer(text, T, T)
-        full, text_only = decoder_layer(text, T, T), decoder_layer(text, n_txt, n_txt)
+        if shallow_fastv:
+            n_img_deep, T_deep = n_img - dropped, T - dropped
+        full, text_only = decoder_layer(text, T_deep, T_deep), decoder_layer(text, n_txt, n_txt)
         if mode == "lf":
             layers += K * full + (L - s - K) * text_only
         elif mode == "pc":
             layers += (L - s) * full
         elif mode == "kv":
-            layers += (L - s) * (decoder_layer(text, n_txt, T, kv_tokens=n_txt) + kv_projection(text, n_img))
+            layers += (L - s) * (decoder_layer(text, n_txt, T_deep, kv_tokens=n_txt) + kv_projection(text, n_img_deep))
         else:  # vtw
             layers += (L - s) * text_only
-    side = D * decoder_layer(text, n_img, n_img) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0
-    T = T0  # lm_head runs on every position (HF's default forward), pruned ones included
+    side = D * decoder_layer(text, n_img_deep, n_img_deep) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0
+    # lm_head runs on every position (HF's default forward), pruned ones included
     head = _linear(T if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
     out = {"vision": vision_flops(config, n_images), "lm_layers": layers, "side": side, "lm_head": head}
     out = {k: batch * v for k, v in out.items()}
