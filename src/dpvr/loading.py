@@ -111,11 +111,10 @@ def load_model(
 
 def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForConditionalGeneration:
     """Compose FastV pruning of the shared layers with the routing the model already has (inference only)."""
-    mode = net.dpvr_config.mode if isinstance(net, DPVRForConditionalGeneration) else "vanilla"
-    if mode not in ("lf", "pc", "kv", "vtw"):
-        raise DPVRError(f"--shallow-fastv composes with lf/pc/kv/vtw routing; this model runs {mode!r} (use --mode fastv)")
+    if not isinstance(net, DPVRForConditionalGeneration):
+        raise DPVRError("--shallow-fastv composes with lf/pc/kv/vtw routing; this model is stock (add --mode or --adapter)")
     cfg = DPVRConfig.from_dict({**net.config.dpvr, "shallow_fastv": True, "fastv_layer": fastv_layer, "fastv_ratio": fastv_ratio})
-    cfg.validate_for(net.config.text_config.num_hidden_layers)
+    cfg.validate_for(net.config.text_config.num_hidden_layers)  # refuses fastv/vanilla routing, naming it
     net.config.dpvr = cfg.to_dict()
     return net
 
