@@ -93,7 +93,8 @@ def forward_flops(
     def fastv_stack(n_layers: int) -> int:
         """Layers [0, n_layers): all T tokens up to fastv_layer, its probed query row, then T - dropped."""
         kept = T - dropped
-        return (fastv_layer + 1) * decoder_layer(text, T, T) + probe + (n_layers - fastv_layer - 1) * decoder_layer(text, kept, kept)
+        pruned = (n_layers - fastv_layer - 1) * decoder_layer(text, kept, kept)
+        return (fastv_layer + 1) * decoder_layer(text, T, T) + probe + pruned
 
     n_img_deep, T_deep = n_img, T  # image / all tokens that reach the split (fewer with shallow FastV)
     if mode == "fastv":
@@ -101,11 +102,13 @@ def forward_flops(
     elif mode == "vanilla":
         layers = L * decoder_layer(text, T, T)
     else:
-        if shallow_fastv and not fastv_layer < s:
-            raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
-        layers = fastv_stack(s) if shallow_fastv else s * decoder_layer(text, T, T)
-        if shallow_fastv:
+        if not shallow_fastv:
+            layers = s * decoder_layer(text, T, T)
+        elif fastv_layer < s:
+            layers = fastv_stack(s)
             n_img_deep, T_deep = n_img - dropped, T - dropped
+        else:
+            raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
         full, text_only = decoder_layer(text, T_deep, T_deep), decoder_layer(text, n_txt, n_txt)
         if mode == "lf":
             layers += K * full + (L - s - K) * text_only
