@@ -86,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
         for n_txt in text_lens:
             w = lat.make_workload(model.config, n_txt, batch, device, dtype)
             secs = lat.interleaved(model, modes, lambda m: lat.prefill(m, w), device, args.repeats, progress=bar)
-            row = {"batch": batch, "n_txt": n_txt, "seconds": secs, "ratio": {}, "flop_ratio": {}}
+            row = {"batch": batch, "n_txt": n_txt, "seconds": secs, "ratio": {}, "flop_ratio": {}, "peak_bytes": {}}
             flops = {m: _flops(model.config, m, cfg, n_img, n_txt, batch) for m in modes}
             for m in modes:
+                with model.routing(**lat.MODE_ROUTING[m]):  # as generate prefills: building the cache
+                    row["peak_bytes"][m] = lat.peak_memory(lambda: lat.prefill(model, w, use_cache=True), device)
                 row["ratio"][m] = secs[m] / secs["vanilla"]
                 row["flop_ratio"][m] = flops[m] / flops["vanilla"]
             result["prefill"].append(row)
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                "ms_per_token": 1000 * per_token[m]}  # fmt: skip
         with model.routing(**lat.MODE_ROUTING[m]):
             result["kv_cache_bytes"][m] = lat.kv_cache_bytes(model, w)
+            result["decode"][m]["peak_bytes"] = lat.peak_memory(lambda: lat.decode(model, w, args.new_tokens), device)
     bar.close()
 
     if args.recompute_text_len:
@@ -157,17 +160,24 @@ def summary(result: dict) -> str:
         cells = "".join(f"{r['ratio'][m]:>5.2f}/{r['flop_ratio'][m]:<4.2f}" for m in modes)
         lines.append(f"{'':<9}{r['batch']:>2} {r['n_txt']:>5}  " + cells)
     v = result["decode"]["vanilla"]["ms_per_token"]
+    v_new = result["decode"]["vanilla"]["new_tokens"]
     lines.append("cached decode ms/token: " + ", ".join(
         f"{m} {d['ms_per_token']:.1f} ({d['ms_per_token'] / v:.2f}x)" for m, d in result["decode"].items()))  # fmt: skip
     kv = result["kv_cache_bytes"]
     lines.append("KV cache bytes vs vanilla: " + ", ".join(f"{m} {kv[m] / kv['vanilla']:.2f}" for m in kv))
+    last = result["prefill"][-1]
+    lines.append(f"peak memory vs vanilla, prefill B={last['batch']} text {last['n_txt']}: "
+                 + ", ".join(f"{m} {p / last['peak_bytes']['vanilla']:.2f}" for m, p in last["peak_bytes"].items())
+                 + f" (vanilla {last['peak_bytes']['vanilla'] / 2**20:.0f} MiB); generate {v_new} tokens: "
+                 + ", ".join(f"{m} {d['peak_bytes'] / result['decode']['vanilla']['peak_bytes']:.2f}"
+                             for m, d in result["decode"].items()))  # fmt: skip
     if "recompute" in result:
         r = result["recompute"]
         lines.append(f"LF {r['new_tokens']} new tokens: routed cache {r['cached_s']:.2f} s vs full recompute "
                      f"{r['recompute_s']:.2f} s -> {r['speedup']:.1f}x")  # fmt: skip
     for t in result["train_step"]:
         lines.append(f"train step {t['mode']} checkpointing={t['checkpointing']}: {1000 * t['seconds']:.0f} ms"
-                     + (f", peak {t['peak_bytes'] / 2**30:.2f} GiB" if t["peak_bytes"] else ""))  # fmt: skip
+                     + f", peak {t['peak_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 

@@ -7,7 +7,11 @@ are shared by `dpvr bench` and `dpvr demo`.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -116,17 +120,42 @@ def kv_cache_bytes(model, w: Workload) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def peak_memory(fn: Callable[[], object], device) -> int | None:
-    """Peak allocated bytes during fn on CUDA; None on CPU (no allocator statistics there)."""
-    if torch.device(device).type != "cuda":
+def peak_memory(fn: Callable[[], object], device) -> int:
+    """Peak bytes allocated during fn above what was live before it. CUDA: the allocator's statistics.
+    CPU: torch's CPU allocator keeps none, so the profiler records every allocation and free made
+    during fn and the peak of their running sum is taken (slower than fn alone: never timed)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # kineto writes a line to fd 2 at every start and stop
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
+    events = prof.profiler.kineto_results.events()
+    deltas = [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns()) if e.name() == "[memory]"]  # + alloc, - free
+    return max(itertools.accumulate(deltas, initial=0))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(devnull)
 
 
 def interleaved(
@@ -155,7 +184,7 @@ def interleaved(
 
 
 def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:
-    """Median forward+backward seconds (and CUDA peak bytes) of the current routing, labels on the text."""
+    """Median forward+backward seconds and peak bytes of the current routing, labels on the text."""
     labels = w.input_ids.masked_fill(w.input_ids == model.config.image_token_id, -100)
     if checkpointing:
         model.activation_checkpointing_enable()

@@ -1,4 +1,4 @@
-"""Plots for `dpvr bench`: prefill time ratio vs text length (with the FLOP ratio), decode and KV bytes."""
+"""Plots for `dpvr bench`: prefill time ratio vs text length (with the FLOP ratio), decode, KV bytes, peak memory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_bench(result: dict, path: Path) -> None:
     modes = result["modes"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     ax = axes[0]
     batch = result["prefill"][0]["batch"]
     rows = [r for r in result["prefill"] if r["batch"] == batch]
@@ -43,6 +43,19 @@ def plot_bench(result: dict, path: Path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("KV-cache bytes / vanilla")
     ax.set_title("KV cache after prefill")
+
+    ax = axes[3]
+    last, dec = result["prefill"][-1], result["decode"]
+    x = range(len(modes))
+    ax.bar([i - 0.2 for i in x], [last["peak_bytes"][m] / last["peak_bytes"]["vanilla"] for m in modes], width=0.4,
+           label=f"prefill B={last['batch']}, text {last['n_txt']}")  # fmt: skip
+    ax.bar([i + 0.2 for i in x], [dec[m]["peak_bytes"] / dec["vanilla"]["peak_bytes"] for m in modes], width=0.4,
+           label=f"generate {dec['vanilla']['new_tokens']} tokens, B=1")  # fmt: skip
+    ax.set_xticks(list(x), modes)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("peak memory / vanilla")
+    ax.set_title("peak memory (bytes allocated above the weights)")
+    ax.legend(fontsize=7)
     fig.suptitle(f"dpvr bench: {result['preset']} on {result['device']} ({result['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

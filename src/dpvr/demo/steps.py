@@ -25,6 +25,7 @@ class Step:
     name: str
     argv: list[str]  # dpvr command line, e.g. ["analyze", "--out", "...", ...]
     out: Path
+    pipeline: str = "demo"  # the command running the step, for its log lines
 
     @property
     def command(self) -> str:
@@ -37,15 +38,15 @@ class Step:
     def run(self, fresh: bool = False) -> float:
         """Run (or reuse) the step; returns the seconds it took (0 when reused)."""
         if self.done() and not fresh:
-            print(f"[demo] {self.name}: reusing {self.out} ({self.command})", flush=True)
+            print(f"[{self.pipeline}] {self.name}: reusing {self.out} ({self.command})", flush=True)
             return 0.0
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / STAMP).unlink(missing_ok=True)
-        print(f"[demo] {self.name}: {self.command}", flush=True)
+        print(f"[{self.pipeline}] {self.name}: {self.command}", flush=True)
         start = time.perf_counter()
         rc = dpvr_main(self.argv)
         if rc != 0:
-            raise DPVRError(f"demo step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
+            raise DPVRError(f"{self.pipeline} step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
         seconds = time.perf_counter() - start
         tmp = self.out / f".{STAMP}.tmp"
         tmp.write_text(json.dumps({"argv": self.argv, "seconds": seconds}, indent=2) + "\n")

@@ -83,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
             Step(f"train {tag}", ["train", "--model", base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
                                   "--per_device_train_batch_size", "16", "--save_steps", str(10**9),
                                   "--logging_steps", "5", "--disable_tqdm", "true", "--output_dir", str(train_dir)],
-                 train_dir).run()  # fmt: skip
+                 train_dir, "reproduce").run()  # fmt: skip
             eval_dir = out / f"{tag}-eval"
             limit = [] if per_family is None else ["--limit-per-family", str(per_family)]
             Step(f"eval {tag}", ["eval", *_eval_model(row, base, train_dir), *limit, "--out", str(eval_dir)],
-                 eval_dir).run()  # fmt: skip
+                 eval_dir, "reproduce").run()  # fmt: skip
             record = json.loads((train_dir / "final" / "run.json").read_text())
             scores = json.loads((eval_dir / "eval.json").read_text())["scores"]
             runs.append({"seed": seed, "scores": scores, "record": record})
