@@ -4,8 +4,8 @@
     dpvr train-tiny --out /tmp/tiny --vision-steps 100 --align-steps 50 --tune-steps 50   # a smoke run
 
 Stages (a model trained end to end from random init stays at chance here; see docs/embedded.md):
-  0. vision: the CLIP tower alone learns digits -- every patch token, and the mean of each cell's
-     tokens, feeds a linear 11-way head (10 digits + empty). The stand-in for LLaVA's pretrained CLIP.
+  0. vision: the CLIP tower alone learns digits -- the mean of each cell's patch tokens feeds a
+     linear 11-way head (10 digits + empty). The stand-in for LLaVA's pretrained CLIP.
   1. align: tower frozen, projector + language model learn to caption scenes ("bottom left 3 top left
      none ...", cells in a random order), the LLaVA-558k analogue; dense supervision that binds the
      position words to image regions.
@@ -74,59 +74,38 @@ def _forever(loader):
         yield from loader
 
 
-def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 64, D_v): the patch tokens (CLS dropped) at the layer LLaVA reads, in row-major order."""
+def cell_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 4, D_v): mean of each 2x2-grid cell's patch tokens at the layer LLaVA reads."""
     out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
-
-
-def token_cells(n_tokens: int) -> torch.Tensor:
-    """(n_tokens,): the 2x2-grid cell (0..3, row-major) each patch token lies in."""
-    side = int(n_tokens**0.5)  # 8 patches per side, 4 per cell
-    r, c = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
-    return (r // (side // 2)) * 2 + c // (side // 2)
+    h = out.hidden_states[model.config.vision_feature_layer][:, 1:]  # (B, 64, D_v), CLS dropped
+    B, N, D = h.shape
+    side = int(N**0.5)  # 8 patches per side, 4 per cell
+    return h.view(B, 2, side // 2, 2, side // 2, D).mean(dim=(2, 4)).reshape(B, 4, D)
 
 
 def stage_vision(model, processor, train: list[dict], root: Path, steps: int, seed: int, bar, log: dict) -> None:
-    """Every patch token, and the mean of each cell's tokens, predicts its cell's content. The mean
-    alone is not enough: it leaves the class spread over a cell's 16 tokens (a linear probe reads it
-    from single tokens ~50% of the time), so the language model can look a cell up by position
-    (spatial questions) but cannot find a digit by content (is there a 7?), which needs each key to
-    carry the class, as real CLIP patch tokens carry local semantics."""
     from PIL import Image
 
     scenes = [s for s in train if "image" in s]
     images = [Image.open(root / "images" / s["image"]).convert("RGB") for s in scenes]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, 32, 32)
     cells = torch.tensor([[EMPTY_CLASS if d < 0 else d for d in s["meta"]["cells"]] for s in scenes])  # (N, 4)
-    where = token_cells(model.config.image_seq_length)  # (64,)
     head = nn.Linear(model.config.vision_config.hidden_size, EMPTY_CLASS + 1)
     params = list(model.model.vision_tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     n_val = min(256, len(scenes) // 4)  # held-out scenes for the probe accuracy (the tail of train)
-
-    def logits(idx):  # per token (B, 64, 11) and per cell mean (B, 4, 11)
-        h = patch_features(model, pixels[idx])  # (B, 64, D_v)
-        cell_mean = torch.stack([h[:, where == k].mean(1) for k in range(4)], dim=1)  # (B, 4, D_v)
-        return head(h), head(cell_mean)
-
     for step in range(steps):
         idx = torch.randint(0, len(scenes) - n_val, (64,), generator=g)
-        per_token, per_cell = logits(idx)
-        ce = nn.functional.cross_entropy
-        loss = ce(per_token.flatten(0, 1), cells[idx][:, where].flatten()) + ce(per_cell.flatten(0, 1), cells[idx].flatten())
+        loss = nn.functional.cross_entropy(head(cell_features(model, pixels[idx])).flatten(0, 1), cells[idx].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.update(1), bar.set_postfix(stage="vision", loss=f"{loss.item():.3f}")
     with torch.no_grad():
-        per_token, per_cell = logits(torch.arange(len(scenes) - n_val, len(scenes)))
-    truth = cells[-n_val:]
-    log["vision_cell_accuracy"] = float((per_cell.argmax(-1) == truth).float().mean())
-    log["vision_token_accuracy"] = float((per_token.argmax(-1) == truth[:, where]).float().mean())
-    bar.write(f"stage 0 (vision): on {n_val} held-out scenes, per-cell accuracy {log['vision_cell_accuracy']:.3f}, "
-              f"per-token {log['vision_token_accuracy']:.3f}")  # fmt: skip
+        pred = head(cell_features(model, pixels[-n_val:])).argmax(-1)
+    log["vision_cell_accuracy"] = float((pred == cells[-n_val:]).float().mean())
+    bar.write(f"stage 0 (vision): per-cell accuracy on {n_val} held-out scenes {log['vision_cell_accuracy']:.3f}")
 
 
 def stage_lm(model, loader, params, steps: int, lr: float, bar, name: str, log: dict, deadline: float,
