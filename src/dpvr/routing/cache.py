@@ -27,16 +27,16 @@ class RoutedCache:
         self.dense = True  # no padding anywhere: decode attention needs no mask
 
     # --------------------------------------------------------------- filling
-    def fill(self, layer_kv: dict[int, tuple[KV, KV | None]], seq_len: int, dense: bool) -> None:
-        """Store a prefill's per-layer (own, extra) keys/values; extra (fixed image KVs) comes first."""
+    def fill(self, layer_kv: dict[int, KV], seq_len: int, dense: bool) -> None:
+        """Store a prefill's per-layer keys/values (what each layer attended over, in key order)."""
         missing = [i for i in range(len(self.layers)) if i not in layer_kv]
         assert not missing, f"prefill produced no keys/values for layers {missing}"
-        for i, (own, extra) in layer_kv.items():
-            self.layers[i] = own if extra is None else _cat(extra, own)
+        for i, kv in layer_kv.items():
+            self.layers[i] = kv
         self.seen, self.dense = seq_len, dense
 
     def append(self, i: int, new: KV) -> None:
-        self.layers[i] = _cat(self.layers[i], new)
+        self.layers[i] = self.layers[i].then(new)
 
     def newest_finite(self, i: int, n: int) -> bool:
         """Whether the keys/values layer i appended for the last n tokens are finite (valid rows)."""
@@ -73,11 +73,3 @@ class RoutedCache:
         """Stored key count per layer (rows padded to the widest)."""
         return [0 if kv is None else kv.key.shape[2] for kv in self.layers]
 
-
-def _cat(a: KV, b: KV) -> KV:
-    return KV(
-        torch.cat([a.key, b.key], dim=2),
-        torch.cat([a.value, b.value], dim=2),
-        torch.cat([a.order, b.order], dim=1),
-        torch.cat([a.valid, b.valid], dim=1),
-    )

@@ -36,7 +36,7 @@ class RoutedOutput:
     hidden: torch.Tensor  # (B, T, D) after the final norm
     all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, pre-norm
     kept: torch.Tensor  # (B, T) bool: valid positions left after any FastV pruning
-    layer_kv: dict[int, tuple[KV, KV | None]] = field(default_factory=dict)  # per layer: (own, extra)
+    layer_kv: dict[int, KV] = field(default_factory=dict)  # per layer: what it attended over
 
 
 class _Loop:
@@ -49,7 +49,7 @@ class _Loop:
         self.flags: list[tuple[str, torch.Tensor]] = []
         self.hidden: list[torch.Tensor] | None = [h] if keep_hidden else None
         self.keep_kv = keep_kv
-        self.layer_kv: dict[int, tuple[KV, KV | None]] = {}
+        self.layer_kv: dict[int, KV] = {}
 
     def call(self, name: str, layer: nn.Module, S: TokenSet, hs: torch.Tensor, extra: KV | None = None, probe=None):
         """Run `layer` on the gathered states hs (B, N, D) of set S."""
@@ -73,7 +73,9 @@ class _Loop:
         """Run text layer i on set S of the full states h (B, T, D); returns the new full states."""
         out, own, probs = self.call(f"layer {i}", self.lm.layers[i], S, S.gather(h), extra, probe)
         if self.keep_kv:
-            self.layer_kv[i] = (own, extra)
+            # joined now, not at cache fill, so each layer's separate extra (DPVR-KV's image keys) can
+            # be freed as the loop moves on: otherwise prefill held the deep layers' image KVs twice
+            self.layer_kv[i] = own if extra is None else extra.then(own)
         h = S.scatter(h, out)
         if self.hidden is not None:
             self.hidden.append(h)

@@ -33,6 +33,15 @@ class KV:
     order: torch.Tensor  # (B, N) long: sequence index, for causality
     valid: torch.Tensor  # (B, N) bool
 
+    def then(self, later: KV) -> KV:
+        """These keys/values followed by `later`'s along the sequence axis."""
+        return KV(
+            torch.cat([self.key, later.key], dim=2),
+            torch.cat([self.value, later.value], dim=2),
+            torch.cat([self.order, later.order], dim=1),
+            torch.cat([self.valid, later.valid], dim=1),
+        )
+
 
 def _rotary_fn(attn: nn.Module) -> Callable:
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb
