@@ -39,6 +39,14 @@ class RoutedOutput:
     layer_kv: dict[int, KV] = field(default_factory=dict)  # per layer: what it attended over
 
 
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN/inf in x. A sum is non-finite iff an element is (inf - inf is NaN), and on CPU
+    it is ~50x cheaper than `isfinite().all()` (0.03 vs 1.4 ms on a (1, 608, 512) fp32 tensor, one
+    thread), which made the per-layer check 6% of a CPU prefill. Accumulating in fp32 keeps sums of
+    large fp16 values from overflowing into a false alarm."""
+    return torch.sum(x, dtype=torch.float32).isfinite()
+
+
 class _Loop:
     """State shared by one forward: rotary tables, finiteness flags, collected outputs."""
 
@@ -66,7 +74,7 @@ class _Loop:
             out, own, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
         if self.cfg.check_finite:  # flag only; one sync at the end of the forward
             checked = out if dense else torch.where(valid[..., None], out, 0)  # filler rows may hold anything
-            self.flags.append((name, checked.isfinite().all()))
+            self.flags.append((name, _all_finite(checked)))
         return out, own, probs
 
     def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
@@ -209,7 +217,7 @@ def routed_decode(
     cache.dense = dense
     # Decoding is launch-bound: instead of a check per layer, one on the output, and on failure the
     # culprit is found from the cache (layer i's bad output poisons the keys layer i + 1 appended).
-    if cfg.check_finite and not bool(torch.where(valid[..., None], h, 0).isfinite().all()):
+    if cfg.check_finite and not bool(_all_finite(torch.where(valid[..., None], h, 0))):
         bad = next((i - 1 for i in range(len(lm.layers)) if not cache.newest_finite(i, n)), len(lm.layers) - 1)
         where = "the input embeddings" if bad < 0 else f"layer {bad}"
         raise NonFiniteError(f"{where} produced NaN/inf while decoding (e.g. fp16 overflow)")
