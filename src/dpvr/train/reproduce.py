@@ -1,6 +1,6 @@
 """`dpvr reproduce`: the paper's comparisons and ablations, re-run on the embedded default.
 
-    dpvr reproduce                 # Table 2 analogue (3 seeds for DPVR rows) + split/K/D sweeps, ~1 h on 2 cores
+    dpvr reproduce                 # Table 2 analogue (3 seeds for DPVR rows) + split/K/D sweeps, ~35 min on 2 cores
     dpvr reproduce --quick         # the same pipeline at toy sizes, < 5 minutes (a test runs it)
 
 Every row trains on identical data with identical steps (`dpvr train`), then is scored with
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
     p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
     p.add_argument("--split-layer", type=int, default=None, help="s of the main rows (default: 18/32 of the depth)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200; quick 6)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 6)")
     p.add_argument("--eval-per-family", type=int, default=None, help="questions per family (default all; quick 4)")
     p.add_argument("--out", default="runs/reproduce")
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     config = LlavaConfig.from_pretrained(base)
     L = config.text_config.num_hidden_layers
     split = args.split_layer or default_split(L)
-    steps = args.steps or (6 if args.quick else 200)
+    steps = args.steps or (6 if args.quick else 100)
     per_family = args.eval_per_family or (4 if args.quick else None)
     out = Path(args.out)
     results = []
