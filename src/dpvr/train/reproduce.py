@@ -1,6 +1,6 @@
 """`dpvr reproduce`: the paper's comparisons and ablations, re-run on the embedded default.
 
-    dpvr reproduce                 # Table 2 analogue (3 seeds for DPVR rows) + split/K/D sweeps, ~35 min on 2 cores
+    dpvr reproduce                 # Table 2 analogue (3 seeds for DPVR rows) + split/K/D sweeps, ~25 min on 2 cores
     dpvr reproduce --quick         # the same pipeline at toy sizes, < 5 minutes (a test runs it)
 
 Every row trains on identical data with identical steps (`dpvr train`), then is scored with
