@@ -141,14 +141,16 @@ def _write(out: Path, results: list[dict], split: int) -> None:
     ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_yscale("log"), ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110), plt.close(fig)
     main_lf = next(r for r in results if r["name"] == "DPVR-LF")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)  # one scale: a flat sweep looks flat
     main_setting = {"split": split, "fusion": 1, "depth": 1}  # where the main DPVR-LF row sits on each sweep
     for ax, (kind, label) in zip(axes, [("split", "split layer s"), ("fusion", "fusion layers K"),
                                         ("depth", "side depth D")]):  # fmt: skip
         pts = [(r["sweep"][1], r["mean"]["mean"]) for r in results if r["sweep"] and r["sweep"][0] == kind]
         pts.append((main_setting[kind], main_lf["mean"]["mean"]))
         ax.plot(*zip(*sorted(pts)), "o-")
-        ax.set_xlabel(label), ax.set_ylabel("mean score"), ax.grid(alpha=0.3)
+        ax.set_xticks(sorted(x for x, _ in pts))
+        ax.set_xlabel(label), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean score")
     fig.tight_layout(), fig.savefig(out / "sweeps.png", dpi=110), plt.close(fig)
 
 
