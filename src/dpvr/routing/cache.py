@@ -32,11 +32,12 @@ class RoutedCache:
         missing = [i for i in range(len(self.layers)) if i not in layer_kv]
         assert not missing, f"prefill produced no keys/values for layers {missing}"
         for i, kv in layer_kv.items():
-            self.layers[i] = kv
+            self.update(i, kv)
         self.seen, self.dense = seq_len, dense
 
-    def append(self, i: int, new: KV) -> None:
-        self.layers[i] = self.layers[i].then(new)
+    def update(self, i: int, keys: KV) -> None:
+        """Set layer i's keys/values: all it has attended over so far, oldest first (past, then new)."""
+        self.layers[i] = keys
 
     def newest_finite(self, i: int, n: int) -> bool:
         """Whether the keys/values layer i appended for the last n tokens are finite (valid rows)."""

@@ -42,8 +42,8 @@ class RoutedOutput:
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
     """0-dim bool: no NaN/inf in x. A sum is non-finite iff an element is (inf - inf is NaN), and on CPU
     it is ~50x cheaper than `isfinite().all()` (0.03 vs 1.4 ms on a (1, 608, 512) fp32 tensor, one
-    thread), which made the per-layer check ~3% of a one-thread CPU prefill. Accumulating in fp32 keeps sums of
-    large fp16 values from overflowing into a false alarm."""
+    thread), which made the per-layer check ~3% of a one-thread CPU prefill. Accumulating in fp32
+    keeps sums of large fp16 values from overflowing into a false alarm."""
     return torch.sum(x, dtype=torch.float32).isfinite()
 
 
@@ -67,23 +67,21 @@ class _Loop:
 
     def run(self, name, layer, hs, order, valid, cos, sin, extra=None, probe=None, dense=False):
         if self.checkpointing and torch.is_grad_enabled():
-            out, own, probs = checkpoint(
+            out, keys, probs = checkpoint(
                 routed_layer, layer, hs, order, valid, cos, sin, extra, probe, dense, use_reentrant=False
             )
         else:
-            out, own, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
+            out, keys, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
         if self.cfg.check_finite:  # flag only; one sync at the end of the forward
             checked = out if dense else torch.where(valid[..., None], out, 0)  # filler rows may hold anything
             self.flags.append((name, _all_finite(checked)))
-        return out, own, probs
+        return out, keys, probs
 
     def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
         """Run text layer i on set S of the full states h (B, T, D); returns the new full states."""
-        out, own, probs = self.call(f"layer {i}", self.lm.layers[i], S, S.gather(h), extra, probe)
-        if self.keep_kv:
-            # joined now, not at cache fill, so each layer's separate extra (DPVR-KV's image keys) can
-            # be freed as the loop moves on: otherwise prefill held the deep layers' image KVs twice
-            self.layer_kv[i] = own if extra is None else extra.then(own)
+        out, keys, probs = self.call(f"layer {i}", self.lm.layers[i], S, S.gather(h), extra, probe)
+        if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
+            self.layer_kv[i] = keys
         h = S.scatter(h, out)
         if self.hidden is not None:
             self.hidden.append(h)
@@ -211,8 +209,8 @@ def routed_decode(
     cos, sin = lm.rotary_emb(h, pos)
     dense = cache.dense and bool(valid.all())
     for i, layer in enumerate(lm.layers):
-        h, own, _ = routed_layer(layer, h, order, valid, cos, sin, cache.layers[i], dense=dense)
-        cache.append(i, own)
+        h, keys, _ = routed_layer(layer, h, order, valid, cos, sin, cache.layers[i], dense=dense)
+        cache.update(i, keys)  # past + new, already joined for the attention: no second concatenation
     cache.seen += n
     cache.dense = dense
     # Decoding is launch-bound: instead of a check per layer, one on the output, and on failure the

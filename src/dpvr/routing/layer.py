@@ -89,7 +89,8 @@ def routed_layer(
     probe_rows: torch.Tensor | None = None,  # (B,) long: return this query row's attention probabilities
     dense: bool = False,  # caller guarantees: all keys valid, extra keys precede queries, order ascending
 ) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
-    """Returns (new h (B, N, D), this call's own keys/values, probe probabilities (B, H, N_keys) or None).
+    """Returns (new h (B, N, D), the keys/values it attended over (extra's, then this call's: what a
+    cache keeps for this layer), probe probabilities (B, H, N_keys) or None).
 
     With `dense`, the explicit bias is skipped where the backend's own causal handling is exactly
     right: a single query (it sees every key), or sdpa without extra keys (is_causal, which sdpa
@@ -105,13 +106,9 @@ def routed_layer(
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     q, k = _rotary_fn(attn)(q, k, cos, sin)
     own = KV(k, v, order, valid)
-
-    k_all, v_all, k_order, k_valid = k, v, order, valid
-    if extra is not None:  # extra tokens come first: past/fixed context, then this call's tokens
-        k_all = torch.cat([extra.key, k], dim=2)
-        v_all = torch.cat([extra.value, v], dim=2)
-        k_order = torch.cat([extra.order, order], dim=1)
-        k_valid = torch.cat([extra.valid, valid], dim=1)
+    # every key this call attends over: extra first (past/fixed context), then this call's tokens
+    keys = own if extra is None else extra.then(own)
+    k_all, v_all = keys.key, keys.value
 
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
@@ -119,7 +116,7 @@ def routed_layer(
     mask_free = dense and window is None and probe_rows is None and (
         N == 1 or (extra is None and implementation == "sdpa")
     )
-    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, q.dtype, sliding_window=window)
+    bias = None if mask_free else attention_bias(order, valid, keys.order, keys.valid, q.dtype, sliding_window=window)
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_fallback(attn))
     out, _ = interface(
@@ -143,4 +140,4 @@ def routed_layer(
         scores = (q_row @ k_rep.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
         scores = scores + bias.gather(2, probe_rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
         probs = scores.softmax(-1)[:, :, 0]  # (B, H, Nk)
-    return h, own, probs
+    return h, keys, probs
