@@ -5,8 +5,10 @@
     dpvr bench --preset tiny --text-lens 16,32   # the embedded tiny LLaVA's shape
 
 Writes OUT/bench.json and OUT/bench.png. Every mode runs on the same weights in one process,
-interleaved after warm-up; medians and ratios against vanilla (the stock HF forward) are reported,
-next to the analytic FLOP ratio at the same shape (`dpvr flops`).
+interleaved after warm-up (prefill round by round, decode step by step); per mode the median time and
+the median of its paired ratios to vanilla (the stock HF forward), with their quartiles, are reported
+next to the analytic FLOP ratio at the same shape (`dpvr flops`, lm_head on the one position a
+prefill computes logits for). Raw samples go to the JSON.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     n_img = model.config.image_seq_length
 
     steps = len(batches) * len(text_lens) * (args.repeats + 1) * len(modes)  # prefill
-    steps += (args.repeats + 1) * len(modes)  # cached decode
+    steps += (args.repeats + 1) * max(args.new_tokens - 1, 0) * len(modes)  # cached decode steps
     bar = tqdm(total=steps, desc="bench", unit="run")
     result: dict = {
         "preset": args.preset, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
@@ -85,25 +87,22 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         for n_txt in text_lens:
             w = lat.make_workload(model.config, n_txt, batch, device, dtype)
-            secs = lat.interleaved(model, modes, lambda m: lat.prefill(m, w), device, args.repeats, progress=bar)
-            row = {"batch": batch, "n_txt": n_txt, "seconds": secs, "ratio": {}, "flop_ratio": {}, "peak_bytes": {}}
+            t = lat.interleaved(model, modes, lambda m: lat.prefill(m, w), device, args.repeats, progress=bar)
             flops = {m: _flops(model.config, m, cfg, n_img, n_txt, batch) for m in modes}
+            row = {"batch": batch, "n_txt": n_txt, **_timing_fields(t, modes), "flop_ratio": {}, "peak_bytes": {}}
             for m in modes:
                 with model.routing(**lat.MODE_ROUTING[m]):  # as generate prefills: building the cache
                     row["peak_bytes"][m] = lat.peak_memory(lambda: lat.prefill(model, w, use_cache=True), device)
-                row["ratio"][m] = secs[m] / secs["vanilla"]
                 row["flop_ratio"][m] = flops[m] / flops["vanilla"]
             result["prefill"].append(row)
 
     w = lat.make_workload(model.config, text_lens[0], 1, device, dtype)
-    decode_modes = [m for m in modes if m != "vanilla"] + ["vanilla"]
-    per_token = lat.interleaved(
-        model, decode_modes, lambda m: lat.decode_seconds_per_token(m, w, args.new_tokens, device), device,
-        args.repeats, progress=bar,
-    )  # fmt: skip
+    t = lat.interleaved_decode(model, modes, w, args.new_tokens, device, args.repeats, progress=bar)
+    timing = _timing_fields(t, modes)
     for m in modes:
         result["decode"][m] = {"n_txt": text_lens[0], "new_tokens": args.new_tokens,
-                               "ms_per_token": 1000 * per_token[m]}  # fmt: skip
+                               "ms_per_token": 1000 * timing["seconds"][m], "ratio": timing["ratio"][m],
+                               "ratio_iqr": timing["ratio_iqr"][m]}  # fmt: skip
         with model.routing(**lat.MODE_ROUTING[m]):
             result["kv_cache_bytes"][m] = lat.kv_cache_bytes(model, w)
             result["decode"][m]["peak_bytes"] = lat.peak_memory(lambda: lat.decode(model, w, args.new_tokens), device)
@@ -144,10 +143,23 @@ def _recompute_vs_cached(model, args, device, dtype) -> dict:
     return res
 
 
+def _timing_fields(t: lat.Samples, modes: list[str]) -> dict:
+    """Medians, the median paired ratio to vanilla and its quartiles, and the raw samples."""
+    return {
+        "seconds": {m: t.median(m) for m in modes},
+        "ratio": {m: t.ratio(m) for m in modes},
+        "ratio_iqr": {m: list(t.ratio_iqr(m)) for m in modes},
+        "samples": t.seconds,
+    }
+
+
 def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: int) -> float:
     run = DPVRConfig.from_dict({**cfg.to_dict(), **lat.MODE_ROUTING[mode]})  # exactly what the timed mode runs
+    # the timed prefill asks for the last position's logits only (logits_to_keep=1, as generate does): lm_head on
+    # every position would add the same FLOPs to every mode and understate each mode's analytic saving
     f = forward_flops(config, run.mode, run.split_layer, run.fusion_layers, run.side_depth, n_img, n_txt, batch=batch,
-                      fastv_layer=run.fastv_layer, fastv_ratio=run.fastv_ratio, shallow_fastv=run.shallow_fastv)  # fmt: skip
+                      logits_tokens=lat.PREFILL_LOGITS, fastv_layer=run.fastv_layer, fastv_ratio=run.fastv_ratio,
+                      shallow_fastv=run.shallow_fastv)  # fmt: skip
     return float(f["total"])
 
 
@@ -159,10 +171,15 @@ def summary(result: dict) -> str:
     for r in result["prefill"]:
         cells = "".join(f"{r['ratio'][m]:>5.2f}/{r['flop_ratio'][m]:<4.2f}" for m in modes)
         lines.append(f"{'':<9}{r['batch']:>2} {r['n_txt']:>5}  " + cells)
-    v = result["decode"]["vanilla"]["ms_per_token"]
+    if "lf" in modes:
+        lines.append("LF prefill saving / analytic saving (quartiles of the paired ratios): " + ", ".join(
+            f"B={r['batch']} text {r['n_txt']} {_share(r['ratio']['lf'], r['flop_ratio']['lf']):.0%} "
+            f"({_share(r['ratio_iqr']['lf'][1], r['flop_ratio']['lf']):.0%}-"
+            f"{_share(r['ratio_iqr']['lf'][0], r['flop_ratio']['lf']):.0%})" for r in result["prefill"]))  # fmt: skip
     v_new = result["decode"]["vanilla"]["new_tokens"]
-    lines.append("cached decode ms/token: " + ", ".join(
-        f"{m} {d['ms_per_token']:.1f} ({d['ms_per_token'] / v:.2f}x)" for m, d in result["decode"].items()))  # fmt: skip
+    lines.append("cached decode ms/token (x vanilla, median paired ratio [quartiles]): " + ", ".join(
+        f"{m} {d['ms_per_token']:.1f} ({d['ratio']:.2f}x [{d['ratio_iqr'][0]:.2f}, {d['ratio_iqr'][1]:.2f}])"
+        for m, d in result["decode"].items()))  # fmt: skip
     kv = result["kv_cache_bytes"]
     lines.append("KV cache bytes vs vanilla: " + ", ".join(f"{m} {kv[m] / kv['vanilla']:.2f}" for m in kv))
     last = result["prefill"][-1]
@@ -179,6 +196,11 @@ def summary(result: dict) -> str:
         lines.append(f"train step {t['mode']} checkpointing={t['checkpointing']}: {1000 * t['seconds']:.0f} ms"
                      + f", peak {t['peak_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
+
+
+def _share(time_ratio: float, flop_ratio: float) -> float:
+    """Measured saving as a share of the analytic one: (1 - time ratio) / (1 - FLOP ratio)."""
+    return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
 
 
 def _device_name(device: torch.device) -> str:

@@ -71,9 +71,12 @@ def timed(fn: Callable[[], object], device) -> float:
     return time.perf_counter() - start
 
 
+PREFILL_LOGITS = 1  # positions a timed prefill computes logits for: the next token's, as generate() does
+
+
 @torch.inference_mode()
 def prefill(model, w: Workload, use_cache: bool = False):
-    return model(input_ids=w.input_ids, pixel_values=w.pixel_values, use_cache=use_cache, logits_to_keep=1)
+    return model(input_ids=w.input_ids, pixel_values=w.pixel_values, use_cache=use_cache, logits_to_keep=PREFILL_LOGITS)
 
 
 @torch.inference_mode()
@@ -104,12 +107,6 @@ def decode_steps(model, out, n_steps: int):
         nxt = _greedy_text_token(model, out.logits)
         out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     return out
-
-
-def decode_seconds_per_token(model, w: Workload, n_new: int, device) -> float:
-    """Seconds per cached decode step (prefill excluded, measured separately)."""
-    out = prefill(model, w, use_cache=True)
-    return timed(lambda: decode_steps(model, out, n_new - 1), device) / max(n_new - 1, 1)
 
 
 @torch.inference_mode()
@@ -158,6 +155,34 @@ def _native_stderr_silenced():
         os.close(saved), os.close(devnull)
 
 
+@dataclass
+class Samples:
+    """Seconds per mode from one interleaved run: seconds[m][i] and seconds[ref][i] were taken moments
+    apart (same round, or same decode step), so their ratio cancels drift in the machine's speed."""
+
+    seconds: dict[str, list[float]]
+
+    def median(self, mode: str) -> float:
+        return statistics.median(self.seconds[mode])
+
+    def ratio(self, mode: str, ref: str = "vanilla") -> float:
+        """Median of the paired ratios mode/ref."""
+        return statistics.median(self.paired(mode, ref))
+
+    def ratio_iqr(self, mode: str, ref: str = "vanilla") -> tuple[float, float]:
+        """Quartiles of the paired ratios: the spread a single repeat would show."""
+        r = self.paired(mode, ref)
+        if len(r) < 2:
+            return r[0], r[0]
+        q = statistics.quantiles(r, n=4, method="inclusive")  # within the samples, never extrapolated
+        return q[0], q[2]
+
+    def paired(self, mode: str, ref: str) -> list[float]:
+        a, b = self.seconds[mode], self.seconds[ref]
+        assert len(a) == len(b) > 0, f"{mode} has {len(a)} samples, {ref} {len(b)}: not paired"
+        return [x / y for x, y in zip(a, b)]
+
+
 def interleaved(
     model: DPVRForConditionalGeneration,
     modes: list[str],
@@ -166,12 +191,13 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     progress=None,
-) -> dict[str, float]:
-    """Median seconds of fn(model) per mode; every repeat visits every mode in turn. fn may return
-    its own measured seconds (a float), e.g. to leave set-up work out of the timing."""
+) -> Samples:
+    """Seconds of fn(model) per mode; every round visits every mode, in alternating direction (ABBA), so a
+    mode neither always follows the same one nor always runs first. fn may return its own measured
+    seconds (a float), e.g. to leave set-up work out of the timing."""
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + repeats):
-        for m in modes:
+        for m in modes if r % 2 == 0 else modes[::-1]:
             with model.routing(**MODE_ROUTING[m]):
                 box = []
                 t = timed(lambda: box.append(fn(model)), device)
@@ -180,7 +206,39 @@ def interleaved(
                 times[m].append(t)
             if progress is not None:
                 progress.update(1)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return Samples(times)
+
+
+def interleaved_decode(
+    model: DPVRForConditionalGeneration,
+    modes: list[str],
+    w: Workload,
+    n_new: int,
+    device,
+    repeats: int,
+    warmup: int = 1,
+    progress=None,
+) -> Samples:
+    """Seconds per cached greedy decode step, per mode, interleaved step by step: each round every mode
+    prefills its own cache (not timed), then every step advances every mode by one token in turn (ABBA
+    within the round). A decode step is tens of milliseconds, so pairing modes step by step, rather
+    than whole decodes, keeps a slow moment of the machine from landing on one mode only."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(warmup + repeats):
+        outs = {}
+        for m in modes:
+            with model.routing(**MODE_ROUTING[m]):
+                outs[m] = prefill(model, w, use_cache=True)
+        for step in range(n_new - 1):
+            for m in modes if step % 2 == 0 else modes[::-1]:
+                with model.routing(**MODE_ROUTING[m]):
+                    t = timed(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
+                if r >= warmup:
+                    times[m].append(t)
+                if progress is not None:
+                    progress.update(1)
+        del outs
+    return Samples(times)
 
 
 def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:

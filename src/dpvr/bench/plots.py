@@ -18,11 +18,13 @@ def plot_bench(result: dict, path: Path) -> None:
     xs = [r["n_txt"] for r in rows]
     for i, m in enumerate(modes):
         color = f"C{i}"
-        ax.plot(xs, [r["ratio"][m] for r in rows], "o-", color=color, label=f"{m} measured")
+        ratio = [r["ratio"][m] for r in rows]
+        spread = [[x - r["ratio_iqr"][m][0] for x, r in zip(ratio, rows)], [r["ratio_iqr"][m][1] - x for x, r in zip(ratio, rows)]]
+        ax.errorbar(xs, ratio, yerr=spread, fmt="o-", color=color, capsize=2, label=f"{m} measured")
         ax.plot(xs, [r["flop_ratio"][m] for r in rows], "--", color=color, alpha=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("text tokens")
-    ax.set_ylabel("prefill time / vanilla (dashed: FLOPs / vanilla)")
+    ax.set_ylabel("prefill time / vanilla (bars: quartiles; dashed: FLOPs)")
     ax.set_title(f"prefill, batch {batch}, {result['n_img']} image tokens")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
