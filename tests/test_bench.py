@@ -1,8 +1,10 @@
-"""`dpvr bench` on CPU: the peak-memory measurement and what the command records per mode."""
+"""`dpvr bench` on CPU: the peak-memory measurement, the paired timing, and what the command records per mode."""
 from __future__ import annotations
 
+import contextlib
 import json
 
+import pytest
 import torch
 
 from dpvr.bench import latency as lat
@@ -44,4 +46,48 @@ def test_bench_records_peak_memory_and_kv_bytes_per_mode(tmp_path, capsys):
     # LF's text-only deep layers hold 16 of 80 tokens: a smaller cache, and a smaller peak when generating
     assert kv["lf"] < 0.75 * kv["vanilla"], f"KV bytes lf {kv['lf']} vs vanilla {kv['vanilla']}"
     assert result["decode"]["lf"]["peak_bytes"] < result["decode"]["vanilla"]["peak_bytes"], result["decode"]
+    # timings are paired: one sample per mode per round (prefill) and per decode step (4 new tokens: 3 steps)
+    assert all(len(v) == 1 for v in row["samples"].values()), row["samples"]
+    assert row["ratio"]["vanilla"] == 1.0 and result["decode"]["vanilla"]["ratio"] == 1.0
+    assert row["ratio"]["lf"] == row["samples"]["lf"][0] / row["samples"]["vanilla"][0]
     assert "peak memory vs vanilla" in capsys.readouterr().out
+
+
+
+class _RoutingRecorder:
+    """Stands in for a converted model in `lat.interleaved`: records the mode each call ran under."""
+
+    def __init__(self):
+        self.mode, self.calls = None, []
+
+    @contextlib.contextmanager
+    def routing(self, mode, **_):
+        self.mode = mode
+        yield self
+
+
+def test_interleaved_runs_rounds_abba_and_pairs_samples_by_round():
+    model, modes = _RoutingRecorder(), ["vanilla", "lf", "pc"]
+    slow = {0: 1.0, 1: 1.0, 2: 4.0, 3: 4.0, 4: 1.0}  # the machine's speed per round (0 is the warm-up)
+    share = {"vanilla": 1.0, "lf": 0.5, "pc": 1.1}
+
+    def fn(m):  # returns its own seconds: the mode's share of the current round's speed
+        m.calls.append(m.mode)
+        return slow[(len(m.calls) - 1) // len(modes)] * share[m.mode]
+
+    samples = lat.interleaved(model, modes, fn, "cpu", repeats=4, warmup=1)
+    assert model.calls[:9] == ["vanilla", "lf", "pc", "pc", "lf", "vanilla", "vanilla", "lf", "pc"], model.calls
+    assert samples.seconds["lf"] == [0.5, 2.0, 2.0, 0.5], samples.seconds  # warm-up dropped, rounds in order
+    for m in modes:
+        assert abs(samples.ratio(m) - share[m]) < 1e-12, (m, samples.ratio(m))
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # lf is half of vanilla in two rounds; in the third the machine was slow for vanilla's run only
+    s = lat.Samples({"vanilla": [1.0, 10.0, 10.0], "lf": [0.5, 5.0, 1.0]})
+    assert s.ratio("lf") == 0.5, s.ratio("lf")  # a ratio of medians would say 1.0 / 10.0 = 0.1
+    assert s.median("lf") == 1.0
+    lo, hi = s.ratio_iqr("lf")
+    assert 0.1 <= lo <= 0.5 == hi, (lo, hi)  # quartiles stay within the samples
+    with pytest.raises(AssertionError, match="not paired"):
+        lat.Samples({"vanilla": [1.0], "lf": [1.0, 2.0]}).ratio("lf")

@@ -110,12 +110,14 @@ def forward_flops(
         else:
             raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
         full, text_only = decoder_layer(text, T_deep, T_deep), decoder_layer(text, n_txt, n_txt)
-        if mode == "lf":
-            layers += K * full + (L - s - K) * text_only
+        # text queries over every key; the image tokens' keys/values projected from fixed states
+        text_queries = decoder_layer(text, n_txt, T_deep, kv_tokens=n_txt) + kv_projection(text, n_img_deep)
+        if mode == "lf":  # the last fusion layer runs text queries only (its image outputs are never read)
+            layers += (L - s - K) * text_only + (max(K - 1, 0) * full + text_queries if K > 0 else 0)
         elif mode == "pc":
             layers += (L - s) * full
         elif mode == "kv":
-            layers += (L - s) * (decoder_layer(text, n_txt, T_deep, kv_tokens=n_txt) + kv_projection(text, n_img_deep))
+            layers += (L - s) * text_queries
         else:  # vtw
             layers += (L - s) * text_only
     side = D * decoder_layer(text, n_img_deep, n_img_deep) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0

@@ -5,7 +5,8 @@ and output the final-norm hidden states (B, T, D), exactly where the stock `Llam
 them to `lm_head`. Which positions each layer runs on:
 
     mode     layers [0, s)   side branch    layers [s, L-K)         layers [L-K, L)
-    lf       all tokens      image only     text only               all (image <- side output)
+    lf       all tokens      image only     text only               all (image <- side output); in the
+                                                                    last, image keys/values only
     (lf/pc/kv/vtw with shallow_fastv: FastV pruning inside [0, s) first; dropped tokens stay dropped)
     pc       all tokens      image only     all, image reset to side output before each layer
     kv       all tokens      image only     text queries; image = side output, keys/values only
@@ -59,12 +60,6 @@ class _Loop:
         self.keep_kv = keep_kv
         self.layer_kv: dict[int, KV] = {}
 
-    def call(self, name: str, layer: nn.Module, S: TokenSet, hs: torch.Tensor, extra: KV | None = None, probe=None):
-        """Run `layer` on the gathered states hs (B, N, D) of set S."""
-        cos, sin = S.gather(self.cos), S.gather(self.sin)
-        # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
-        return self.run(name, layer, hs, S.idx, S.valid, cos, sin, extra, probe, dense=S.dense and extra is None)
-
     def run(self, name, layer, hs, order, valid, cos, sin, extra=None, probe=None, dense=False):
         if self.checkpointing and torch.is_grad_enabled():
             out, keys, probs = checkpoint(
@@ -77,21 +72,38 @@ class _Loop:
             self.flags.append((name, _all_finite(checked)))
         return out, keys, probs
 
-    def layer(self, i: int, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
-        """Run text layer i on set S of the full states h (B, T, D); returns the new full states."""
-        out, keys, probs = self.call(f"layer {i}", self.lm.layers[i], S, S.gather(h), extra, probe)
-        if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
-            self.layer_kv[i] = keys
-        h = S.scatter(h, out)
-        if self.hidden is not None:
-            self.hidden.append(h)
-        return h, probs
+    def layers(self, idx: range, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
+        """Text layers idx, in turn, on set S of the full states h (B, T, D). The set is gathered once and
+        scattered back once, however many layers run on it (LF's 13 text-only layers at 7B): per-layer
+        gather/scatter of the full sequence was measurable next to a 64-token layer on CPU.
+        Returns the new full states and the last layer's probe probabilities."""
+        if not idx:
+            return h, None
+        hs, cos, sin = S.gather(h), S.gather(self.cos), S.gather(self.sin)  # (B, N, D), (B, N, hd) x 2
+        # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
+        dense = S.dense and extra is None
+        probs = None
+        for i in idx:
+            hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
+            if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
+                self.layer_kv[i] = keys
+            if self.hidden is not None:
+                self.hidden.append(S.scatter(h, hs))
+        return S.scatter(h, hs), probs
+
+    def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
+        """Layer i with text queries only: the image states in h give keys/values (norm, k/v projection,
+        rotary) and nothing else, no query, o_proj or MLP, and stay as they are. DPVR-KV's deep layers,
+        and LF's last layer, whose image outputs nothing would read."""
+        k, v = project_kv(self.lm.layers[i], IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin))
+        h, _ = self.layers(range(i, i + 1), TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
+        return h
 
     def side(self, side_branch: nn.ModuleList, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
         """Side branch on the image positions of h: returns (B, N_img, D)."""
-        hs = IMG.gather(h)
+        hs, cos, sin = IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin)
         for j, layer in enumerate(side_branch):
-            hs, _, _ = self.call(f"side_branch.{j}", layer, IMG, hs)
+            hs, _, _ = self.run(f"side_branch.{j}", layer, hs, IMG.idx, IMG.valid, cos, sin, dense=IMG.dense)
         return hs
 
     def raise_if_not_finite(self) -> None:
@@ -143,27 +155,24 @@ def routed_decoder(
         ALL = TokenSet.from_mask(valid)
         TXT, IMG = TokenSet.from_mask(valid & ~is_img), TokenSet.from_mask(valid & is_img)
         if mode == "vtw":
-            for i in range(s, L):
-                h, _ = loop.layer(i, TXT, h)
+            h, _ = loop.layers(range(s, L), TXT, h)
         elif mode == "lf":
             side = loop.side(side_branch, IMG, h) if K > 0 else None  # LF-ideal never uses it
-            for i in range(s, L - K):
-                h, _ = loop.layer(i, TXT, h)
+            h, _ = loop.layers(range(s, L - K), TXT, h)
             if K > 0:
                 h = IMG.scatter(h, side)
-            for i in range(L - K, L):
-                h, _ = loop.layer(i, ALL, h)
+                h, _ = loop.layers(range(L - K, L - 1), ALL, h)
+                # the last layer's image outputs would reach nothing (logits and loss read text positions):
+                # there the image tokens are keys/values only, the same text outputs for less work
+                h = loop.text_queries(L - 1, TXT, IMG, h)
         elif mode == "pc":
             side = loop.side(side_branch, IMG, h)
             for i in range(s, L):
-                h, _ = loop.layer(i, ALL, IMG.scatter(h, side))
+                h, _ = loop.layers(range(i, i + 1), ALL, IMG.scatter(h, side))
         elif mode == "kv":
-            side = loop.side(side_branch, IMG, h)
-            cos_i, sin_i = IMG.gather(loop.cos), IMG.gather(loop.sin)
+            h = IMG.scatter(h, loop.side(side_branch, IMG, h))  # image states fixed at the side output from here
             for i in range(s, L):
-                k, v = project_kv(lm.layers[i], side, cos_i, sin_i)
-                h, _ = loop.layer(i, TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
-            h = IMG.scatter(h, side)
+                h = loop.text_queries(i, TXT, IMG, h)
         else:
             raise AssertionError(f"unhandled mode {mode!r}")
 
@@ -180,15 +189,16 @@ def _shared_stack(loop: _Loop, n_layers: int, h, valid, is_img, prune: bool):
     """Layers [0, n_layers) on every valid token; with `prune`, FastV drops image tokens after
     layer cfg.fastv_layer for the rest of the stack (and for everything routed after it).
     Returns (h, the valid mask after pruning)."""
-    cfg = loop.cfg
     ALL = TokenSet.from_mask(valid)
+    if not prune:
+        h, _ = loop.layers(range(n_layers), ALL, h)
+        return h, valid
+    f = loop.cfg.fastv_layer  # < n_layers: DPVRConfig.validate_for
     last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid position
-    for i in range(n_layers):
-        probe = _row_in(ALL, last) if prune and i == cfg.fastv_layer else None
-        h, probs = loop.layer(i, ALL, h, probe=probe)
-        if probe is not None:
-            valid = fastv_keep(probs, ALL, is_img, valid, cfg.fastv_ratio)
-            ALL = TokenSet.from_mask(valid)
+    h, _ = loop.layers(range(f), ALL, h)
+    h, probs = loop.layers(range(f, f + 1), ALL, h, probe=_row_in(ALL, last))
+    valid = fastv_keep(probs, ALL, is_img, valid, loop.cfg.fastv_ratio)
+    h, _ = loop.layers(range(f + 1, n_layers), TokenSet.from_mask(valid), h)
     return h, valid
 
 
