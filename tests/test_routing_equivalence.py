@@ -183,3 +183,24 @@ def test_shallow_fastv_composition_equals_reference(mode):
         plain.side_branch.load_state_dict(model.side_branch.state_dict())
     other = plain(input_ids=ids, pixel_values=px, attention_mask=mask).logits
     assert (got - other)[mask.bool() & (ids != IMAGE_TOKEN)].abs().max() > 1e-4, "pruning changed nothing"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", ROUTED[:6], ids=IDS)
+def test_output_hidden_states_per_layer(cfg):
+    """One state per layer (plus the embeddings), also inside runs of layers gathered as one block:
+    the shared layers' equal the stock model's, and the last one gives the logits at text positions."""
+    model = converted(cfg)
+    ids, mask = left_pad([prompt(3, 5, n_images=1, seed=1), prompt(2, 4, n_images=2, seed=2)])
+    px = pixels(3)
+    out = model(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True)
+    L = len(model.model.language_model.layers)
+    assert len(out.hidden_states) == L + 1, len(out.hidden_states)
+    with model.routing(mode="vanilla"):
+        stock = model(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True).hidden_states
+    real = mask.bool()
+    for i in range(cfg.split_layer + 1):
+        diff = (out.hidden_states[i] - stock[i])[real].abs().max().item()
+        assert diff <= 1e-5, f"{IDS(cfg)} shared hidden state {i}: max |diff| = {diff:.3e}"
+    logits = model.lm_head(model.model.language_model.norm(out.hidden_states[-1]))
+    assert_text_close(logits, out.logits, ids.masked_fill(~real, IMAGE_TOKEN), 1e-5, f"{IDS(cfg)} last hidden state")
