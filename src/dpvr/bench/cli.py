@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         result["decode"][m] = {"n_txt": text_lens[0], "new_tokens": args.new_tokens,
                                "ms_per_token": 1000 * timing["seconds"][m], "ratio": timing["ratio"][m],
-                               "ratio_iqr": timing["ratio_iqr"][m]}  # fmt: skip
+                               "ratio_iqr": timing["ratio_iqr"][m], "samples": timing["samples"][m]}  # fmt: skip
         with model.routing(**lat.MODE_ROUTING[m]):
             result["kv_cache_bytes"][m] = lat.kv_cache_bytes(model, w)
             result["decode"][m]["peak_bytes"] = lat.peak_memory(lambda: lat.decode(model, w, args.new_tokens), device)
