@@ -91,11 +91,11 @@ class _Loop:
                 self.hidden.append(S.scatter(h, hs))
         return S.scatter(h, hs), probs
 
-    def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
-        """Layer i with text queries only: the image states in h give keys/values (norm, k/v projection,
-        rotary) and nothing else, no query, o_proj or MLP, and stay as they are. DPVR-KV's deep layers,
-        and LF's last layer, whose image outputs nothing would read."""
-        k, v = project_kv(self.lm.layers[i], IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin))
+    def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """Layer i with text queries only: the image states img (B, N_img, D) give keys/values (norm, k/v
+        projection, rotary) and nothing else, no query, o_proj or MLP; h's image positions are left as
+        they are. DPVR-KV's deep layers, and LF's last layer, whose image outputs nothing would read."""
+        k, v = project_kv(self.lm.layers[i], img, IMG.gather(self.cos), IMG.gather(self.sin))
         h, _ = self.layers(range(i, i + 1), TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
         return h
 
@@ -164,15 +164,16 @@ def routed_decoder(
                 h, _ = loop.layers(range(L - K, L - 1), ALL, h)
                 # the last layer's image outputs would reach nothing (logits and loss read text positions):
                 # there the image tokens are keys/values only, the same text outputs for less work
-                h = loop.text_queries(L - 1, TXT, IMG, h)
+                h = loop.text_queries(L - 1, TXT, IMG, h, IMG.gather(h))
         elif mode == "pc":
             side = loop.side(side_branch, IMG, h)
             for i in range(s, L):
                 h, _ = loop.layers(range(i, i + 1), ALL, IMG.scatter(h, side))
         elif mode == "kv":
-            h = IMG.scatter(h, loop.side(side_branch, IMG, h))  # image states fixed at the side output from here
+            side = loop.side(side_branch, IMG, h)  # the image states of every deep layer
+            h = IMG.scatter(h, side)
             for i in range(s, L):
-                h = loop.text_queries(i, TXT, IMG, h)
+                h = loop.text_queries(i, TXT, IMG, h, side)
         else:
             raise AssertionError(f"unhandled mode {mode!r}")
 
