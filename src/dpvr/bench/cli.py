@@ -173,9 +173,9 @@ def summary(result: dict) -> str:
         lines.append(f"{'':<9}{r['batch']:>2} {r['n_txt']:>5}  " + cells)
     if "lf" in modes:
         lines.append("LF prefill saving / analytic saving (quartiles of the paired ratios): " + ", ".join(
-            f"B={r['batch']} text {r['n_txt']} {_share(r['ratio']['lf'], r['flop_ratio']['lf']):.0%} "
-            f"({_share(r['ratio_iqr']['lf'][1], r['flop_ratio']['lf']):.0%}-"
-            f"{_share(r['ratio_iqr']['lf'][0], r['flop_ratio']['lf']):.0%})" for r in result["prefill"]))  # fmt: skip
+            f"B={r['batch']} text {r['n_txt']} {lat.saving_share(r['ratio']['lf'], r['flop_ratio']['lf']):.0%} "
+            f"({lat.saving_share(r['ratio_iqr']['lf'][1], r['flop_ratio']['lf']):.0%}-"
+            f"{lat.saving_share(r['ratio_iqr']['lf'][0], r['flop_ratio']['lf']):.0%})" for r in result["prefill"]))  # fmt: skip
     v_new = result["decode"]["vanilla"]["new_tokens"]
     lines.append("cached decode ms/token (x vanilla, median paired ratio [quartiles]): " + ", ".join(
         f"{m} {d['ms_per_token']:.1f} ({d['ratio']:.2f}x [{d['ratio_iqr'][0]:.2f}, {d['ratio_iqr'][1]:.2f}])"
@@ -196,11 +196,6 @@ def summary(result: dict) -> str:
         lines.append(f"train step {t['mode']} checkpointing={t['checkpointing']}: {1000 * t['seconds']:.0f} ms"
                      + f", peak {t['peak_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
-
-
-def _share(time_ratio: float, flop_ratio: float) -> float:
-    """Measured saving as a share of the analytic one: (1 - time ratio) / (1 - FLOP ratio)."""
-    return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
 
 
 def _device_name(device: torch.device) -> str:

@@ -155,6 +155,11 @@ def _native_stderr_silenced():
         os.close(saved), os.close(devnull)
 
 
+def saving_share(time_ratio: float, flop_ratio: float) -> float:
+    """Measured saving as a share of the analytic one: (1 - time ratio) / (1 - FLOP ratio)."""
+    return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
+
+
 @dataclass
 class Samples:
     """Seconds per mode from one interleaved run: seconds[m][i] and seconds[ref][i] were taken moments

@@ -1,9 +1,12 @@
-"""Plots for `dpvr bench`: prefill time ratio vs text length (with the FLOP ratio), decode, KV bytes, peak memory."""
+"""Plots for `dpvr bench`: prefill time ratio vs text length (with the FLOP ratio), decode, KV bytes, peak memory,
+and LF's measured prefill saving as a share of its analytic one."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+
+from dpvr.bench.latency import saving_share
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -11,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_bench(result: dict, path: Path) -> None:
     modes = result["modes"]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(1, 5, figsize=(23, 4.2))
     ax = axes[0]
     batch = result["prefill"][0]["batch"]
     rows = [r for r in result["prefill"] if r["batch"] == batch]
@@ -58,7 +61,30 @@ def plot_bench(result: dict, path: Path) -> None:
     ax.set_ylabel("peak memory / vanilla")
     ax.set_title("peak memory (bytes allocated above the weights)")
     ax.legend(fontsize=7)
+    _plot_lf_share(axes[4], result)
     fig.suptitle(f"dpvr bench: {result['preset']} on {result['device']} ({result['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_lf_share(ax, result: dict) -> None:
+    """LF's measured prefill saving / analytic saving per text length, one line per batch (quartile bars)."""
+    ax.set_title("LF prefill saving / analytic saving")
+    if "lf" not in result["modes"]:
+        ax.text(0.5, 0.5, "lf not benchmarked", ha="center", transform=ax.transAxes)
+        return
+    for batch in sorted({r["batch"] for r in result["prefill"]}):
+        rows = [r for r in result["prefill"] if r["batch"] == batch]
+        xs = [r["n_txt"] for r in rows]
+        share = [saving_share(r["ratio"]["lf"], r["flop_ratio"]["lf"]) for r in rows]
+        lo = [saving_share(r["ratio_iqr"]["lf"][1], r["flop_ratio"]["lf"]) for r in rows]  # slower quartile
+        hi = [saving_share(r["ratio_iqr"]["lf"][0], r["flop_ratio"]["lf"]) for r in rows]
+        ax.errorbar(xs, share, yerr=[[m - l for m, l in zip(share, lo)], [h - m for m, h in zip(share, hi)]],
+                    fmt="o-", capsize=2, label=f"batch {batch}")  # fmt: skip
+    ax.axhline(0.9, color="k", ls="--", lw=0.8, label="target 90%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("text tokens")
+    ax.set_ylabel("measured / analytic saving")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
