@@ -53,7 +53,6 @@ def test_bench_records_peak_memory_and_kv_bytes_per_mode(tmp_path, capsys):
     assert "peak memory vs vanilla" in capsys.readouterr().out
 
 
-
 class _RoutingRecorder:
     """Stands in for a converted model in `lat.interleaved`: records the mode each call ran under."""
 

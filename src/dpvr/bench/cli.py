@@ -172,10 +172,9 @@ def summary(result: dict) -> str:
         cells = "".join(f"{r['ratio'][m]:>5.2f}/{r['flop_ratio'][m]:<4.2f}" for m in modes)
         lines.append(f"{'':<9}{r['batch']:>2} {r['n_txt']:>5}  " + cells)
     if "lf" in modes:
+        shares = [(r, *lat.saving_shares(r, "lf")) for r in result["prefill"]]
         lines.append("LF prefill saving / analytic saving (quartiles of the paired ratios): " + ", ".join(
-            f"B={r['batch']} text {r['n_txt']} {lat.saving_share(r['ratio']['lf'], r['flop_ratio']['lf']):.0%} "
-            f"({lat.saving_share(r['ratio_iqr']['lf'][1], r['flop_ratio']['lf']):.0%}-"
-            f"{lat.saving_share(r['ratio_iqr']['lf'][0], r['flop_ratio']['lf']):.0%})" for r in result["prefill"]))  # fmt: skip
+            f"B={r['batch']} text {r['n_txt']} {mid:.0%} ({lo:.0%}-{hi:.0%})" for r, mid, lo, hi in shares))  # fmt: skip
     v_new = result["decode"]["vanilla"]["new_tokens"]
     lines.append("cached decode ms/token (x vanilla, median paired ratio [quartiles]): " + ", ".join(
         f"{m} {d['ms_per_token']:.1f} ({d['ratio']:.2f}x [{d['ratio_iqr'][0]:.2f}, {d['ratio_iqr'][1]:.2f}])"

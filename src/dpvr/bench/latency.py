@@ -160,6 +160,18 @@ def saving_share(time_ratio: float, flop_ratio: float) -> float:
     return (1 - time_ratio) / (1 - flop_ratio) if flop_ratio < 1 else float("nan")
 
 
+def saving_shares(row: dict, mode: str) -> tuple[float, float, float]:
+    """A `dpvr bench` prefill row's saving share for mode: at the median paired ratio, and at its slower
+    and faster quartile (the higher time ratio is the lower share)."""
+    f, (fast, slow) = row["flop_ratio"][mode], row["ratio_iqr"][mode]
+    return saving_share(row["ratio"][mode], f), saving_share(slow, f), saving_share(fast, f)
+
+
+def _abba(modes: list[str], k: int) -> list[str]:
+    """Round/step k's visiting order: forward on even k, backward on odd (ABBA)."""
+    return modes if k % 2 == 0 else modes[::-1]
+
+
 @dataclass
 class Samples:
     """Seconds per mode from one interleaved run: seconds[m][i] and seconds[ref][i] were taken moments
@@ -202,7 +214,7 @@ def interleaved(
     seconds (a float), e.g. to leave set-up work out of the timing."""
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + repeats):
-        for m in modes if r % 2 == 0 else modes[::-1]:
+        for m in _abba(modes, r):
             with model.routing(**MODE_ROUTING[m]):
                 box = []
                 t = timed(lambda: box.append(fn(model)), device)
@@ -235,7 +247,7 @@ def interleaved_decode(
             with model.routing(**MODE_ROUTING[m]):
                 outs[m] = prefill(model, w, use_cache=True)
         for step in range(n_new - 1):
-            for m in modes if step % 2 == 0 else modes[::-1]:
+            for m in _abba(modes, step):
                 with model.routing(**MODE_ROUTING[m]):
                     t = timed(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
                 if r >= warmup:

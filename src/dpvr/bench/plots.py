@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib
 
-from dpvr.bench.latency import saving_share
+from dpvr.bench.latency import saving_shares
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -77,9 +77,7 @@ def _plot_lf_share(ax, result: dict) -> None:
     for batch in sorted({r["batch"] for r in result["prefill"]}):
         rows = [r for r in result["prefill"] if r["batch"] == batch]
         xs = [r["n_txt"] for r in rows]
-        share = [saving_share(r["ratio"]["lf"], r["flop_ratio"]["lf"]) for r in rows]
-        lo = [saving_share(r["ratio_iqr"]["lf"][1], r["flop_ratio"]["lf"]) for r in rows]  # slower quartile
-        hi = [saving_share(r["ratio_iqr"]["lf"][0], r["flop_ratio"]["lf"]) for r in rows]
+        share, lo, hi = zip(*(saving_shares(r, "lf") for r in rows))
         ax.errorbar(xs, share, yerr=[[m - l for m, l in zip(share, lo)], [h - m for m, h in zip(share, hi)]],
                     fmt="o-", capsize=2, label=f"batch {batch}")  # fmt: skip
     ax.axhline(0.9, color="k", ls="--", lw=0.8, label="target 90%")
