@@ -63,10 +63,10 @@ class _Loop:
     def run(self, name, layer, hs, order, valid, cos, sin, extra=None, probe=None, dense=False):
         if self.checkpointing and torch.is_grad_enabled():
             out, keys, probs = checkpoint(
-                routed_layer, layer, hs, order, valid, cos, sin, extra, probe, dense, use_reentrant=False
+                routed_layer, layer, hs, order, valid, cos, sin, extra, probe, dense, self.keep_kv, use_reentrant=False
             )
         else:
-            out, keys, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense)
+            out, keys, probs = routed_layer(layer, hs, order, valid, cos, sin, extra, probe, dense, self.keep_kv)
         if self.cfg.check_finite:  # flag only; one sync at the end of the forward
             checked = out if dense else torch.where(valid[..., None], out, 0)  # filler rows may hold anything
             self.flags.append((name, _all_finite(checked)))
@@ -87,8 +87,8 @@ class _Loop:
             hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
             if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
                 self.layer_kv[i] = keys
-            # drop this layer's keys/values before the next layer allocates its own: held across the loop,
-            # they kept the allocator from reusing their memory, and fresh pages cost ~10% of a CPU layer
+            # without a cache, keys is None: routed_layer freed them before its MLP, and nothing holds
+            # a layer's keys/values into the next (the CPU allocator then reuses their memory)
             del keys
             if self.hidden is not None:
                 self.hidden.append(S.scatter(h, hs))

@@ -88,15 +88,29 @@ def routed_layer(
     extra: KV | None = None,  # key/value-only tokens (no query, no MLP)
     probe_rows: torch.Tensor | None = None,  # (B,) long: return this query row's attention probabilities
     dense: bool = False,  # caller guarantees: all keys valid, extra keys precede queries, order ascending
-) -> tuple[torch.Tensor, KV, torch.Tensor | None]:
+    keep_keys: bool = True,  # return the keys/values (a cache needs them); else None, freed before the MLP
+) -> tuple[torch.Tensor, KV | None, torch.Tensor | None]:
     """Returns (new h (B, N, D), the keys/values it attended over (extra's, then this call's: what a
-    cache keeps for this layer), probe probabilities (B, H, N_keys) or None).
+    cache keeps for this layer) or None, probe probabilities (B, H, N_keys) or None).
 
     With `dense`, the explicit bias is skipped where the backend's own causal handling is exactly
     right: a single query (it sees every key), or sdpa without extra keys (is_causal, which sdpa
     aligns top-left, correct only when queries and keys are the same tokens). This is what lets
     sdpa pick its flash/efficient kernels, as in the stock model.
     """
+    out, keys, probs = _attention(layer, h, order, valid, cos, sin, extra, probe_rows, dense)
+    h = h + out
+    del out
+    if not keep_keys:
+        # as in the stock layer, queries/keys/values are gone before the MLP allocates: held across it,
+        # the CPU allocator hands the MLP fresh pages, and page faults made a layer up to ~10% slower
+        keys = None
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, keys, probs
+
+
+def _attention(layer, h, order, valid, cos, sin, extra, probe_rows, dense):
+    """Self-attention of routed_layer: (o_proj output (B, N, D), keys/values attended over, probe probs)."""
     attn = layer.self_attn
     B, N, _ = h.shape
     x = layer.input_layernorm(h)
@@ -129,8 +143,6 @@ def routed_layer(
         scaling=attn.scaling,
     )
     out = attn.o_proj(out.reshape(B, N, -1))
-    h = h + out
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
 
     probs = None
     if probe_rows is not None:  # one query row per batch row: O(H x N_keys) memory, any attention backend
@@ -140,4 +152,4 @@ def routed_layer(
         scores = (q_row @ k_rep.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
         scores = scores + bias.gather(2, probe_rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
         probs = scores.softmax(-1)[:, :, 0]  # (B, H, Nk)
-    return h, keys, probs
+    return out, keys, probs
