@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +54,10 @@ def test_bench_records_peak_memory_and_kv_bytes_per_mode(tmp_path, capsys):
     assert row["ratio"]["vanilla"] == 1.0 and result["decode"]["vanilla"]["ratio"] == 1.0
     assert row["ratio"]["lf"] == row["samples"]["lf"][0] / row["samples"]["vanilla"][0]
     assert "peak memory vs vanilla" in capsys.readouterr().out
+    # page faults are counted per timed call, and on glibc the run says it kept freed memory
+    assert all(row["minor_faults"][m] >= 0 and result["decode"][m]["minor_faults"] >= 0 for m in ("vanilla", "lf", "pc"))
+    if platform.libc_ver()[0] == "glibc":
+        assert result["cpu_malloc"].startswith("glibc"), result["cpu_malloc"]
 
 
 class _RoutingRecorder:
@@ -90,3 +97,39 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert 0.1 <= lo <= 0.5 == hi, (lo, hi)  # quartiles stay within the samples
     with pytest.raises(AssertionError, match="not paired"):
         lat.Samples({"vanilla": [1.0], "lf": [1.0, 2.0]}).ratio("lf")
+
+
+_WORKER_THREAD_FAULTS = """
+import sys, threading, torch
+from dpvr.bench.cpu_malloc import keep_freed_memory, minor_faults
+setting = keep_freed_memory() if sys.argv[1] == "keep" else None
+def work():  # tensors of a few MiB, freed in a different order than made, as a forward frees activations
+    a = torch.ones(2_000_000); b = torch.ones(6_000_000); del a
+    c = torch.ones(1_000_000); del b
+    d = torch.ones(7_000_000); del c, d
+def worker():  # off the main thread, as an intra-op worker allocates: glibc serves it from another arena
+    for _ in range(3):
+        work()
+    before = minor_faults()
+    for _ in range(5):
+        work()
+    print((minor_faults() - before) // 5, setting)
+t = threading.Thread(target=worker); t.start(); t.join()
+"""
+
+
+def test_keep_freed_memory_stops_page_faults_from_freed_and_reused_tensor_memory():
+    """The mechanism `dpvr bench` removes from CPU timings: glibc gives a non-main arena's freed memory back
+    to the OS, so the same allocations fault their pages in again every time (~6,800 faults a round here)."""
+    runs = {}
+    for arg in ("default", "keep"):
+        res = subprocess.run([sys.executable, "-c", _WORKER_THREAD_FAULTS, arg], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        faults, setting = res.stdout.strip().split(maxsplit=1)
+        runs[arg] = (setting, int(faults))
+    if platform.libc_ver()[0] != "glibc":
+        assert runs["keep"][0] == "None", f"changed a non-glibc allocator: {runs['keep']}"
+        return
+    assert runs["keep"][0].startswith("glibc"), f"keep_freed_memory() did not apply: {runs['keep']}"
+    assert runs["default"][1] > 1000, f"expected glibc's default to fault on reuse, got {runs['default'][1]} per round"
+    assert runs["keep"][1] == 0, f"{runs['keep'][1]} page faults per round with freed memory kept"

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpvr.bench import latency as lat
+from dpvr.bench.cpu_malloc import keep_freed_memory
 from dpvr.bench.flops import forward_flops
 from dpvr.bench.presets import PRESETS, build_random_model
 from dpvr.config import DPVRConfig
@@ -50,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: fix glibc malloc's thresholds so freed tensor memory is reused, not returned to the OS "
+                        "and faulted in again at a cost that depends on which mode ran before (dpvr.bench.cpu_malloc)")  # fmt: skip
     p.add_argument("--out", default="runs/bench", help="output folder")
 
 
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc = keep_freed_memory() if device.type == "cpu" and args.keep_freed_memory else None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     base = build_random_model(args.preset, dtype=dtype, device=device)
     L = base.config.text_config.num_hidden_layers
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=steps, desc="bench", unit="run")
     result: dict = {
         "preset": args.preset, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
+        "threads": torch.get_num_threads(), "cpu_malloc": malloc, "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
         "prefill": [], "decode": {}, "kv_cache_bytes": {}, "train_step": [],
     }  # fmt: skip
     for batch in batches:
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         result["decode"][m] = {"n_txt": text_lens[0], "new_tokens": args.new_tokens,
                                "ms_per_token": 1000 * timing["seconds"][m], "ratio": timing["ratio"][m],
-                               "ratio_iqr": timing["ratio_iqr"][m], "samples": timing["samples"][m]}  # fmt: skip
+                               "ratio_iqr": timing["ratio_iqr"][m], "samples": timing["samples"][m],
+                               "minor_faults": timing["minor_faults"][m]}  # fmt: skip
         with model.routing(**lat.MODE_ROUTING[m]):
             result["kv_cache_bytes"][m] = lat.kv_cache_bytes(model, w)
             result["decode"][m]["peak_bytes"] = lat.peak_memory(lambda: lat.decode(model, w, args.new_tokens), device)
@@ -149,6 +155,7 @@ def _timing_fields(t: lat.Samples, modes: list[str]) -> dict:
         "seconds": {m: t.median(m) for m in modes},
         "ratio": {m: t.ratio(m) for m in modes},
         "ratio_iqr": {m: list(t.ratio_iqr(m)) for m in modes},
+        "minor_faults": {m: t.median_faults(m) for m in modes},  # median per timed call
         "samples": t.seconds,
     }
 
@@ -166,7 +173,7 @@ def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: in
 def summary(result: dict) -> str:
     modes = result["modes"]
     lines = [f"device: {result['device']} ({result['dtype']}, {result['threads']} threads), preset {result['preset']}, "
-             f"{result['n_img']} image tokens"]  # fmt: skip
+             f"{result['n_img']} image tokens; CPU malloc: {result.get('cpu_malloc') or 'as the process found it'}"]  # fmt: skip
     lines.append(f"{'prefill  B  text':<18}" + "".join(f"{m:>10}" for m in modes) + "   (time ratio vs vanilla / FLOP ratio)")
     for r in result["prefill"]:
         cells = "".join(f"{r['ratio'][m]:>5.2f}/{r['flop_ratio'][m]:<4.2f}" for m in modes)
@@ -175,6 +182,10 @@ def summary(result: dict) -> str:
         shares = [(r, *lat.saving_shares(r, "lf")) for r in result["prefill"]]
         lines.append("LF prefill saving / analytic saving (quartiles of the paired ratios): " + ", ".join(
             f"B={r['batch']} text {r['n_txt']} {mid:.0%} ({lo:.0%}-{hi:.0%})" for r, mid, lo, hi in shares))  # fmt: skip
+    if result["prefill"] and result["prefill"][0].get("minor_faults", {}).get("vanilla") is not None:
+        lines.append("minor page faults per prefill (median): " + "; ".join(
+            f"B={r['batch']} text {r['n_txt']}: " + ", ".join(f"{m} {r['minor_faults'][m]:.0f}" for m in modes)
+            for r in result["prefill"]))  # fmt: skip
     v_new = result["decode"]["vanilla"]["new_tokens"]
     lines.append("cached decode ms/token (x vanilla, median paired ratio [quartiles]): " + ", ".join(
         f"{m} {d['ms_per_token']:.1f} ({d['ratio']:.2f}x [{d['ratio_iqr'][0]:.2f}, {d['ratio_iqr'][1]:.2f}])"

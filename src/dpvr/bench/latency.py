@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from dpvr.bench.cpu_malloc import minor_faults
 from dpvr.routing import DPVRForConditionalGeneration
 from dpvr.routing.cache import RoutedCache
 
@@ -69,6 +70,13 @@ def timed(fn: Callable[[], object], device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def timed_with_faults(fn: Callable[[], object], device) -> tuple[float, int | None]:
+    """Seconds of fn, and the minor page faults the process took meanwhile (None where not counted)."""
+    before = minor_faults()
+    seconds = timed(fn, device)
+    return seconds, None if before is None else minor_faults() - before
 
 
 PREFILL_LOGITS = 1  # positions a timed prefill computes logits for: the next token's, as generate() does
@@ -178,9 +186,13 @@ class Samples:
     apart (same round, or same decode step), so their ratio cancels drift in the machine's speed."""
 
     seconds: dict[str, list[float]]
+    faults: dict[str, list[int]] | None = None  # minor page faults during each timed call, where counted
 
     def median(self, mode: str) -> float:
         return statistics.median(self.seconds[mode])
+
+    def median_faults(self, mode: str) -> float | None:
+        return statistics.median(self.faults[mode]) if self.faults else None
 
     def ratio(self, mode: str, ref: str = "vanilla") -> float:
         """Median of the paired ratios mode/ref."""
@@ -213,17 +225,19 @@ def interleaved(
     mode neither always follows the same one nor always runs first. fn may return its own measured
     seconds (a float), e.g. to leave set-up work out of the timing."""
     times: dict[str, list[float]] = {m: [] for m in modes}
+    faults: dict[str, list[int]] = {m: [] for m in modes}
     for r in range(warmup + repeats):
         for m in _abba(modes, r):
             with model.routing(**MODE_ROUTING[m]):
                 box = []
-                t = timed(lambda: box.append(fn(model)), device)
+                t, n = timed_with_faults(lambda: box.append(fn(model)), device)
                 t = box[0] if isinstance(box[0], float) else t
             if r >= warmup:
                 times[m].append(t)
+                faults[m].append(n)
             if progress is not None:
                 progress.update(1)
-    return Samples(times)
+    return Samples(times, faults if None not in faults[modes[0]] else None)
 
 
 def interleaved_decode(
@@ -241,6 +255,7 @@ def interleaved_decode(
     within the round). A decode step is tens of milliseconds, so pairing modes step by step, rather
     than whole decodes, keeps a slow moment of the machine from landing on one mode only."""
     times: dict[str, list[float]] = {m: [] for m in modes}
+    faults: dict[str, list[int]] = {m: [] for m in modes}
     for r in range(warmup + repeats):
         outs = {}
         for m in modes:
@@ -249,13 +264,14 @@ def interleaved_decode(
         for step in range(n_new - 1):
             for m in _abba(modes, step):
                 with model.routing(**MODE_ROUTING[m]):
-                    t = timed(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
+                    t, n = timed_with_faults(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
                 if r >= warmup:
                     times[m].append(t)
+                    faults[m].append(n)
                 if progress is not None:
                     progress.update(1)
         del outs
-    return Samples(times)
+    return Samples(times, faults if None not in faults[modes[0]] else None)
 
 
 def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:
