@@ -87,9 +87,7 @@ class _Loop:
             hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
             if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
                 self.layer_kv[i] = keys
-            # without a cache, keys is None: routed_layer freed them before its MLP, and nothing holds
-            # a layer's keys/values into the next (the CPU allocator then reuses their memory)
-            del keys
+            # (without a cache, keys is None: routed_layer freed them before its MLP, as the stock layer does)
             if self.hidden is not None:
                 self.hidden.append(S.scatter(h, hs))
         return S.scatter(h, hs), probs
