@@ -1,16 +1,18 @@
 """CPU timing runs: keep freed tensor memory in the process, and count the page faults a call takes.
 
-glibc's malloc serves blocks above its mmap threshold with fresh mappings that go back to the OS when
-freed, and trims the top of its heap once enough of it is free. Both thresholds adapt to the blocks
-seen so far, so how much memory a forward gets back from the OS, and pays a page fault per 4 KiB for,
-depends on what ran before it. On the CPU preset a batch-1 prefill took ~80,000 minor faults; in one
-interleaved run the routed layers paid for ~10% more time than the same stock layers, in the next
-none, and LF's time ratio to vanilla moved between 0.63 and 0.75 from run to run. With both thresholds
-fixed, freed memory is reused, a prefill takes no faults at all, and routed and stock layers time the
-same. PyTorch's CPU launcher (`python -m torch.backends.xeon.run_cpu`) swaps in jemalloc or tcmalloc
-for the same reason; fixing glibc's thresholds needs nothing installed.
+glibc's malloc hands large blocks back to the OS when they are freed (blocks above its mmap threshold,
+and the top of a heap once enough of it is free: for a thread other than the main one, such as an
+intra-op worker, on every reuse in tests/test_bench.py), so the next forward faults the same pages in
+again, one fault per 4 KiB. The thresholds adapt to the blocks seen so far, so how much a forward pays
+depends on what ran before it. In `dpvr bench --no-keep-freed-memory` on the CPU preset, the first
+prefill shape took ~189,000 minor faults per vanilla prefill and ~109,000 per LF prefill, the later
+shapes none: the early LF ratio gained from vanilla's faults, not from its own work. With both
+thresholds fixed, freed memory is reused and no prefill faults at all (docs/bench.md has both runs).
+The GPU analogue is PyTorch's caching allocator, which never gives memory back between forwards;
+PyTorch's CPU launcher (`python -m torch.backends.xeon.run_cpu`) swaps in jemalloc or tcmalloc for
+the same reason. Fixing glibc's thresholds needs nothing installed.
 
-    keep_freed_memory()   # once, before the model is built; `dpvr bench` does this on CPU
+    keep_freed_memory()   # once, early; `dpvr bench` does this on CPU unless --no-keep-freed-memory
 """
 from __future__ import annotations
 
