@@ -6,7 +6,7 @@ intra-op worker, on every reuse in tests/test_bench.py), so the next forward fau
 again, one fault per 4 KiB. The thresholds adapt to the blocks seen so far, so how much a forward pays
 depends on what ran before it. In `dpvr bench --no-keep-freed-memory` on the CPU preset, the first
 prefill shape took ~189,000 minor faults per vanilla prefill and ~109,000 per LF prefill, the later
-shapes none: the early LF ratio gained from vanilla's faults, not from its own work. With both
+shapes none: LF's ratio in that shape gained from vanilla's extra faults, not from its own work. With both
 thresholds fixed, freed memory is reused and no prefill faults at all (docs/bench.md has both runs).
 The GPU analogue is PyTorch's caching allocator, which never gives memory back between forwards;
 PyTorch's CPU launcher (`python -m torch.backends.xeon.run_cpu`) swaps in jemalloc or tcmalloc for
