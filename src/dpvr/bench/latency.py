@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -186,13 +186,22 @@ class Samples:
     apart (same round, or same decode step), so their ratio cancels drift in the machine's speed."""
 
     seconds: dict[str, list[float]]
-    faults: dict[str, list[int]] | None = None  # minor page faults during each timed call, where counted
+    faults: dict[str, list[int | None]] = field(default_factory=dict)  # page faults per timed call (None: not counted)
+
+    @classmethod
+    def collecting(cls, modes: list[str]) -> "Samples":
+        return cls({m: [] for m in modes}, {m: [] for m in modes})
+
+    def add(self, mode: str, seconds: float, faults: int | None) -> None:
+        self.seconds[mode].append(seconds)
+        self.faults[mode].append(faults)
 
     def median(self, mode: str) -> float:
         return statistics.median(self.seconds[mode])
 
     def median_faults(self, mode: str) -> float | None:
-        return statistics.median(self.faults[mode]) if self.faults else None
+        f = self.faults.get(mode)
+        return None if not f or None in f else statistics.median(f)
 
     def ratio(self, mode: str, ref: str = "vanilla") -> float:
         """Median of the paired ratios mode/ref."""
@@ -224,8 +233,7 @@ def interleaved(
     """Seconds of fn(model) per mode; every round visits every mode, in alternating direction (ABBA), so a
     mode neither always follows the same one nor always runs first. fn may return its own measured
     seconds (a float), e.g. to leave set-up work out of the timing."""
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    faults: dict[str, list[int]] = {m: [] for m in modes}
+    samples = Samples.collecting(modes)
     for r in range(warmup + repeats):
         for m in _abba(modes, r):
             with model.routing(**MODE_ROUTING[m]):
@@ -233,11 +241,10 @@ def interleaved(
                 t, n = timed_with_faults(lambda: box.append(fn(model)), device)
                 t = box[0] if isinstance(box[0], float) else t
             if r >= warmup:
-                times[m].append(t)
-                faults[m].append(n)
+                samples.add(m, t, n)
             if progress is not None:
                 progress.update(1)
-    return Samples(times, faults if None not in faults[modes[0]] else None)
+    return samples
 
 
 def interleaved_decode(
@@ -254,8 +261,7 @@ def interleaved_decode(
     prefills its own cache (not timed), then every step advances every mode by one token in turn (ABBA
     within the round). A decode step is tens of milliseconds, so pairing modes step by step, rather
     than whole decodes, keeps a slow moment of the machine from landing on one mode only."""
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    faults: dict[str, list[int]] = {m: [] for m in modes}
+    samples = Samples.collecting(modes)
     for r in range(warmup + repeats):
         outs = {}
         for m in modes:
@@ -266,12 +272,11 @@ def interleaved_decode(
                 with model.routing(**MODE_ROUTING[m]):
                     t, n = timed_with_faults(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
                 if r >= warmup:
-                    times[m].append(t)
-                    faults[m].append(n)
+                    samples.add(m, t, n)
                 if progress is not None:
                     progress.update(1)
         del outs
-    return Samples(times, faults if None not in faults[modes[0]] else None)
+    return samples
 
 
 def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:
