@@ -90,7 +90,8 @@ class _Loop:
             # (without a cache, keys is None: routed_layer freed them before its MLP, as the stock layer does)
             if self.hidden is not None:
                 self.hidden.append(S.scatter(h, hs))
-        return S.scatter(h, hs), probs
+        # with hidden states kept, the last layer's full states were just scattered: reuse them
+        return (self.hidden[-1] if self.hidden is not None else S.scatter(h, hs)), probs
 
     def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         """Layer i with text queries only: the image states img (B, N_img, D) give keys/values (norm, k/v
