@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("dpvr.train.reproduce", "Re-run the paper's tables and sweeps on the embedded default."),
     "eval": ("dpvr.eval.cli", "Score a model on the digit-scenes benchmark with the paper's metrics."),
     "bench": ("dpvr.bench.cli", "Measure prefill/decode latency, memory and KV bytes for every mode."),
+    "breakdown": ("dpvr.bench.breakdown", "Time and count FLOPs per stage of a routed prefill, against vanilla."),
     "flops": ("dpvr.bench.flops", "Print the analytic forward-FLOPs table for an architecture."),
     "data": ("dpvr.data.cli", "Write the digit-scenes benchmark (LLaVA-665k JSON + PNG images)."),
     "train-tiny": ("dpvr.embedded.train_tiny", "Train the embedded tiny LLaVA from scratch (reproducible)."),

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,16 +28,27 @@ from dpvr.bench.flops import forward_flops
 from dpvr.bench.presets import PRESETS, build_random_model
 from dpvr.config import DPVRConfig
 from dpvr.loading import default_split
-from dpvr.routing import convert
+from dpvr.routing import DPVRForConditionalGeneration, convert
 
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model a measurement runs on (shared with `dpvr breakdown`)."""
     p.add_argument("--preset", default="cpu-7b-narrow",
                    help=f"architecture, random weights: one of {sorted(PRESETS)} or a checkpoint folder")  # fmt: skip
     p.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
     p.add_argument("--fusion-layers", type=int, default=1)
     p.add_argument("--side-depth", type=int, default=1)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: fix glibc malloc's thresholds so freed tensor memory is reused, not returned to the OS "
+                        "and faulted in again at a cost that depends on which mode ran before (dpvr.bench.cpu_malloc)")  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--modes", default="vanilla,lf,lf-ideal,pc,kv,fastv,vtw,lf+fastv",
                    help="comma-separated; lf+fastv: LF with FastV pruning in the shared layers (beyond the paper)")  # fmt: skip
     p.add_argument("--text-lens", default="32,64,128,256", help="text tokens per prompt (image tokens come extra)")
@@ -47,21 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
                    help="also time an LF and a PC training step with and without activation checkpointing")  # fmt: skip
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: fix glibc malloc's thresholds so freed tensor memory is reused, not returned to the OS "
-                        "and faulted in again at a cost that depends on which mode ran before (dpvr.bench.cpu_malloc)")  # fmt: skip
     p.add_argument("--out", default="runs/bench", help="output folder")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+@dataclass
+class Setup:
+    model: DPVRForConditionalGeneration  # converted, eval mode; every mode is a `model.routing(...)` away
+    cfg: DPVRConfig  # the LF routing the model was converted with
+    modes: list[str]  # vanilla first
+    device: torch.device
+    dtype: torch.dtype
+    malloc: str | None  # what dpvr.bench.cpu_malloc set, or None
 
 
-def run(args: argparse.Namespace) -> int:
+def setup(args: argparse.Namespace) -> Setup:
+    """Threads, allocator, a random model of the preset's shape, converted; the --modes checked."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -76,8 +88,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(modes) - set(lat.MODE_ROUTING))
     if unknown:
         raise ValueError(f"unknown --modes {unknown}; choose from {sorted(lat.MODE_ROUTING)}")
-    if "vanilla" not in modes:
-        modes.insert(0, "vanilla")
+    modes = ["vanilla"] + [m for m in modes if m != "vanilla"]
+    return Setup(model, cfg, modes, device, dtype, malloc)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_ = setup(args)
+    model, cfg, modes, device, dtype = setup_.model, setup_.cfg, setup_.modes, setup_.device, setup_.dtype
     text_lens, batches = _ints(args.text_lens), _ints(args.batches)
     n_img = model.config.image_seq_length
 
@@ -85,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     steps += (args.repeats + 1) * max(args.new_tokens - 1, 0) * len(modes)  # cached decode steps
     bar = tqdm(total=steps, desc="bench", unit="run")
     result: dict = {
-        "preset": args.preset, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "cpu_malloc": malloc, "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
+        "preset": args.preset, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "cpu_malloc": setup_.malloc, "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
         "prefill": [], "decode": {}, "kv_cache_bytes": {}, "train_step": [],
     }  # fmt: skip
     for batch in batches:
@@ -126,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "bench.json", result)
+    write_json(out / "bench.json", result)
     from dpvr.bench.plots import plot_bench
 
     plot_bench(result, out / "bench.png")
@@ -208,13 +229,13 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

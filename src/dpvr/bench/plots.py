@@ -86,3 +86,45 @@ def _plot_lf_share(ax, result: dict) -> None:
     ax.set_ylabel("measured / analytic saving")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+
+
+def plot_breakdown(result: dict, path: Path) -> None:
+    """`dpvr breakdown`: per mode, two stacked bars (vanilla over the mode's layer ranges, and the mode),
+    one segment per stage in run order, and each stage's excess over vanilla's layer rate."""
+    modes = list(result["modes"])
+    fig, axes = plt.subplots(len(modes), 2, figsize=(15, 2.6 + 0.25 * max(len(t["stages"]) for t in result["modes"].values())),
+                             squeeze=False, gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    for row, mode in zip(axes, modes):
+        t = result["modes"][mode]
+        names = [s["name"] for s in t["stages"]] + ["everything else"]
+        bars = {"vanilla": [s["vanilla_seconds"] or 0.0 for s in t["stages"]] + [t["vanilla_other_seconds"]],
+                mode: [s["seconds"] for s in t["stages"]] + [t["other_seconds"]]}  # fmt: skip
+        ax = row[0]
+        for y, (label, widths) in enumerate(bars.items()):
+            left = 0.0
+            for i, w in enumerate(widths):
+                ms = 1000 * w
+                ax.barh(y, ms, left=left, color=f"C{i % 10}", edgecolor="white", label=names[i] if y == 1 else None)
+                if ms > 0.05 * 1000 * t["vanilla_total_seconds"]:
+                    ax.text(left + ms / 2, y, f"{ms:.0f}", ha="center", va="center", fontsize=7, color="white")
+                left += ms
+        ax.set_yticks([0, 1], list(bars))
+        ax.set_xlabel("prefill ms (median per stage)")
+        ax.set_title(f"{mode}: {t['ratio']:.2f}x vanilla's time for {t['flop_ratio']:.2f}x its FLOPs "
+                     + ("" if t["saving_share"] != t["saving_share"] else f" (saves {t['saving_share']:.0%} of the FLOP saving)"),
+                     fontsize=9)  # fmt: skip
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax = row[1]
+        decoder = [s for s in t["stages"] if s["excess_seconds"] is not None]
+        ax.barh(range(len(decoder)), [1000 * s["excess_seconds"] for s in decoder],
+                color=[f"C{names.index(s['name']) % 10}" for s in decoder])  # fmt: skip
+        ax.set_yticks(range(len(decoder)), [s["name"].split(" (")[0] for s in decoder], fontsize=6)
+        ax.invert_yaxis()
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("ms over vanilla's layer rate")
+        ax.set_title("excess per stage", fontsize=9)
+    fig.suptitle(f"dpvr breakdown: {result['preset']} on {result['device']} ({result['dtype']}), batch {result['batch']}, "
+                 f"{result['n_img']} image + {result['n_txt']} text tokens", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

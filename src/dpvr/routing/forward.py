@@ -19,7 +19,9 @@ whatever their last layer left there.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -38,6 +40,34 @@ class RoutedOutput:
     all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, pre-norm
     kept: torch.Tensor  # (B, T) bool: valid positions left after any FastV pruning
     layer_kv: dict[int, KV] = field(default_factory=dict)  # per layer: what it attended over
+
+
+# Observers of the schedule's stages (a run of layers on one token set, the side branch, a text-query
+# layer): each is entered around every stage as hook(name, layers) and may time it or count its FLOPs
+# (`dpvr breakdown` does both). Stages are also labelled for torch.profiler traces.
+STAGE_HOOKS: list[Callable[[str, range | None], ContextManager]] = []
+
+
+@contextlib.contextmanager
+def observe_stages(hook: Callable[[str, range | None], ContextManager]):
+    """Enter hook(name, layers) around every stage of the routed forwards run inside this block."""
+    STAGE_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        STAGE_HOOKS.remove(hook)
+
+
+@contextlib.contextmanager
+def _stage(name: str, layers: range | None = None):
+    with torch.profiler.record_function(f"dpvr: {name}"), contextlib.ExitStack() as stack:
+        for hook in STAGE_HOOKS:  # usually none: the label is all a stage costs (~10 us)
+            stack.enter_context(hook(name, layers))
+        yield
+
+
+def _layers_name(idx: range) -> str:
+    return f"layer {idx.start}" if len(idx) == 1 else f"layers {idx.start}-{idx.stop - 1}"
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -79,34 +109,37 @@ class _Loop:
         Returns the new full states and the last layer's probe probabilities."""
         if not idx:
             return h, None
-        hs, cos, sin = S.gather(h), S.gather(self.cos), S.gather(self.sin)  # (B, N, D), (B, N, hd) x 2
-        # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
-        dense = S.dense and extra is None
-        probs = None
-        for i in idx:
-            hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
-            if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
-                self.layer_kv[i] = keys
-            # (without a cache, keys is None: routed_layer freed them before its MLP, as the stock layer does)
-            if self.hidden is not None:
-                self.hidden.append(S.scatter(h, hs))
-        # with hidden states kept, the last layer's full states were just scattered: reuse them
-        return (self.hidden[-1] if self.hidden is not None else S.scatter(h, hs)), probs
+        with _stage(f"{_layers_name(idx)} on {S.name} ({S.width} tokens)", idx):
+            hs, cos, sin = S.gather(h), S.gather(self.cos), S.gather(self.sin)  # (B, N, D), (B, N, hd) x 2
+            # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
+            dense = S.dense and extra is None
+            probs = None
+            for i in idx:
+                hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
+                if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
+                    self.layer_kv[i] = keys
+                # (without a cache, keys is None: routed_layer freed them before its MLP, as the stock layer does)
+                if self.hidden is not None:
+                    self.hidden.append(S.scatter(h, hs))
+            # with hidden states kept, the last layer's full states were just scattered: reuse them
+            return (self.hidden[-1] if self.hidden is not None else S.scatter(h, hs)), probs
 
     def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         """Layer i with text queries only: the image states img (B, N_img, D) give keys/values (norm, k/v
         projection, rotary) and nothing else, no query, o_proj or MLP; h's image positions are left as
         they are. DPVR-KV's deep layers, and LF's last layer, whose image outputs nothing would read."""
-        k, v = project_kv(self.lm.layers[i], img, IMG.gather(self.cos), IMG.gather(self.sin))
-        h, _ = self.layers(range(i, i + 1), TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
-        return h
+        with _stage(f"layer {i}: {TXT.name} queries, {IMG.name} keys/values ({TXT.width} + {IMG.width} tokens)", range(i, i + 1)):
+            k, v = project_kv(self.lm.layers[i], img, IMG.gather(self.cos), IMG.gather(self.sin))
+            h, _ = self.layers(range(i, i + 1), TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
+            return h
 
     def side(self, side_branch: nn.ModuleList, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
         """Side branch on the image positions of h: returns (B, N_img, D)."""
-        hs, cos, sin = IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin)
-        for j, layer in enumerate(side_branch):
-            hs = self.run(f"side_branch.{j}", layer, hs, IMG.idx, IMG.valid, cos, sin, dense=IMG.dense)[0]
-        return hs
+        with _stage(f"side branch on {IMG.name} ({IMG.width} tokens)"):
+            hs, cos, sin = IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin)
+            for j, layer in enumerate(side_branch):
+                hs = self.run(f"side_branch.{j}", layer, hs, IMG.idx, IMG.valid, cos, sin, dense=IMG.dense)[0]
+            return hs
 
     def raise_if_not_finite(self) -> None:
         if not self.flags:
@@ -154,8 +187,8 @@ def routed_decoder(
     else:
         h, kept = _shared_stack(loop, s, h, valid, is_img, prune=cfg.shallow_fastv)
         valid = kept  # tokens FastV dropped in the shared stack are gone for good
-        ALL = TokenSet.from_mask(valid)
-        TXT, IMG = TokenSet.from_mask(valid & ~is_img), TokenSet.from_mask(valid & is_img)
+        ALL = TokenSet.from_mask(valid, "all")
+        TXT, IMG = TokenSet.from_mask(valid & ~is_img, "text"), TokenSet.from_mask(valid & is_img, "image")
         if mode == "vtw":
             h, _ = loop.layers(range(s, L), TXT, h)
         elif mode == "lf":
@@ -192,7 +225,7 @@ def _shared_stack(loop: _Loop, n_layers: int, h, valid, is_img, prune: bool):
     """Layers [0, n_layers) on every valid token; with `prune`, FastV drops image tokens after
     layer cfg.fastv_layer for the rest of the stack (and for everything routed after it).
     Returns (h, the valid mask after pruning)."""
-    ALL = TokenSet.from_mask(valid)
+    ALL = TokenSet.from_mask(valid, "all")
     if not prune:
         h, _ = loop.layers(range(n_layers), ALL, h)
         return h, valid
@@ -201,7 +234,7 @@ def _shared_stack(loop: _Loop, n_layers: int, h, valid, is_img, prune: bool):
     h, _ = loop.layers(range(f), ALL, h)
     h, probs = loop.layers(range(f, f + 1), ALL, h, probe=_row_in(ALL, last))
     valid = fastv_keep(probs, ALL, is_img, valid, loop.cfg.fastv_ratio)
-    h, _ = loop.layers(range(f + 1, n_layers), TokenSet.from_mask(valid), h)
+    h, _ = loop.layers(range(f + 1, n_layers), TokenSet.from_mask(valid, "kept"), h)
     return h, valid
 
 

@@ -22,20 +22,21 @@ class TokenSet:
     valid: torch.Tensor  # (B, N) bool: False on filler entries
     identity: bool = False  # idx == arange(T) for every row and all valid: gather/scatter are no-ops
     dense: bool = False  # every entry valid (no filler): plain causal attention needs no explicit mask
+    name: str = "tokens"  # what the set is ("all", "text", "image", "kept"): names the routed loop's stages
 
     @staticmethod
-    def from_mask(select: torch.Tensor) -> "TokenSet":
+    def from_mask(select: torch.Tensor, name: str = "tokens") -> "TokenSet":
         """select (B, T) bool -> the set of selected positions, width = the largest row count."""
         B, T = select.shape
         if bool(select.all()):
             idx = torch.arange(T, device=select.device).expand(B, T)
-            return TokenSet(idx, torch.ones_like(select), identity=True, dense=True)
+            return TokenSet(idx, torch.ones_like(select), identity=True, dense=True, name=name)
         # stable sort puts selected positions first, keeping their order
         order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices  # (B, T)
         width = int(select.sum(1).max())
         idx = order[:, :width]
         valid = select.gather(1, idx)
-        return TokenSet(idx, valid, dense=bool(valid.all()))
+        return TokenSet(idx, valid, dense=bool(valid.all()), name=name)
 
     @property
     def width(self) -> int:
