@@ -9,6 +9,7 @@ from tiny import tiny_llava
 from dpvr import DPVRConfig, convert
 from dpvr.bench import latency as lat
 from dpvr.bench.breakdown import measure, stage_table
+from dpvr.bench.flops import forward_flops
 from dpvr.cli import main as dpvr_main
 from dpvr.routing import forward
 
@@ -42,6 +43,13 @@ def test_stages_count_the_flops_of_the_layers_they_run():
         for stages, total in zip(raw[mode]["rounds"], raw[mode]["totals"]):
             assert list(stages) == list(raw[mode]["flops"]), (mode, list(stages))  # same stages every round
             assert 0 < sum(stages.values()) <= total, (mode, stages, total)
+
+    # with sdpa's CPU kernel counted, the totals are the analytic model's (dense attention rectangles)
+    for mode in ("vanilla", "lf", "vtw"):
+        want = forward_flops(model.config, mode, 2, 1, 1, n_img=model.config.image_seq_length, n_txt=n_txt, batch=2,
+                             logits_tokens=lat.PREFILL_LOGITS)["total"]  # fmt: skip
+        got = raw[mode]["flops_total"]
+        assert abs(got - want) <= 0.02 * want, f"{mode}: counted {got} vs analytic {want} ({got / want - 1:+.2%})"
 
     t = stage_table(raw, "lf")
     assert t["flop_ratio"] == lf["flops_total"] / van["flops_total"] < 1

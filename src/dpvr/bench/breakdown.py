@@ -8,7 +8,7 @@ A stage is one step of the routed layer schedule (`dpvr.routing.forward`): a run
 token set, the side branch, a text-query layer; vanilla's stock layers (timed one by one through
 module hooks) are summed over the same layer ranges. Per stage: the median milliseconds over
 interleaved rounds (the same protocol as `dpvr bench`), the FLOPs `torch.utils.flop_counter` counts
-in it (in a separate, untimed forward), and their rate. Each stage's *excess* is its time minus what
+in it (in a separate, untimed forward; `dpvr.bench.flops.flop_counter`, which also sees sdpa's CPU kernel), and their rate. Each stage's *excess* is its time minus what
 its FLOPs would take at vanilla's own decoder-layer rate, which attributes the gap between a mode's
 measured saving and its FLOP saving to the stages that cause it. Stage boundaries synchronise the
 device, so on a GPU the totals here run a little slower than `dpvr bench`'s. Writes
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from dpvr.bench import latency as lat
 from dpvr.bench.cli import add_model_arguments, device_name, setup, write_json
+from dpvr.bench.flops import flop_counter
 from dpvr.routing.forward import observe_stages
 
 VISION = "vision tower"
@@ -106,7 +107,7 @@ def measure(model, modes: list[str], w: lat.Workload, device, repeats: int, prog
     out = {m: {"rounds": [], "totals": []} for m in modes}
     with clock.watching(model):
         for m in modes:
-            with model.routing(**lat.MODE_ROUTING[m]), FlopCounterMode(display=False) as counter:
+            with model.routing(**lat.MODE_ROUTING[m]), flop_counter() as counter:
                 clock.reset(counter)
                 lat.prefill(model, w)
                 out[m]["flops"] = dict(clock.flops)

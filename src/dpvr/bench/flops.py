@@ -130,6 +130,25 @@ def forward_flops(
 
 
 # ----------------------------------------------------------------------------- CLI
+def flop_counter():
+    """A FlopCounterMode that also counts sdpa's CPU flash kernel, with the formula torch registers for
+    its GPU flash kernel: torch 2.13's registry misses the CPU one, so attention would count zero there."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    aten, mapping = torch.ops.aten, {}
+    cpu_flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None and cpu_flash not in flop_registry:
+        gpu_formula = flop_registry[aten._scaled_dot_product_flash_attention]
+
+        def formula(*args, **kwargs):
+            return gpu_formula(*args, **kwargs)
+
+        formula._get_raw = True  # already takes the raw arguments (FlopCounterMode would wrap it again)
+        mapping[cpu_flash] = formula
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dpvr.bench.presets import PRESETS
 
