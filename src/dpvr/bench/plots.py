@@ -92,8 +92,9 @@ def plot_breakdown(result: dict, path: Path) -> None:
     """`dpvr breakdown`: per mode, two stacked bars (vanilla over the mode's layer ranges, and the mode),
     one segment per stage in run order, and each stage's excess over vanilla's layer rate."""
     modes = list(result["modes"])
-    fig, axes = plt.subplots(len(modes), 2, figsize=(15, 2.6 + 0.25 * max(len(t["stages"]) for t in result["modes"].values())),
-                             squeeze=False, gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    n_stages = max(len(t["stages"]) for t in result["modes"].values()) + 1
+    fig, axes = plt.subplots(len(modes), 2, figsize=(15, len(modes) * (2.4 + 0.12 * n_stages)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.4, 1]})  # fmt: skip
     for row, mode in zip(axes, modes):
         t = result["modes"][mode]
         names = [s["name"] for s in t["stages"]] + ["everything else"]
@@ -113,7 +114,7 @@ def plot_breakdown(result: dict, path: Path) -> None:
         ax.set_title(f"{mode}: {t['ratio']:.2f}x vanilla's time for {t['flop_ratio']:.2f}x its FLOPs "
                      + ("" if t["saving_share"] != t["saving_share"] else f" (saves {t['saving_share']:.0%} of the FLOP saving)"),
                      fontsize=9)  # fmt: skip
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3, frameon=False)
         ax = row[1]
         decoder = [s for s in t["stages"] if s["excess_seconds"] is not None]
         ax.barh(range(len(decoder)), [1000 * s["excess_seconds"] for s in decoder],
