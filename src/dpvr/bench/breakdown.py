@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from dpvr.bench import latency as lat
-from dpvr.bench.cli import add_model_arguments, device_name, setup, write_json
+from dpvr.bench.cli import add_model_arguments, setup, write_outputs
 from dpvr.bench.flops import flop_counter
 from dpvr.routing.forward import observe_stages
 
@@ -193,18 +191,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=(1 + args.repeats) * len(s.modes), desc="breakdown", unit="prefill")
     raw = measure(s.model, s.modes, w, s.device, args.repeats, progress=bar)
     bar.close()
-    result = {
-        "preset": args.preset, "device": device_name(s.device), "dtype": str(s.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "cpu_malloc": s.malloc, "routing": s.cfg.to_dict(),
-        "n_img": s.model.config.image_seq_length, "n_txt": args.text_len, "batch": args.batch, "repeats": args.repeats,
-        "modes": {m: stage_table(raw, m) for m in s.modes[1:]}, "raw": raw,
-    }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "breakdown.json", result)
+    result = {**s.header(args.preset), "n_txt": args.text_len, "batch": args.batch, "repeats": args.repeats,
+              "modes": {m: stage_table(raw, m) for m in s.modes[1:]}, "raw": raw}  # fmt: skip
     from dpvr.bench.plots import plot_breakdown
 
-    plot_breakdown(result, out / "breakdown.png")
-    print(summary(result))
-    print(f"wrote {out / 'breakdown.json'} and {out / 'breakdown.png'}")
+    write_outputs(Path(args.out), "breakdown", result, plot_breakdown, summary)
     return 0

@@ -72,6 +72,13 @@ class Setup:
     malloc: str | None  # what dpvr.bench.cpu_malloc set, or None
 
 
+    def header(self, preset: str) -> dict:
+        """What every result file records about the run it comes from."""
+        return {"preset": preset, "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(), "cpu_malloc": self.malloc, "routing": self.cfg.to_dict(),
+                "n_img": self.model.config.image_seq_length}  # fmt: skip
+
+
 def setup(args: argparse.Namespace) -> Setup:
     """Threads, allocator, a random model of the preset's shape, converted; the --modes checked."""
     if args.threads:
@@ -105,11 +112,8 @@ def run(args: argparse.Namespace) -> int:
     steps = len(batches) * len(text_lens) * (args.repeats + 1) * len(modes)  # prefill
     steps += (args.repeats + 1) * max(args.new_tokens - 1, 0) * len(modes)  # cached decode steps
     bar = tqdm(total=steps, desc="bench", unit="run")
-    result: dict = {
-        "preset": args.preset, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "cpu_malloc": setup_.malloc, "routing": cfg.to_dict(), "n_img": n_img, "modes": modes,
-        "prefill": [], "decode": {}, "kv_cache_bytes": {}, "train_step": [],
-    }  # fmt: skip
+    result: dict = {**setup_.header(args.preset), "modes": modes, "prefill": [], "decode": {}, "kv_cache_bytes": {},
+                    "train_step": []}  # fmt: skip
     for batch in batches:
         for n_txt in text_lens:
             w = lat.make_workload(model.config, n_txt, batch, device, dtype)
@@ -145,14 +149,9 @@ def run(args: argparse.Namespace) -> int:
                     r = lat.train_step_seconds(model, w, ckpt, device)
                 result["train_step"].append({"mode": m, "checkpointing": ckpt, **r})
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench.json", result)
     from dpvr.bench.plots import plot_bench
 
-    plot_bench(result, out / "bench.png")
-    print(summary(result))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    write_outputs(Path(args.out), "bench", result, plot_bench, summary)
     return 0
 
 
@@ -233,6 +232,15 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_outputs(out: Path, name: str, result: dict, plot, summarize) -> None:
+    """OUT/NAME.json (atomically) and OUT/NAME.png, then the summary on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    plot(result, out / f"{name}.png")
+    print(summarize(result))
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")
 
 
 def write_json(path: Path, data: dict) -> None:
