@@ -69,3 +69,9 @@ def test_breakdown_command_writes_json_plot_and_table(tmp_path, capsys):
     assert (out / "breakdown.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "lf, stages in run order" in printed and "of its FLOP saving" in printed, printed[-2000:]
+
+
+def test_breakdown_without_a_routed_mode_is_refused(tmp_path, capsys):
+    rc = dpvr_main(["breakdown", "--preset", "tiny", "--modes", "vanilla", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "names no routed mode" in capsys.readouterr().err

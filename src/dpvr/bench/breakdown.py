@@ -187,6 +187,8 @@ def summary(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     s = setup(args)
+    if len(s.modes) < 2:
+        raise ValueError(f"--modes {args.modes!r} names no routed mode to break down against vanilla")
     w = lat.make_workload(s.model.config, args.text_len, args.batch, s.device, s.dtype)
     bar = tqdm(total=(1 + args.repeats) * len(s.modes), desc="breakdown", unit="prefill")
     raw = measure(s.model, s.modes, w, s.device, args.repeats, progress=bar)
