@@ -60,14 +60,14 @@ class StageClock:
     def begin(self, name: str, layers: range | None = None) -> None:
         self._open.append(name)
         if len(self._open) == 1:
-            lat._sync(self.device)
+            lat.sync(self.device)
             self.layers[name] = layers
             self._start = (time.perf_counter(), self.counter.get_total_flops() if self.counter else 0)
 
     def end(self) -> None:
         name = self._open.pop()
         if not self._open:
-            lat._sync(self.device)
+            lat.sync(self.device)
             t0, f0 = self._start
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             if self.counter:
@@ -112,7 +112,7 @@ def measure(model, modes: list[str], w: lat.Workload, device, repeats: int, prog
                 out[m]["layers"] = {n: None if r is None else [r.start, r.stop] for n, r in clock.layers.items()}
                 out[m]["flops_total"] = counter.get_total_flops()
         for r in range(1 + repeats):  # round 0 warms up
-            for m in lat._abba(modes, r):
+            for m in lat.abba_order(modes, r):
                 with model.routing(**lat.MODE_ROUTING[m]):
                     clock.reset()
                     total = lat.timed(lambda: lat.prefill(model, w), device)
@@ -131,9 +131,12 @@ def stage_table(raw: dict, mode: str) -> dict:
     van_layer_s = statistics.median(sum(r[n] for n in layer_names) for r in van["rounds"])
     rate = sum(van["flops"][n] for n in layer_names) / van_layer_s  # vanilla's decoder-layer FLOP/s
 
-    def vanilla_over(layers: range | None, per_round):
+    def vanilla_over(layers: list[int] | None) -> tuple[float | None, int | None]:
+        """Vanilla's median seconds and FLOPs in layers [start, stop), or None where the stage has no layers."""
         names = [n for n in layer_names if layers is not None and van["layers"][n][0] in range(*layers)]
-        return (statistics.median(per_round(r, names) for r in van["rounds"]), sum(van["flops"][n] for n in names)) if names else (None, None)
+        if not names:
+            return None, None
+        return statistics.median(sum(r[n] for n in names) for r in van["rounds"]), sum(van["flops"][n] for n in names)
 
     stages = []
     for name, flops in run["flops"].items():
@@ -141,7 +144,7 @@ def stage_table(raw: dict, mode: str) -> dict:
         if name == VISION:
             v_s, v_f = statistics.median(r[VISION] for r in van["rounds"]), van["flops"][VISION]
         else:
-            v_s, v_f = vanilla_over(run["layers"][name], lambda r, names: sum(r[n] for n in names))
+            v_s, v_f = vanilla_over(run["layers"][name])
         decoder = name != VISION
         stages.append({"name": name, "seconds": seconds, "flops": flops, "vanilla_seconds": v_s, "vanilla_flops": v_f,
                        "excess_seconds": seconds - flops / rate if decoder else None})  # fmt: skip

@@ -59,16 +59,16 @@ def make_workload(config, n_text: int, batch: int, device, dtype, seed: int = 0)
     return Workload(ids.to(device), px.to(device=device, dtype=dtype))
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], object], device) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -175,7 +175,7 @@ def saving_shares(row: dict, mode: str) -> tuple[float, float, float]:
     return saving_share(row["ratio"][mode], f), saving_share(slow, f), saving_share(fast, f)
 
 
-def _abba(modes: list[str], k: int) -> list[str]:
+def abba_order(modes: list[str], k: int) -> list[str]:
     """Round/step k's visiting order: forward on even k, backward on odd (ABBA)."""
     return modes if k % 2 == 0 else modes[::-1]
 
@@ -235,7 +235,7 @@ def interleaved(
     seconds (a float), e.g. to leave set-up work out of the timing."""
     samples = Samples.collecting(modes)
     for r in range(warmup + repeats):
-        for m in _abba(modes, r):
+        for m in abba_order(modes, r):
             with model.routing(**MODE_ROUTING[m]):
                 box = []
                 t, n = timed_with_faults(lambda: box.append(fn(model)), device)
@@ -268,7 +268,7 @@ def interleaved_decode(
             with model.routing(**MODE_ROUTING[m]):
                 outs[m] = prefill(model, w, use_cache=True)
         for step in range(n_new - 1):
-            for m in _abba(modes, step):
+            for m in abba_order(modes, step):
                 with model.routing(**MODE_ROUTING[m]):
                     t, n = timed_with_faults(lambda: outs.__setitem__(m, decode_steps(model, outs[m], 1)), device)
                 if r >= warmup:
