@@ -71,7 +71,6 @@ class Setup:
     dtype: torch.dtype
     malloc: str | None  # what dpvr.bench.cpu_malloc set, or None
 
-
     def header(self, preset: str) -> dict:
         """What every result file records about the run it comes from."""
         return {"preset": preset, "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),

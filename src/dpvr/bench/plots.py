@@ -111,7 +111,7 @@ def plot_breakdown(result: dict, path: Path) -> None:
                 left += ms
         ax.set_yticks([0, 1], list(bars))
         ax.set_xlabel("prefill ms (median per stage)")
-        ax.set_title(f"{mode}: {t['ratio']:.2f}x vanilla's time for {t['flop_ratio']:.2f}x its FLOPs "
+        ax.set_title(f"{mode}: {t['ratio']:.2f}x vanilla's time for {t['flop_ratio']:.2f}x its FLOPs"
                      + ("" if t["saving_share"] != t["saving_share"] else f" (saves {t['saving_share']:.0%} of the FLOP saving)"),
                      fontsize=9)  # fmt: skip
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3, frameon=False)
