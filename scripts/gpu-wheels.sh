@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Download, for the device machine's Python 3.12 on x86-64, the wheels of dpvr's pins that its image lacks
+# (transformers, tokenizers, peft; torch, accelerate, safetensors and the rest are in the image) into .whl/,
+# which git ignores and `run` carries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pins=$(python3 - <<'PY'
+import tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(" ".join(d for d in deps if d.split("==")[0] in {"transformers", "tokenizers", "peft"}))
+PY
+)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+ls -la .whl
