@@ -1,22 +1,62 @@
-"""`dpvr reproduce --quick` runs every row and sweep end to end (toy sizes, untrained tiny LLaVA)."""
+"""`dpvr reproduce --quick` runs every row, sweep, measurement and verdict end to end (toy sizes,
+untrained tiny LLaVA); the convergence rule and the verdict rules are checked on their own."""
 from __future__ import annotations
 
 import json
 import time
 
 from dpvr.cli import main
+from dpvr.demo.reproduce.claims import plateau, verdicts
 
 
 def test_reproduce_quick(tiny_checkpoint, tmp_path):
     start = time.perf_counter()
-    assert main(["reproduce", "--quick", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert main(["reproduce", "--quick", "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
     assert time.perf_counter() - start < 300, "--quick must finish in under 5 minutes"
-    results = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
-    assert {"full fine-tune", "LoRA r=16", "LoRA r=64", "DPVR-PC", "DPVR-KV", "DPVR-LF"} <= set(results)
+    record = json.loads((out / "results.json").read_text())
+    results = {r["name"]: r for r in record["rows"]}
+    table2 = {"vanilla", "full fine-tune", "LoRA r=16", "LoRA r=64", "DPVR-PC", "DPVR-KV", "DPVR-LF", "DPVR-LF-ideal",
+              "VTW", "FastV (K=2, R=50%)", "DPVR-LF + FastV"}  # fmt: skip
+    assert table2 <= set(results)
     p = {k: v["trainable_params"] for k, v in results.items()}
     assert p["DPVR-PC"] == p["DPVR-KV"] == p["DPVR-LF"] and p["LF D=2"] == 2 * p["DPVR-LF"]
-    assert p["LoRA r=64"] == 4 * p["LoRA r=16"] and p["full fine-tune"] > p["LoRA r=64"]
+    assert p["LoRA r=64"] == 4 * p["LoRA r=16"] and p["full fine-tune"] > p["LoRA r=64"] and p["vanilla"] == 0
     f = {k: v["flop_ratio"] for k, v in results.items()}
     assert f["DPVR-LF"] < 1 < f["DPVR-PC"] and f["full fine-tune"] == 1.0
-    for png in ("loss_curves.png", "sweeps.png", "table.md"):
-        assert (tmp_path / "out" / png).stat().st_size > 0
+    assert f["DPVR-LF + FastV"] < f["DPVR-LF"] and f["DPVR-LF-ideal"] == f["VTW"]
+    assert all(v["time_ratio"] > 0 for v in results.values())
+    # every family's LR came from the sweep, and each trained row used its family's pick
+    assert set(record["lr_sweep"]) == {"full", "lora", "pc", "lf"}
+    assert results["DPVR-KV"]["learning_rate"] == results["DPVR-PC"]["learning_rate"] == record["lr_sweep"]["pc"]["chosen"]
+    assert all(len(c) >= 3 for c in results["DPVR-LF"]["held_out_curves"]), "held-out loss logged along the way"
+    g = record["side_branch_gradient"]
+    assert g["lf_ideal"] == 0.0 < g["lf"], g
+    assert {c["claim"].split(":")[0] for c in record["claims"]} >= {"LF matches PC/KV at lower cost", "beyond the paper"}
+    for name in ("loss_curves.png", "sweeps.png", "table.md", "claims.md", "saturation.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_plateau_rule():
+    flat = [(s, 1.0 - 0.001 * s) for s in range(0, 90, 10)]  # 0.8% over the whole run
+    falling = [(s, 2.0 - 0.01 * s) for s in range(0, 90, 10)]
+    assert plateau(flat)["plateaued"] and not plateau(falling)["plateaued"]
+    assert not plateau(flat[:2])["plateaued"], "two points cannot show a plateau"
+
+
+def _rows(**means):
+    base = {"flop_ratio": 1.0, "trainable_params": 10, "converged": True, "sweep": None, "std": {}}
+    return {n: {**base, "name": n, "mean": {"mean": m}} for n, m in means.items()}
+
+
+def test_verdicts_follow_the_numbers_and_refuse_unconverged_rows():
+    rows = _rows(**{"DPVR-LF": 0.80, "DPVR-PC": 0.805, "DPVR-KV": 0.79})
+    rows["DPVR-LF"]["flop_ratio"] = 0.7
+    first = verdicts(rows, None)[0]
+    assert first["verdict"] == "holds", first
+    rows["DPVR-PC"]["mean"]["mean"] = 0.85
+    assert verdicts(rows, None)[0]["verdict"] == "does not hold"
+    rows["DPVR-KV"]["converged"] = False
+    v = verdicts(rows, None)[0]
+    assert v["verdict"] == "undecided" and "DPVR-KV" in v["evidence"]
+    assert all(c["verdict"] == "undecided" for c in verdicts({}, None))

@@ -16,6 +16,7 @@ TRAINING_DEFAULTS = dict(
     output_dir="runs/train", lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0, optim="adamw_torch",
     per_device_train_batch_size=8, num_train_epochs=1, logging_steps=10, save_strategy="steps", save_steps=200,
     save_total_limit=2, report_to="none", remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+    prediction_loss_only=True,  # the held-out curve needs the loss only, not every logit of the val set
 )  # fmt: skip
 
 
@@ -45,3 +46,7 @@ class DataArguments:
     on_error: str = field(default="raise", metadata={"help": "raise, or skip (and count) bad samples"})
     limit: int | None = field(default=None, metadata={"help": "train on the first N samples only"})
     benchmark_seed: int = field(default=0, metadata={"help": "digit-scenes seed when --data is not given"})
+    eval_data: str | None = field(
+        default=None, metadata={"help": "LLaVA JSON whose loss is the held-out curve, scored when --eval_strategy is "
+                                "not 'no' (default: the digit scenes' val.json; images from --images or beside it)"})
+    eval_limit: int | None = field(default=None, metadata={"help": "held-out loss on the first N samples only"})

@@ -45,17 +45,19 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
     return margs, dargs, targs
 
 
-def build_dataset(dargs: DataArguments, processor):
+def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
+    """The training set, or (held_out) the set whose loss is the held-out curve."""
     from dpvr.data.digit_scenes import open_benchmark
     from dpvr.data.llava_json import LlavaJsonDataset, load_samples
 
-    if dargs.data is None:
+    given, limit = (dargs.eval_data, dargs.eval_limit) if held_out else (dargs.data, dargs.limit)
+    if given is None:
         root = open_benchmark(None, dargs.benchmark_seed)
-        data, images = root / "train.json", root / "images"
+        data, images = root / ("val.json" if held_out else "train.json"), root / "images"
     else:
-        data = Path(dargs.data)
+        data = Path(given)
         images = Path(dargs.images) if dargs.images else data.parent / "images"
-    samples = load_samples(data)[: dargs.limit]
+    samples = load_samples(data)[:limit]
     return LlavaJsonDataset(samples, images, processor, template=dargs.template, max_length=dargs.max_length,
                             on_error=dargs.on_error)  # fmt: skip
 
@@ -72,7 +74,8 @@ def train(argv: list[str]) -> dict:
         targs.gradient_checkpointing_kwargs = targs.gradient_checkpointing_kwargs or {"use_reentrant": False}
     dataset = build_dataset(dargs, processor)
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
-    trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collate,
+    held_out = build_dataset(dargs, processor, held_out=True) if targs.eval_strategy != "no" else None
+    trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
                           callbacks=[DigestCallback()])  # fmt: skip
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

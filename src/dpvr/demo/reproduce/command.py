@@ -1,0 +1,140 @@
+"""`dpvr reproduce`: the paper's tables, sweeps and claims, re-run on the embedded default.
+
+    dpvr reproduce                 # analysis, LR sweep, every row x 3 seeds to a held-out plateau, verdicts
+    dpvr reproduce --quick         # the same code paths at toy sizes, < 5 minutes (a test runs it)
+
+1. `dpvr analyze` (Figure 2's three saturation views) recommends the split;
+2. a learning-rate sweep per method family (LF, PC/KV, LoRA, full) on the validation split's loss;
+3. every trained row, every seed: the same number of steps (at least one epoch of train.json, the
+   same budget for every method) with the held-out loss logged along the way, then `dpvr eval` on the
+   test split with the paper's metrics; evaluation-only rows (vanilla, VTW, FastV, LF-ideal, LF + FastV)
+   are scored the same way;
+4. `dpvr bench` on the base's shape: the Table 8 analogue over text lengths, and every row's analytic
+   prefill FLOPs and measured prefill time ratio;
+5. LF-ideal's side-branch gradient, measured;
+6. OUT/table.md (rows, mean ± std, trainable parameters, FLOPs, time, convergence), OUT/claims.md (a
+   verdict per claim), OUT/results.json and the plots.
+Each run is a resumable step in its own folder (reused on a rerun), so an interrupted reproduction
+keeps its finished rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from dpvr.demo.steps import Step
+from dpvr.demo.reproduce.plan import Row, eval_arguments, learning_rates, plan, sweep_rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
+    p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
+    p.add_argument("--split-layer", type=int, default=None, help="s of the main rows (default: `dpvr analyze`'s pick)")
+    p.add_argument("--epochs", type=float, default=1.0, help="training budget of every row, in epochs of train.json")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run instead of --epochs (quick: 6)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per trained row (default 3; quick 1)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr-sweep-steps", type=int, default=None, help="steps per LR candidate (default: a quarter epoch)")
+    p.add_argument("--held-out-points", type=int, default=None, help="held-out loss evaluations per run (default 8; quick 3)")
+    p.add_argument("--held-out-limit", type=int, default=None, help="val samples scored for the held-out loss (default 256)")
+    p.add_argument("--eval-per-family", type=int, default=None, help="test questions per family (default all; quick 4)")
+    p.add_argument("--bench-repeats", type=int, default=None, help="paired timing rounds (default 5; quick 1)")
+    p.add_argument("--out", default="runs/reproduce")
+
+
+class Reproduction:
+    """One reproduction's settings and step runner; every artefact lives under `out`."""
+
+    def __init__(self, args: argparse.Namespace):
+        from dpvr.data.digit_scenes import open_benchmark
+        from dpvr.data.llava_json import load_samples
+        from dpvr.loading import resolve_model_path
+
+        self.quick, self.out, self.base = args.quick, Path(args.out), resolve_model_path(args.model)
+        n_train = len(load_samples(open_benchmark(None, 0) / "train.json"))
+        epoch = math.ceil(n_train / args.batch_size)
+        self.batch = args.batch_size
+        self.steps = args.steps or (6 if args.quick else math.ceil(epoch * args.epochs))
+        self.sweep_steps = args.lr_sweep_steps or (3 if args.quick else max(1, epoch // 4))
+        self.seeds = range(args.seeds or (1 if args.quick else 3))
+        self.points = args.held_out_points or (3 if args.quick else 8)
+        self.held_out = args.held_out_limit or (8 if args.quick else 256)
+        self.limit = args.eval_per_family or (4 if args.quick else None)
+        self.repeats = args.bench_repeats or (1 if args.quick else 5)
+        self.log: list[str] = []  # every command run or reused, for the record
+
+    def step(self, name: str, argv: list[str], folder: str) -> Path:
+        out = self.out / folder
+        Step(name, argv, out, "reproduce").run()
+        self.log.append(f"dpvr {' '.join(argv)}")
+        return out
+
+    def train(self, row: Row, seed: int, lr: float, steps: int, tag: str) -> Path:
+        every = max(1, steps // self.points)
+        argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
+                "--learning_rate", str(lr), "--per_device_train_batch_size", str(self.batch),
+                "--save_steps", str(10**9), "--logging_steps", str(max(1, every // 2)), "--eval_strategy", "steps",
+                "--eval_steps", str(every), "--eval_limit", str(self.held_out), "--disable_tqdm", "true",
+                "--output_dir", str(self.out / tag)]  # fmt: skip
+        return self.step(f"train {tag}", argv, tag)
+
+    def evaluate(self, model_args: list[str], tag: str) -> dict:
+        limit = [] if self.limit is None else ["--limit-per-family", str(self.limit)]
+        folder = self.step(f"eval {tag}", ["eval", *model_args, *limit, "--out", str(self.out / f"{tag}-eval")],
+                           f"{tag}-eval")  # fmt: skip
+        return json.loads((folder / "eval.json").read_text())["scores"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+    from transformers import LlavaConfig
+
+    from dpvr.demo.reproduce.measure import bench_ratios, lr_sweep, side_branch_gradients
+    from dpvr.demo.reproduce.report import summarise, write_report
+
+    rep = Reproduction(args)
+    L = LlavaConfig.from_pretrained(rep.base).text_config.num_hidden_layers
+    analysis = _analyze(rep)
+    split = args.split_layer or int(analysis["recommendation"]["split"])
+    rows = plan(rep.quick, L, split)
+    lrs = lr_sweep(rep, sweep_rows(rows), learning_rates)
+    results: dict[str, dict] = {}
+    finals: dict[tuple[str, int], Path] = {}
+    for row in tqdm(rows, desc="reproduce rows", unit="row"):
+        runs = []
+        for seed in rep.seeds if (row.trains or row.adapter_of) else [None]:
+            runs.append(_run_row(rep, row, seed, lrs, finals))
+        results[row.name] = {"row": row, "runs": runs}
+    ratios = bench_ratios(rep, rows, split)
+    zero_grad = side_branch_gradients(rep.base, split)
+    summaries = summarise(results, ratios, lrs)
+    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log)
+    print((rep.out / "table.md").read_text())
+    print((rep.out / "claims.md").read_text())
+    return 0
+
+
+def _analyze(rep: Reproduction) -> dict:
+    n = ["-n", "8", "--mask-samples", "4"] if rep.quick else ["-n", "64", "--mask-samples", "32"]
+    folder = rep.step("analyze", ["analyze", "--model", rep.base, *n, "--batch-size", "8",
+                                  "--out", str(rep.out / "analyze")], "analyze")  # fmt: skip
+    return json.loads((folder / "analysis.json").read_text())
+
+
+def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: dict) -> dict:
+    tag = _slug(row.name) + ("" if seed is None else f"-seed{seed}")
+    if row.trains:
+        final = rep.train(row, seed, lrs[row.family]["chosen"], rep.steps, tag) / "final"
+        finals[(row.name, seed)] = final
+        method = row.train[row.train.index("--method") + 1]
+        model = ["--model", str(final)] if method == "full" else ["--model", rep.base, "--adapter", str(final)]
+        record = json.loads((final / "run.json").read_text())
+        return {"seed": seed, "scores": rep.evaluate(model, tag), "record": record}
+    model = ["--model", rep.base] + (["--adapter", str(finals[(row.adapter_of, seed)])] if row.adapter_of else [])
+    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag), "record": None}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")

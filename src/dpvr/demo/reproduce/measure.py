@@ -1,0 +1,90 @@
+"""The reproduction's measurements besides train/eval: the learning-rate sweep, the prefill FLOP and time
+ratios (from `dpvr bench` on the base's shape), and LF-ideal's side-branch gradient."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test split's median is 14-20)
+
+
+def held_out_curve(record: dict) -> list[tuple[int, float]]:
+    return [(h["step"], h["eval_loss"]) for h in record["log_history"] if "eval_loss" in h]
+
+
+def lr_sweep(rep, reps: dict, learning_rates) -> dict:
+    """{family: {"losses": {lr: final held-out loss}, "chosen": lr, "row": name}} from short seed-0 runs."""
+    out = {}
+    for family, row in reps.items():
+        losses = {}
+        for lr in learning_rates(family, rep.quick):
+            tag = f"lr-sweep-{family}-{lr:g}"
+            final = rep.train(row, 0, lr, rep.sweep_steps, tag) / "final"
+            curve = held_out_curve(json.loads((final / "run.json").read_text()))
+            losses[lr] = curve[-1][1] if curve else float("inf")
+        out[family] = {"losses": losses, "chosen": min(losses, key=losses.get), "row": row.name}
+    return out
+
+
+def bench_key(routing: dict, split: int) -> tuple[tuple[int, int, int], str]:
+    """((split, K, D) the bench converts with, bench mode name) for a row's inference routing."""
+    mode = routing["mode"]
+    variant = (routing.get("split_layer", split), max(routing.get("fusion_layers", 1), 1), routing.get("side_depth", 1))
+    if mode == "lf" and routing.get("fusion_layers", 1) == 0:
+        return variant, "lf-ideal"
+    if routing.get("shallow_fastv"):
+        return variant, f"{mode}+fastv"
+    return variant, mode
+
+
+def bench_ratios(rep, rows, split: int) -> dict:
+    """{row name: {"flop_ratio", "time_ratio", "time_iqr"}} at the typical prompt, batch 1; the main variant's
+    bench also runs the text-length sweep (the paper's Table 8 analogue)."""
+    keys = {row.name: bench_key(row.routing, split) for row in rows}
+    variants: dict[tuple, set] = {}
+    for variant, mode in keys.values():
+        variants.setdefault(variant, {"vanilla"}).add(mode)
+    main = (split, 1, 1)
+    benches = {}
+    for (s, K, D), modes in variants.items():
+        lens = "16,32,64,128" if (s, K, D) == main and not rep.quick else str(BENCH_TEXT_LEN)
+        order = ["vanilla", *sorted(modes - {"vanilla"})]
+        folder = rep.step(f"bench s={s} K={K} D={D}", [
+            "bench", "--preset", rep.base, "--split-layer", str(s), "--fusion-layers", str(K), "--side-depth", str(D),
+            "--modes", ",".join(order), "--text-lens", lens, "--batches", "1", "--repeats", str(rep.repeats),
+            "--new-tokens", "4", "--recompute-text-len", "0", "--no-train-step",
+            "--out", str(rep.out / f"bench-s{s}-K{K}-D{D}")], f"bench-s{s}-K{K}-D{D}")  # fmt: skip
+        benches[(s, K, D)] = json.loads((folder / "bench.json").read_text())
+    out = {}
+    for name, (variant, mode) in keys.items():
+        row = next(r for r in benches[variant]["prefill"] if r["n_txt"] == BENCH_TEXT_LEN)
+        out[name] = {"flop_ratio": row["flop_ratio"][mode], "time_ratio": row["ratio"][mode],
+                     "time_iqr": row["ratio_iqr"][mode]}  # fmt: skip
+    out["_table8"] = benches[main]["prefill"]
+    return out
+
+
+def side_branch_gradients(base: str, split: int, n: int = 4) -> dict:
+    """Max |grad| over the side branch for LF with K=0 (LF-ideal) and K=1, on the first n training samples
+    with LLaVA's label masking (answers only)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from dpvr import DPVRConfig, convert
+    from dpvr.data.collate import Collator
+    from dpvr.data.digit_scenes import open_benchmark
+    from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+
+    root = open_benchmark(None, 0)
+    processor = AutoProcessor.from_pretrained(base)
+    data = LlavaJsonDataset(load_samples(root / "train.json")[:n], root / "images", processor)
+    batch = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)(
+        [data[i] for i in range(n)])  # fmt: skip
+    out = {}
+    for name, K in (("lf_ideal", 0), ("lf", 1)):
+        model = convert(LlavaForConditionalGeneration.from_pretrained(base), DPVRConfig(mode="lf", split_layer=split,
+                                                                                      fusion_layers=K))  # fmt: skip
+        model(**batch).loss.backward()
+        grads = [p.grad.abs().max().item() if p.grad is not None else 0.0 for p in model.side_branch.parameters()]
+        out[name] = max(grads)
+    return out

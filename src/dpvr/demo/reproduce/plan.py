@@ -1,0 +1,95 @@
+"""Which rows `dpvr reproduce` runs: the paper's Table 2 at laptop scale, and its three ablation sweeps.
+
+A row either trains (`dpvr train`, one run per seed, then `dpvr eval` of the result) or only evaluates
+a routing of the untouched base (vanilla, VTW, FastV, LF-ideal) or of another row's trained side branch
+(LF + FastV in the shared stack). `routing` is what the row's inference runs: it gives the analytic
+FLOPs and the measured prefill time ratio, and it is the same dict for the train and eval sides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dpvr.train.args import DEFAULT_LR
+
+# learning-rate families swept on the validation split; each trained row uses its family's pick
+FAMILY_OF = {"full": "full", "lora": "lora", "lf": "lf", "pc": "pc", "kv": "pc"}  # PC and KV share one
+LR_FACTORS = (1 / 3, 1.0, 3.0)  # around the tiny model's defaults (dpvr.train.args.DEFAULT_LR)
+QUICK_LR_FACTORS = (1.0, 3.0)  # --quick: the same sweep, two candidates
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    train: tuple[str, ...] = ()  # `dpvr train` arguments; empty: an evaluation-only row
+    routing: dict = field(default_factory=dict)  # mode, split_layer, fusion_layers, side_depth, shallow_fastv, ...
+    adapter_of: str | None = None  # evaluate this row's trained side branch (per seed) with `routing` on top
+    sweep: tuple[str, int] | None = None  # ("split", 6): a point of an ablation curve
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.train)
+
+    @property
+    def family(self) -> str | None:
+        if not self.trains:
+            return None
+        method = self.train[self.train.index("--method") + 1]
+        return FAMILY_OF[self.routing["mode"] if method == "dpvr" else method]
+
+
+def dpvr_row(name: str, mode: str, split: int, K: int = 1, D: int = 1, sweep=None) -> Row:
+    args = ("--method", "dpvr", "--mode", mode, "--split_layer", str(split), "--fusion_layers", str(K),
+            "--side_depth", str(D))  # fmt: skip
+    return Row(name, args, {"mode": mode, "split_layer": split, "fusion_layers": K, "side_depth": D}, sweep=sweep)
+
+
+def plan(quick: bool, L: int, split: int) -> list[Row]:
+    baseline = {"mode": "vanilla"}
+    rows = [
+        Row("vanilla", routing=baseline),
+        Row("full fine-tune", ("--method", "full"), baseline),
+        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
+        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
+        dpvr_row("DPVR-PC", "pc", split),
+        dpvr_row("DPVR-KV", "kv", split),
+        dpvr_row("DPVR-LF", "lf", split),
+        Row("DPVR-LF-ideal", routing={"mode": "lf", "split_layer": split, "fusion_layers": 0}, sweep=("fusion", 0)),
+        Row("VTW", routing={"mode": "vtw", "split_layer": split}),
+        Row("FastV (K=2, R=50%)", routing={"mode": "fastv", "fastv_layer": 2, "fastv_ratio": 0.5}),
+        Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1, "side_depth": 1,
+                                        "shallow_fastv": True, "fastv_layer": 2, "fastv_ratio": 0.5},
+            adapter_of="DPVR-LF"),  # fmt: skip
+    ]
+    splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
+    rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
+    rows += [dpvr_row(f"LF K={k}", "lf", split, K=k, sweep=("fusion", k)) for k in ((2,) if quick else (2, 3, 4))]
+    rows += [dpvr_row(f"LF D={d}", "lf", split, D=d, sweep=("depth", d)) for d in ((2,) if quick else (2, 3))]
+    return rows
+
+
+def sweep_rows(rows: list[Row]) -> dict[str, Row]:
+    """One representative trained row per learning-rate family (the first that uses it)."""
+    reps: dict[str, Row] = {}
+    for row in rows:
+        if row.trains and row.sweep is None:
+            reps.setdefault(row.family, row)
+    return reps
+
+
+def learning_rates(family: str, quick: bool = False) -> list[float]:
+    centre = DEFAULT_LR[family]
+    return [float(f"{centre * f:.2g}") for f in (QUICK_LR_FACTORS if quick else LR_FACTORS)]
+
+
+def eval_arguments(row: Row) -> list[str]:
+    """`dpvr eval` routing flags for an evaluation-only row (the base model, or another row's adapter)."""
+    r = row.routing
+    if r["mode"] == "vanilla":
+        return []
+    flags = {"split_layer": "--split-layer", "fusion_layers": "--fusion-layers", "side_depth": "--side-depth",
+             "fastv_layer": "--fastv-layer", "fastv_ratio": "--fastv-ratio"}  # fmt: skip
+    out = [] if row.adapter_of else ["--mode", r["mode"]]
+    out += [x for k, flag in flags.items() if k in r and not row.adapter_of for x in (flag, str(r[k]))]
+    if row.adapter_of:  # the adapter carries its routing; only the composition's own knobs are added
+        out += ["--fastv-layer", str(r["fastv_layer"]), "--fastv-ratio", str(r["fastv_ratio"])]
+    return out + (["--shallow-fastv"] if r.get("shallow_fastv") else [])

@@ -1,0 +1,116 @@
+"""The reproduction's outputs: per-row summaries (mean ± std over seeds, convergence, cost), table.md,
+claims.md, results.json and the plots (held-out loss curves, the three sweeps, Table 8)."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dpvr.atomic import atomic_write_text  # noqa: E402
+from dpvr.demo.reproduce.claims import plateau, verdicts  # noqa: E402
+from dpvr.demo.reproduce.measure import held_out_curve  # noqa: E402
+
+
+def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
+    from dpvr.eval.metrics import FAMILIES, headline
+
+    out = {}
+    for name, res in results.items():
+        row, runs = res["row"], res["runs"]
+        families = [f for f in FAMILIES if f in runs[0]["scores"]]
+        per = {f: [headline(f, r["scores"][f]) for r in runs] for f in families}
+        per["mean"] = [r["scores"]["mean"] for r in runs]
+        pope = runs[0]["scores"].get("pope", {}).get("subsets", {})
+        curves = [held_out_curve(r["record"]) if r["record"] else [] for r in runs]
+        conv = [plateau(c) for c in curves] if row.trains else []
+        out[name] = {
+            "name": name, "sweep": row.sweep, "routing": row.routing, "seeds": [r["seed"] for r in runs],
+            "mean": {k: statistics.mean(v) for k, v in per.items()},
+            "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in per.items()},
+            "pope_f1_subsets": {k: statistics.mean(r["scores"]["pope"]["subsets"][k]["f1"] for r in runs) for k in pope},
+            "trainable_params": runs[0]["record"]["trainable_params"] if row.trains else 0,
+            "learning_rate": lrs[row.family]["chosen"] if row.trains else None,
+            "converged": all(c["plateaued"] for c in conv) if row.trains else None, "convergence": conv,
+            "held_out_curves": curves,
+            **{k: v for k, v in ratios[name].items()},
+        }  # fmt: skip
+    for s in out.values():  # a composition on another row's side branch is as converged as that row
+        src = next((r["row"].adapter_of for n, r in results.items() if n == s["name"] and r["row"].adapter_of), None)
+        if src:
+            s["converged"], s["trainable_params"] = out[src]["converged"], out[src]["trainable_params"]
+    return out
+
+
+def _cell(s: dict, k: str) -> str:
+    std = s["std"][k]
+    return f"{s['mean'][k]:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def table(summaries: dict) -> str:
+    fams = [k for k in next(iter(summaries.values()))["mean"] if k != "mean"]
+    head = ["method", *fams, "mean", "trainable", "FLOPs", "time", "LR", "converged"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for s in summaries.values():
+        conv = {True: "yes", False: "**still falling**", None: "—"}[s["converged"]]
+        lr = f"{s['learning_rate']:g}" if s["learning_rate"] else "—"
+        lines.append(f"| {s['name']} | " + " | ".join(_cell(s, f) for f in fams)
+                     + f" | {_cell(s, 'mean')} | {s['trainable_params']:,d} | {s['flop_ratio']:.2f} | {s['time_ratio']:.2f}"
+                     f" | {lr} | {conv} |")  # fmt: skip
+    lines.append("\npope: F1 (yes positive); mme: accuracy+; mmbench: circular accuracy; others: accuracy. FLOPs and "
+                 "time: analytic prefill FLOPs and measured prefill time against vanilla (batch 1, median of paired "
+                 "rounds; full fine-tune and LoRA run the stock forward).")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    lines = ["| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in claims]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: dict, analysis: dict, log: list[str]) -> None:
+    claims = verdicts(summaries, zero_grad)
+    atomic_write_text(out / "table.md", table(summaries))
+    atomic_write_text(out / "claims.md", claims_markdown(claims))
+    record = {"split": split, "lr_sweep": {f: {**v, "losses": {str(k): x for k, x in v["losses"].items()}}
+                                           for f, v in lrs.items()},
+              "side_branch_gradient": zero_grad, "claims": claims, "rows": list(summaries.values()),
+              "recommendation": analysis.get("recommendation"), "commands": log}  # fmt: skip
+    atomic_write_text(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
+    _plot_curves(out, summaries)
+    _plot_sweeps(out, summaries, split)
+    figure = next(iter(sorted((out / "analyze").glob("*.png"))), None)
+    if figure is not None:  # Figure 2 analogue, beside the tables
+        shutil.copyfile(figure, out / "saturation.png")
+
+
+def _plot_curves(out: Path, summaries: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, s in enumerate(x for x in summaries.values() if x["sweep"] is None and x["held_out_curves"]
+                          and any(x["held_out_curves"])):  # fmt: skip
+        for j, curve in enumerate(s["held_out_curves"]):
+            if curve:
+                ax.plot(*zip(*curve), color=f"C{i}", alpha=1.0 if j == 0 else 0.4, label=s["name"] if j == 0 else None)
+    ax.set_xlabel("step"), ax.set_ylabel("held-out (val) loss"), ax.set_yscale("log"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110), plt.close(fig)
+
+
+def _plot_sweeps(out: Path, summaries: dict, split: int) -> None:
+    main = summaries["DPVR-LF"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)  # one scale: a flat sweep looks flat
+    at = {"split": split, "fusion": 1, "depth": 1}  # where the main DPVR-LF row sits on each sweep
+    for ax, (kind, label) in zip(axes, [("split", "split layer s"), ("fusion", "fusion layers K"),
+                                        ("depth", "side depth D")]):  # fmt: skip
+        pts = [(s["sweep"][1], s["mean"]["mean"], s["std"]["mean"] or 0.0) for s in summaries.values()
+               if s["sweep"] and s["sweep"][0] == kind] + [(at[kind], main["mean"]["mean"], main["std"]["mean"] or 0.0)]  # fmt: skip
+        xs, ys, es = zip(*sorted(pts))
+        ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3)
+        ax.set_xticks(xs), ax.set_xlabel(label), ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean score (± std over seeds)")
+    fig.tight_layout(), fig.savefig(out / "sweeps.png", dpi=110), plt.close(fig)
