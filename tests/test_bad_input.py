@@ -201,10 +201,16 @@ def test_demo_ctrl_c_is_interrupted_exit_130(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "analyze" / "step.json").exists()
 
 
-def test_eval_limit_never_reports_a_mean_over_zero_questions(world, tmp_path, capsys):
-    """--limit-per-family 1 scores questions (it is 0 that is refused, above); the mean is over them."""
+def test_eval_never_reports_a_mean_over_zero_questions(world, tmp_path, capsys):
+    """The library refuses an empty selection too; --limit-per-family 1 scores real questions."""
+    from dpvr.errors import DPVRError
+    from dpvr.eval.runner import evaluate
+    from dpvr.loading import load_model
+
+    model, processor = load_model(model=world["ckpt"])
+    with pytest.raises(DPVRError, match="no test question selected"):
+        evaluate(model, processor, world["bench"], families=["count"], limit_per_family=0, progress=False)
     rc, _, stderr = run_cli(["eval", "--model", world["ckpt"], "--data", world["bench"], "--out", str(tmp_path),
                              "--limit-per-family", "1", "--families", "count"], capsys)  # fmt: skip
     assert rc == 0, stderr
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["n"] >= 1
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] >= 1

@@ -4,6 +4,9 @@
     dpvr COMMAND --help         # its options and defaults
     dpvr COMMAND ... --debug    # full traceback instead of the one-line error
 
+Exit codes: 0 done, 1 an error (one line on stderr naming it), 2 a usage error (a bad option value or
+combination, also one line), 130 interrupted (Ctrl-C). tests/test_bad_input.py holds every command to it.
+
 Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`, or, when it owns
 its parsing (`dpvr train` takes every HF TrainingArguments flag), `main(argv) -> int | None`.
 Modules are imported only when their command runs, so `dpvr --help` stays fast.
