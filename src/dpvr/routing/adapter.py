@@ -82,6 +82,8 @@ def read_adapter_config(path) -> dict:
             meta = json.load(f)
     except ValueError as exc:  # truncated or hand-edited: name the file, not just the JSON position
         raise DPVRError(f"adapter config {file} is not valid JSON ({exc}); re-save the adapter") from None
+    if not isinstance(meta, dict):
+        raise DPVRError(f"adapter config {file} holds a {type(meta).__name__}, not an object; re-save the adapter")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DPVRError(f"adapter {path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
     return meta
