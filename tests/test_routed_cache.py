@@ -106,7 +106,7 @@ def test_cache_misuse_is_refused():
     ids, px = torch.tensor([prompt(3, 4)]), pixels(1)
     cache = model(input_ids=ids, pixel_values=px, use_cache=True).past_key_values
     with pytest.raises(DPVRError, match="image input after the prompt"):
-        model(input_ids=torch.tensor([[IMAGE_TOKEN]]), past_key_values=cache)
+        model(input_ids=torch.tensor([[IMAGE_TOKEN]]), pixel_values=px, past_key_values=cache)
     with pytest.raises(DPVRError, match="batch 1 but the input has batch 2"):
         model(input_ids=torch.tensor([[7], [8]]), past_key_values=cache)
     other = model_for(CACHED_MODES[3])

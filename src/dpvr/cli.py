@@ -4,6 +4,9 @@
     dpvr COMMAND --help         # its options and defaults
     dpvr COMMAND ... --debug    # full traceback instead of the one-line error
 
+Exit codes: 0 done, 1 an error (one line on stderr naming it), 2 a usage error (a bad option value or
+combination, also one line), 130 interrupted (Ctrl-C). tests/test_bad_input.py holds every command to it.
+
 Each command module exposes `add_arguments(parser)` and `run(args) -> int | None`, or, when it owns
 its parsing (`dpvr train` takes every HF TrainingArguments flag), `main(argv) -> int | None`.
 Modules are imported only when their command runs, so `dpvr --help` stays fast.
@@ -13,6 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from dpvr.cli_types import one_line_errors
+from dpvr.errors import UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,17 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+    if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"dpvr: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} (see dpvr --help)", file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     if hasattr(module, "main"):
         return _guarded(name, lambda: module.main(rest), debug="--debug" in rest)
-    sub = argparse.ArgumentParser(
+    sub = one_line_errors(argparse.ArgumentParser(
         prog=f"dpvr {name}", description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    ))
     module.add_arguments(sub)
     sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = sub.parse_args(rest)
@@ -68,7 +77,7 @@ def _guarded(name: str, call, debug: bool) -> int:
         if debug:
             raise
         print(f"dpvr {name}: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -8,3 +8,7 @@ class DPVRError(ValueError):
 
 class NonFiniteError(DPVRError, FloatingPointError):
     """A layer produced NaN or inf (for example fp16 overflow); the message names the layer."""
+
+
+class UsageError(DPVRError):
+    """A command-line option value or combination that cannot work; the CLI exits 2 for it, as argparse does."""

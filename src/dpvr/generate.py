@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
+from dpvr.cli_types import at_least
 from dpvr.data.templates import render_prompt
-from dpvr.errors import DPVRError
+from dpvr.errors import DPVRError, UsageError
 from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
 from dpvr.routing import DPVRForConditionalGeneration
 
@@ -24,7 +25,7 @@ from dpvr.routing import DPVRForConditionalGeneration
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="image file (PNG/JPEG)")
     parser.add_argument("--prompt", required=True, help="the question")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=32)
     parser.add_argument("--compare", action="store_true", help="also answer with vanilla on the same weights")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (paper's decode)")
     add_model_arguments(parser)
@@ -80,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise DPVRError(f"cannot read image {args.image}: {exc}") from None
     model, processor = load_model(**model_kwargs(args))
+    if args.compare and not isinstance(model, DPVRForConditionalGeneration):  # before answering anything
+        raise UsageError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint); this one is stock")
     inputs = build_inputs(processor, image, args.prompt, model.device)
     label = describe(model)
     print(f"[{label}] ", end="", flush=True)
     routed = answer(model, processor, inputs, args.max_new_tokens, use_cache=not args.no_cache)
     rows = [(label, routed)]
     if args.compare:
-        if not isinstance(model, DPVRForConditionalGeneration):
-            raise DPVRError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint)")
         print("[vanilla] ", end="", flush=True)
         with model.routing(mode="vanilla"):
             rows.append(("vanilla", answer(model, processor, inputs, args.max_new_tokens)))

@@ -54,6 +54,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 def resolve_model_path(model: str | None) -> str:
     if model is not None:
+        _check_local_path("--model", model)
         return model
     from dpvr.embedded import default_model_path
 
@@ -80,6 +81,10 @@ def load_model(
     if adapter is not None:
         if mode is not None:
             raise DPVRError(f"--mode {mode} conflicts with --adapter (the adapter records its own routing)")
+        _check_local_path("--adapter", adapter)
+        if not any((Path(adapter) / f).is_file() for f in ("dpvr_adapter.json", "adapter_config.json")):
+            raise DPVRError(f"--adapter {adapter} holds neither dpvr_adapter.json (a DPVR side branch) nor "
+                            "adapter_config.json (a PEFT LoRA); pass the folder a training run wrote (OUT/final)")  # fmt: skip
         base = LlavaForConditionalGeneration.from_pretrained(path, **load)
         if (Path(adapter) / "adapter_config.json").exists():  # a PEFT (LoRA) baseline: merge it in
             from peft import PeftModel
@@ -138,6 +143,16 @@ def _model_type(path: str) -> str | None:
     if (Path(path) / "dpvr_adapter.json").exists():
         raise DPVRError(f"{path} is an adapter: pass it as --adapter with its base as --model")
     return None  # a hub id: transformers resolves it
+
+
+def _check_local_path(flag: str, path: str) -> None:
+    """A path that cannot be a hub id (org/name) must exist: say so instead of transformers' repo-id message."""
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or "\\" in path
+    if not p.exists() and looks_local:
+        raise DPVRError(f"{flag} {path}: no such file or folder (a hub model id looks like org/name)")
+    if p.exists() and not p.is_dir():
+        raise DPVRError(f"{flag} {path} is a file; pass the checkpoint folder")
 
 
 def _first_with_processor(*paths: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dpvr.cli_types import at_least
 from dpvr.errors import DPVRError
 
 
@@ -27,12 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--data", default=None, help="LLaVA-665k-format JSON; none: the digit-scenes test split")
     d.add_argument("--images", default=None, help="image folder the JSON's paths are relative to; none: the "
                    "benchmark's images/, or the JSON's own folder")  # fmt: skip
-    d.add_argument("-n", "--num-samples", type=int, default=200, help="random image samples to analyse")
+    d.add_argument("-n", "--num-samples", type=at_least(1), default=200, help="random image samples to analyse")
     d.add_argument("--seed", type=int, default=0, help="which random samples")
     d.add_argument("--template", default="chat", choices=["chat", "vicuna_v1"], help="prompt template")
     d.add_argument("--max-answer-tokens", type=int, default=16, help="skip samples whose first answer is longer")
     a = parser.add_argument_group("analysis")
-    a.add_argument("--batch-size", type=int, default=8, help="samples per forward (1 for 7B on one GPU is safe)")
+    a.add_argument("--batch-size", type=at_least(1), default=8, help="samples per forward (1 for 7B on one GPU is safe)")
     a.add_argument("--mask-samples", type=int, default=None,
                    help="how many of the samples also get the masking analysis (2L+1 variants each); none: all")  # fmt: skip
     a.add_argument("--no-masking", action="store_true", help="skip the layer-wise masking analysis")

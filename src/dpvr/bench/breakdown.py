@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dpvr.bench import latency as lat
 from dpvr.bench.cli import add_model_arguments, setup, write_outputs
 from dpvr.bench.flops import flop_counter
+from dpvr.cli_types import at_least
 from dpvr.routing.forward import observe_stages
 
 VISION = "vision tower"
@@ -36,9 +37,9 @@ VISION = "vision tower"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--modes", default="lf", help="routed modes to break down, comma-separated (vanilla is the reference)")
-    p.add_argument("--text-len", type=int, default=64, help="text tokens in the prompt (image tokens come extra)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds, after one warm-up round")
+    p.add_argument("--text-len", type=at_least(1), default=64, help="text tokens in the prompt (image tokens come extra)")
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--repeats", type=at_least(1), default=10, help="timed rounds, after one warm-up round")
     p.add_argument("--out", default="runs/breakdown", help="output folder")
 
 

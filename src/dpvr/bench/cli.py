@@ -26,6 +26,7 @@ from dpvr.bench import latency as lat
 from dpvr.bench.cpu_malloc import keep_freed_memory
 from dpvr.bench.flops import forward_flops
 from dpvr.bench.presets import PRESETS, build_random_model
+from dpvr.cli_types import at_least, int_list
 from dpvr.config import DPVRConfig
 from dpvr.loading import default_split
 from dpvr.routing import DPVRForConditionalGeneration, convert
@@ -51,12 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--modes", default="vanilla,lf,lf-ideal,pc,kv,fastv,vtw,lf+fastv",
                    help="comma-separated; lf+fastv: LF with FastV pruning in the shared layers (beyond the paper)")  # fmt: skip
-    p.add_argument("--text-lens", default="32,64,128,256", help="text tokens per prompt (image tokens come extra)")
-    p.add_argument("--batches", default="1,4", help="batch sizes for prefill")
-    p.add_argument("--new-tokens", type=int, default=64, help="decode length for the cached decode rate")
-    p.add_argument("--recompute-text-len", type=int, default=64,
+    p.add_argument("--text-lens", type=int_list(1), default="32,64,128,256", help="text tokens per prompt (image tokens come extra)")
+    p.add_argument("--batches", type=int_list(1), default="1,4", help="batch sizes for prefill")
+    p.add_argument("--new-tokens", type=at_least(1), default=64, help="decode length for the cached decode rate")
+    p.add_argument("--recompute-text-len", type=at_least(0), default=64,
                    help="text length for the cached vs full-recompute (paper's) decode comparison; 0 skips it")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=at_least(1), default=5)
     p.add_argument("--train-step", action=argparse.BooleanOptionalAction, default=True,
                    help="also time an LF and a PC training step with and without activation checkpointing")  # fmt: skip
     p.add_argument("--out", default="runs/bench", help="output folder")
@@ -98,14 +99,10 @@ def setup(args: argparse.Namespace) -> Setup:
     return Setup(model, cfg, modes, device, dtype, malloc)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     setup_ = setup(args)
     model, cfg, modes, device, dtype = setup_.model, setup_.cfg, setup_.modes, setup_.device, setup_.dtype
-    text_lens, batches = _ints(args.text_lens), _ints(args.batches)
+    text_lens, batches = args.text_lens, args.batches
     n_img = model.config.image_seq_length
 
     steps = len(batches) * len(text_lens) * (args.repeats + 1) * len(modes)  # prefill

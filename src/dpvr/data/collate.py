@@ -32,8 +32,11 @@ class Collator:
             raise DPVRError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
     def __call__(self, items: list[dict | None]) -> dict:
-        items = [it for it in items if it is not None]
+        skips = [(it["skipped"], it["id"], it["index"]) for it in items if it is not None and "skipped" in it]
+        items = [it for it in items if it is not None and "skipped" not in it]
         if not items:
+            if skips:  # skip markers (LlavaJsonDataset(skip_markers=True)): DPVRTrainer moves on to the next batch
+                return {"skipped": skips}
             raise DPVRError("empty batch: every sample in it was skipped")
         T = max(len(it["input_ids"]) for it in items)
         B = len(items)
@@ -53,4 +56,6 @@ class Collator:
             batch["pixel_values"] = torch.cat(pixels, dim=0)  # (n_images, 3, H, W), in batch order
         if self.keep_ids:
             batch["ids"] = [it.get("id") for it in items]
+        if skips:
+            batch["skipped"] = skips  # (reason, id, index) of the samples dropped from this batch
         return batch

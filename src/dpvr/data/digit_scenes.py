@@ -14,6 +14,8 @@ Layout under the output dir: `train.json` (multi-turn instruction tuning, the LL
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -182,18 +184,44 @@ def ensure_benchmark(
 ) -> Path:
     """Write the benchmark under out_dir (default: `default_cache_dir(seed)`, env DPVR_CACHE), or reuse
     it if a complete copy of this version, seed and size is already there. Built in a sibling temp dir
-    and renamed into place, so a half-written dir never looks complete. `scenes` overrides the number
-    of scenes per split (small benchmarks for tests)."""
+    and renamed into place, so a half-written dir never looks complete; a lock file beside it makes
+    concurrent callers (`dpvr data` and `dpvr eval` on a fresh cache) wait for one build and reuse it.
+    `scenes` overrides the number of scenes per split (small benchmarks for tests)."""
     sizes = {**SPLIT_SCENES, **(scenes or {})}
     root = Path(out_dir) if out_dir is not None else default_cache_dir(seed)
     if _is_complete(root, seed, sizes):
         return root
-    if root.exists() and any(root.iterdir()):
-        raise DPVRError(f"{root} exists but is not a complete {VERSION} seed {seed} benchmark of {sizes} scenes; remove it or pick another --out")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with _locked(root.parent / f".{root.name}.lock"):
+        if _is_complete(root, seed, sizes):  # another process built it while this one waited
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise DPVRError(f"{root} exists but is not a complete {VERSION} seed {seed} benchmark of {sizes} scenes; remove it or pick another --out")
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _build(tmp, seed, sizes, progress)
+            if root.exists():
+                root.rmdir()  # empty (checked above)
+            os.replace(tmp, root)
+        finally:  # interrupted or failed: leave no temp dir behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (flock) held for the block; released by the OS if the process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(tmp: Path, seed: int, sizes: dict[str, int], progress: bool) -> None:
     counts = {}
     splits = list(SPLIT_SCENES)
     if progress:
@@ -210,15 +238,6 @@ def ensure_benchmark(
             counts["pretrain"] = len(pre)
     manifest = {"version": VERSION, "seed": seed, "scenes": sizes, "samples": counts, "image_size": IMAGE_SIZE, "grid": GRID}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    if root.exists():
-        root.rmdir()  # empty (checked above)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished the same benchmark first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_complete(root, seed, sizes):
-            raise
-    return root
 
 
 def open_benchmark(path: str | os.PathLike | None, seed: int = 0) -> Path:

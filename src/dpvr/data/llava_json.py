@@ -11,10 +11,12 @@ in a text-only one (LLaVA-1.5 is single-image). Labels are -100 except on assist
 `</s>` (see `templates.render_conversation`). Images are opened only in `__getitem__`.
 
 Errors (`on_error="raise"`, the default) are a one-line DPVRError naming the sample id; with
-`on_error="skip"` the sample yields None (the collator drops it) and `skipped[reason]` is counted.
-Reasons: malformed, missing_image, unreadable_image, truncation_cuts_image, labels_misaligned,
-no_supervised_tokens. Note: counters live in the process that read the sample, so with DataLoader
-workers call `scan()` up front for a complete count.
+`on_error="skip"` the sample yields None (the collator drops it) and `skipped[reason]` counts it, once
+however many epochs meet it. Reasons: malformed, missing_image, unreadable_image,
+truncation_cuts_image, labels_misaligned, no_supervised_tokens. Counters live in the process that read
+the sample; with DataLoader workers, `skip_markers=True` makes a skipped sample yield a marker
+`{"skipped": reason, "id", "index"}` instead, which the collator passes on as `batch["skipped"]` for the
+main process to `record_skip` (DPVRTrainer does).
 """
 from __future__ import annotations
 
@@ -84,14 +86,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         template: str = "chat",
         max_length: int | None = None,
         on_error: str = "raise",
+        skip_markers: bool = False,
     ):
         if on_error not in ("raise", "skip"):
             raise DPVRError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.samples = load_samples(data)
         self.images_dir = Path(images_dir) if images_dir is not None else None
         self.processor, self.template, self.max_length, self.on_error = processor, template, max_length, on_error
+        self.skip_markers = skip_markers
         self.skipped: Counter = Counter()
         self.skipped_ids: dict[str, list] = {}
+        self._skipped_at: set[int] = set()  # indices counted, so a second epoch does not count them again
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,13 +107,20 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         except SampleError as exc:
             if self.on_error == "raise":
                 raise
-            self.skipped[exc.reason] += 1
-            self.skipped_ids.setdefault(exc.reason, []).append(self.samples[i].get("id") if isinstance(self.samples[i], dict) else i)
-            return None
+            sid = self.samples[i].get("id") if isinstance(self.samples[i], dict) else i
+            self.record_skip(exc.reason, sid, i)
+            return {"skipped": exc.reason, "id": sid, "index": i} if self.skip_markers else None
+
+    def record_skip(self, reason: str, sid, index: int) -> None:
+        """Count skipped sample `index` under `reason`, once."""
+        if index not in self._skipped_at:
+            self._skipped_at.add(index)
+            self.skipped[reason] += 1
+            self.skipped_ids.setdefault(reason, []).append(sid)
 
     def scan(self) -> Counter:
         """Encode every sample once (eagerly) so `skipped` counts the whole file; returns it."""
-        self.skipped.clear(), self.skipped_ids.clear()
+        self.skipped.clear(), self.skipped_ids.clear(), self._skipped_at.clear()
         for i in range(len(self)):
             self[i]
         return self.skipped

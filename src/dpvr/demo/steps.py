@@ -45,6 +45,8 @@ class Step:
         print(f"[{self.pipeline}] {self.name}: {self.command}", flush=True)
         start = time.perf_counter()
         rc = dpvr_main(self.argv)
+        if rc == 130:  # the step caught Ctrl-C: the demo was interrupted, it did not fail
+            raise KeyboardInterrupt
         if rc != 0:
             raise DPVRError(f"{self.pipeline} step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
         seconds = time.perf_counter() - start

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from dpvr.cli_types import at_least
+from dpvr.errors import UsageError
 from dpvr.eval.metrics import FAMILIES
 from dpvr.eval.runner import evaluate, format_table
 from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
@@ -24,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="benchmark seed (when --data is not given)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated question families")
-    p.add_argument("--limit-per-family", type=int, default=None, help="score only the first N of each family")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit-per-family", type=at_least(1), default=None, help="score only the first N of each family")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--out", default="runs/eval", help="output folder")
     add_model_arguments(p)
 
@@ -33,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpvr.data.digit_scenes import open_benchmark
 
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if not families:
+        raise UsageError(f"--families {args.families!r} names no family; choose from {','.join(FAMILIES)}")
     data = open_benchmark(args.data, args.seed)
     model, processor = load_model(**model_kwargs(args))
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
     result = evaluate(model, processor, data, args.split, args.batch_size, families, args.limit_per_family)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

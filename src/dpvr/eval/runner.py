@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dpvr.data.digit_scenes import load_split
+from dpvr.errors import DPVRError
 from dpvr.embedded.score import predict
 from dpvr.eval.metrics import FAMILIES, score_all
 from dpvr.loading import describe
@@ -49,6 +50,8 @@ def evaluate(
     """{'model': ..., 'split': ..., 'n': ..., 'seconds': ..., 'scores': {family: {...}, 'mean': x}, 'replies': {id: reply}}."""
     data_dir = Path(data_dir)
     samples = select(load_split(data_dir, split), families, limit_per_family)
+    if not samples:  # a mean over zero questions would read as a score of 0
+        raise DPVRError(f"no {split} question selected in {data_dir} (families {families}, limit {limit_per_family})")
     start = time.perf_counter()
     replies = predict(model, processor, samples, data_dir / "images", batch_size=batch_size, progress=progress)
     return {

@@ -76,8 +76,14 @@ def save_adapter(model, save_directory) -> None:
 
 
 def read_adapter_config(path) -> dict:
-    with open(cached_file(str(path), "dpvr_adapter.json")) as f:
-        meta = json.load(f)
+    file = cached_file(str(path), "dpvr_adapter.json")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except ValueError as exc:  # truncated or hand-edited: name the file, not just the JSON position
+        raise DPVRError(f"adapter config {file} is not valid JSON ({exc}); re-save the adapter") from None
+    if not isinstance(meta, dict):
+        raise DPVRError(f"adapter config {file} holds a {type(meta).__name__}, not an object; re-save the adapter")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DPVRError(f"adapter {path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
     return meta
@@ -109,4 +115,28 @@ def load_adapter(path, base_model: LlavaForConditionalGeneration | None = None, 
     if missing or unexpected:
         raise DPVRError(f"adapter {path}: side-branch keys missing {missing[:4]} / unexpected {unexpected[:4]}")
     model.side_branch.load_state_dict(state, strict=True)
+    return model
+
+
+def override_routing(model, config: DPVRConfig | None, path):
+    """`from_pretrained(saved_dpvr, dpvr_config=cfg)`: cfg replaces the saved routing, as a passed `config=`
+    does in transformers, when the saved weights serve it (a mode without side branch, or the saved side
+    branch's split_layer and side_depth); otherwise refuse, naming the fields: running a side branch
+    trained for another split, or a fresh random one, would be a silent wrong answer."""
+    if config is None:
+        return model
+    if not isinstance(config, DPVRConfig):
+        raise DPVRError(f"dpvr_config must be a DPVRConfig, got {type(config).__name__}")
+    config.validate_for(model.config.text_config.num_hidden_layers)
+    saved = model.dpvr_config
+    if config.has_side_branch and model.side_branch is None:
+        raise DPVRError(f"dpvr_config mode {config.mode!r} needs a side branch but {path} was saved with mode "
+                        f"{saved.mode!r}, which has none; convert the stock base instead")  # fmt: skip
+    diff = {k: (getattr(saved, k), getattr(config, k)) for k in ("split_layer", "side_depth")
+            if config.has_side_branch and getattr(saved, k) != getattr(config, k)}  # fmt: skip
+    if diff:
+        raise DPVRError(f"dpvr_config does not fit the side branch saved in {path}: {diff} (saved, passed); "
+                        "keep those fields or retrain")  # fmt: skip
+    model.config.dpvr = config.to_dict()
+    model.apply_freeze()
     return model

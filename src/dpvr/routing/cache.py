@@ -17,6 +17,11 @@ from dpvr.errors import DPVRError
 from dpvr.routing.layer import KV
 
 
+NO_ROLLBACK = ("RoutedCache cannot roll back rejected draft tokens: assisted/speculative decoding and "
+               "prompt_lookup_num_tokens are not supported in routed modes; drop them, or generate inside "
+               "model.routing(mode='vanilla')")
+
+
 class RoutedCache:
     is_compileable = False
 
@@ -56,7 +61,10 @@ class RoutedCache:
                 self.layers[i] = KV(kv.key[idx], kv.value[idx], kv.order[idx], kv.valid[idx])
 
     def crop(self, max_length: int) -> None:
-        raise DPVRError("RoutedCache cannot be cropped (assisted/speculative decoding is not supported)")
+        raise DPVRError(NO_ROLLBACK)
+
+    def activate_past_recording(self) -> None:  # the first thing assisted decoding asks of a cache
+        raise DPVRError(NO_ROLLBACK)
 
     # --------------------------------------------------------------- checks and figures
     def check_compatible(self, routing: dict, batch: int) -> None:

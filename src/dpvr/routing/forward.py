@@ -37,7 +37,7 @@ from dpvr.routing.tokens import TokenSet
 @dataclass
 class RoutedOutput:
     hidden: torch.Tensor  # (B, T, D) after the final norm
-    all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, pre-norm
+    all_hidden: tuple[torch.Tensor, ...] | None  # embeddings + one (B, T, D) per layer, the last after the norm (as stock)
     kept: torch.Tensor  # (B, T) bool: valid positions left after any FastV pruning
     layer_kv: dict[int, KV] = field(default_factory=dict)  # per layer: what it attended over
 
@@ -213,9 +213,10 @@ def routed_decoder(
             raise AssertionError(f"unhandled mode {mode!r}")
 
     loop.raise_if_not_finite()
+    hidden = lm.norm(h)
     return RoutedOutput(
-        hidden=lm.norm(h),
-        all_hidden=tuple(loop.hidden) if loop.hidden is not None else None,
+        hidden=hidden,
+        all_hidden=(*loop.hidden[:-1], hidden) if loop.hidden is not None else None,  # stock: last one normed
         kept=kept,
         layer_kv=loop.layer_kv,
     )
@@ -245,6 +246,7 @@ def routed_decode(
     h: torch.Tensor,  # (B, n, D) embeddings of the new (text) tokens
     valid: torch.Tensor,  # (B, n) bool
     pos: torch.Tensor,  # (B, n) position ids
+    hidden_out: list | None = None,  # filled as output_hidden_states: embeddings, each layer's, the last normed
 ) -> torch.Tensor:
     """New tokens through every layer against that layer's cached token set; appends their keys/values.
 
@@ -255,6 +257,8 @@ def routed_decode(
     cos, sin = lm.rotary_emb(h, pos)
     dense = cache.dense and bool(valid.all())
     for i, layer in enumerate(lm.layers):
+        if hidden_out is not None:
+            hidden_out.append(h)
         h, keys, _ = routed_layer(layer, h, order, valid, cos, sin, cache.layers[i], dense=dense)
         cache.update(i, keys)  # past + new, already joined for the attention: no second concatenation
     cache.seen += n
@@ -265,7 +269,10 @@ def routed_decode(
         bad = next((i - 1 for i in range(len(lm.layers)) if not cache.newest_finite(i, n)), len(lm.layers) - 1)
         where = "the input embeddings" if bad < 0 else f"layer {bad}"
         raise NonFiniteError(f"{where} produced NaN/inf while decoding (e.g. fp16 overflow)")
-    return lm.norm(h)
+    h = lm.norm(h)
+    if hidden_out is not None:
+        hidden_out.append(h)
+    return h
 
 
 def _row_in(S: TokenSet, positions: torch.Tensor) -> torch.Tensor:

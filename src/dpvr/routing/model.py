@@ -115,8 +115,9 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
                 "use `dpvr analyze` for attention statistics, or mode='vanilla'"
             )
         cache = self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
+        all_hidden = [] if output_hidden_states else None
         if cache is not None and cache.seen > 0:
-            hidden = self._decode_step(cache, input_ids, pixel_values, attention_mask, position_ids)
+            hidden = self._decode_step(cache, input_ids, pixel_values, attention_mask, position_ids, all_hidden)
             out, image_features = None, None
         else:
             embeds, is_img, image_features = self._merge_image_features(
@@ -138,7 +139,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             )
             if cache is not None:
                 cache.fill(out.layer_kv, seq_len=input_ids.shape[1], dense=bool(valid.all()))
-            hidden = out.hidden
+            hidden, all_hidden = out.hidden, out.all_hidden
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -151,7 +152,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             loss=loss,
             logits=logits,
             past_key_values=cache,
-            hidden_states=out.all_hidden if out is not None else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             image_hidden_states=image_features,
         )
 
@@ -173,13 +174,14 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             return None
         return RoutedCache(len(self.model.language_model.layers), cfg.to_dict())
 
-    def _decode_step(self, cache: RoutedCache, input_ids, pixel_values, attention_mask, position_ids):
-        """New text tokens against a filled RoutedCache -> final-norm hidden states (B, n, D)."""
+    def _decode_step(self, cache: RoutedCache, input_ids, pixel_values, attention_mask, position_ids, hidden_out=None):
+        """New text tokens against a filled RoutedCache -> final-norm hidden states (B, n, D). A generated
+        image token id without pixels is an ordinary token embedding here, as in the stock model's decode."""
         B, n = input_ids.shape
-        if pixel_values is not None or bool((input_ids == self.config.image_token_id).any()):
+        if pixel_values is not None:
             raise DPVRError(
-                f"image input after the prompt (token id {self.config.image_token_id} or pixel_values while "
-                "decoding) is not supported by the routed cache; put every image in the prompt"
+                "image input after the prompt (pixel_values while decoding) is not supported by the routed "
+                "cache; put every image in the prompt"
             )
         if attention_mask is not None:
             if attention_mask.shape != (B, cache.seen + n):
@@ -196,7 +198,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             raise DPVRError(f"position_ids must cover the {n} new tokens, got shape {tuple(position_ids.shape)}")
         embeds = self.model.get_input_embeddings()(input_ids)
         lm = self.model.language_model
-        return routed_decode(lm, self.dpvr_config, cache, embeds, full_valid[:, -n:], position_ids.expand(B, n))
+        return routed_decode(lm, self.dpvr_config, cache, embeds, full_valid[:, -n:], position_ids.expand(B, n), hidden_out)
 
     def _merge_image_features(self, input_ids, pixel_values, feature_layer, strategy, image_sizes):
         """Embeddings (B, T, D) with image features scattered onto image-token positions."""
@@ -286,12 +288,15 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     def from_pretrained(cls, path, *args, base_model=None, dpvr_config: DPVRConfig | None = None, **kwargs):
         """Load a full DPVR checkpoint, an adapter (on `base_model` or its recorded base), or a stock
         LLaVA checkpoint converted with `dpvr_config`. Refuses anything that would leave weights random."""
-        from dpvr.routing.adapter import load_adapter
+        from dpvr.routing.adapter import load_adapter, override_routing
 
         adapter_cfg = cached_file(str(path), ADAPTER_CONFIG, _raise_exceptions_for_missing_entries=False)
         if adapter_cfg is not None:
-            return load_adapter(path, base_model=base_model, **kwargs)
-        config_file = cached_file(str(path), "config.json")
+            return override_routing(load_adapter(path, base_model=base_model, **kwargs), dpvr_config, path)
+        config_file = cached_file(str(path), "config.json", _raise_exceptions_for_missing_entries=False)
+        if config_file is None or base_model is not None:  # base_model= is for adapters only
+            what = "a DPVR adapter" if base_model is not None else "a DPVR adapter or checkpoint (no config.json either)"
+            raise DPVRError(f"{path} has no {ADAPTER_CONFIG}: not {what}")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
         if model_type == "llava":
@@ -306,7 +311,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if bad:
             raise DPVRError(f"checkpoint {path} does not match the model: {_short(bad)}")
         model.apply_freeze()
-        return model
+        return override_routing(model, dpvr_config, path)
 
 
 def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForConditionalGeneration:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dpvr.config import MODES, SIDE_BRANCH_MODES
+from dpvr.errors import UsageError
+
 METHODS = ("dpvr", "full", "lora")
 # learning rates for the embedded tiny model; the paper's 7B values were lost in its text copy
 DEFAULT_LR = {"lf": 1e-3, "pc": 5e-4, "kv": 5e-4, "full": 1e-4, "lora": 5e-4}
@@ -34,7 +37,11 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not one of {METHODS}")
+            raise UsageError(f"--method {self.method!r} is not one of {METHODS}")
+        if self.method == "dpvr" and self.mode not in SIDE_BRANCH_MODES:
+            what = "is inference-only" if self.mode in MODES else f"is not a routing mode ({', '.join(MODES)})"
+            raise UsageError(f"--mode {self.mode!r} {what}: it has nothing to train; train {', '.join(SIDE_BRANCH_MODES)} "
+                             "(fastv/vtw need no training: use them directly with dpvr eval/generate --mode)")  # fmt: skip
 
 
 @dataclass

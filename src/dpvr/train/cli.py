@@ -22,6 +22,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
+from dpvr.cli_types import one_line_errors
 from dpvr.errors import DPVRError
 
 from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
@@ -31,12 +32,18 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="dpvr train",
                               description=__doc__.splitlines()[0])  # fmt: skip
     parser.set_defaults(**TRAINING_DEFAULTS)
+    one_line_errors(parser)
     argv = [a for a in argv if a != "--debug"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # without it, accelerate sees no distributed CPU setup and every process trains its own model
         argv = [*argv, "--use_cpu", "true"]
-    margs, dargs, targs, _ = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        margs, dargs, targs, _ = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:  # HF's message for unknown flags: make it argparse's one-line usage error
+        if "not used by the HfArgumentParser" not in str(exc):
+            raise
+        parser.error(f"unrecognized arguments: {' '.join(str(exc).split(': ', 1)[1:])}")
     if world > 1 and targs.parallel_mode != ParallelMode.DISTRIBUTED:
         raise DPVRError(f"launched as {world} processes but the Trainer is not in distributed mode "
                         f"({targs.parallel_mode}); each process would train its own model")  # fmt: skip
@@ -58,8 +65,13 @@ def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
         data = Path(given)
         images = Path(dargs.images) if dargs.images else data.parent / "images"
     samples = load_samples(data)[:limit]
+    if not samples:
+        flag = "--eval_limit" if held_out else "--limit"
+        cut = f" ({flag} {limit})" if limit is not None else ""
+        raise DPVRError(f"no samples to {'score' if held_out else 'train on'} in {data}{cut}: "
+                        "pass a LLaVA JSON list with at least one sample")
     return LlavaJsonDataset(samples, images, processor, template=dargs.template, max_length=dargs.max_length,
-                            on_error=dargs.on_error)  # fmt: skip
+                            on_error=dargs.on_error, skip_markers=True)  # fmt: skip
 
 
 def train(argv: list[str]) -> dict:

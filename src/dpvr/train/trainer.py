@@ -31,6 +31,7 @@ from dpvr.train.args import ModelArguments
 
 logger = logging.get_logger(__name__)
 STAGING = ".partial"
+LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so far, so a resumed train_loss is the whole run's
 
 
 def build_model(margs: ModelArguments):
@@ -87,6 +88,36 @@ class DPVRTrainer(Trainer):
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
+    # ---------------------------------------------------------------- skipped samples (on_error="skip")
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """Record the samples a batch skipped (with DataLoader workers the dataset's counters live in the
+        workers; the collator brings them here), and replace a batch whose samples were all skipped by
+        the next one: a step trains on real samples, and the epoch ends that much earlier."""
+        batches = []
+        while len(batches) < num_batches:
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            for reason, sid, index in batch.pop("skipped", ()):
+                self.train_dataset.record_skip(reason, sid, index)
+            if "input_ids" in batch:
+                batches.append(batch)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    # ---------------------------------------------------------------- train_loss across a resume
+    def _loss_sum_so_far(self) -> float:
+        return getattr(self, "_loss_before_resume", 0.0) + self._total_loss_scalar + float(self._tr_loss)
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # HF reports the mean loss of this call's steps; after a resume that is not the run's train_loss.
+        # Scale this call's sum so that HF's division by its own step count gives the whole run's mean.
+        if getattr(self, "_loss_before_resume", None) is not None and self.state.global_step > 0:
+            steps_now = self.state.global_step - self._initial_global_step
+            whole = self._loss_sum_so_far() / self.state.global_step
+            self._total_loss_scalar = whole * steps_now - float(self._tr_loss)
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._unwrapped()
         if isinstance(model, DPVRForConditionalGeneration) and model.side_branch is not None:
@@ -97,6 +128,9 @@ class DPVRTrainer(Trainer):
         super()._save(output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        loss_file = Path(resume_from_checkpoint) / LOSS_SUM
+        if loss_file.exists():
+            self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
         model = model or self._unwrapped()
         adapter = Path(resume_from_checkpoint) / "dpvr_adapter.json"
         if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
@@ -127,6 +161,7 @@ class DPVRTrainer(Trainer):
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
         if self.args.should_save:
+            Path(run_dir, STAGING, name, LOSS_SUM).write_text(json.dumps({"loss_sum": self._loss_sum_so_far()}) + "\n")
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)

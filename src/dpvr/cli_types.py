@@ -1,0 +1,48 @@
+"""argparse value types shared by the commands: counts checked where they are parsed, so `--batch-size 0`
+is a one-line usage error (exit 2) instead of a crash (or a silent empty result) deep inside a run.
+
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--text-lens", type=int_list(1), default="32,64")   # -> [32, 64]
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def int_list(low: int = 1):
+    """A comma-separated list of integers, each >= low, at least one of them."""
+    one = at_least(low)
+
+    def parse(text: str) -> list[int]:
+        values = [one(x.strip()) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("needs at least one integer")
+        return values
+
+    parse.__name__ = f"comma-separated integers >= {low}"
+    return parse
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make parser (and its argument errors) print one line naming the problem and exit 2, instead of
+    the usage block, which for `dpvr train` (every TrainingArguments flag) hides the error."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error
+    return parser
