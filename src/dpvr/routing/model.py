@@ -146,7 +146,10 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # num_items_in_batch (from the Trainer: supervised tokens over all accumulated micro-batches and
+            # ranks) makes the loss a per-token mean of the whole step, as the stock forward's is
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=kwargs.get("num_items_in_batch"))  # fmt: skip
         return LlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
