@@ -30,6 +30,7 @@ from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_supported
 from dpvr.routing.side import SideBranch, active_side_branch
+from dpvr.routing.stock_guard import install as install_stock_guard
 
 ADAPTER_CONFIG = "dpvr_adapter.json"
 logger = logging.get_logger(__name__)
@@ -401,3 +402,4 @@ def _short(info: dict) -> str:
 
 AutoConfig.register(DPVRLlavaConfig.model_type, DPVRLlavaConfig, exist_ok=True)
 AutoModelForImageTextToText.register(DPVRLlavaConfig, DPVRForConditionalGeneration, exist_ok=True)
+install_stock_guard(DPVRLlavaConfig.model_type)
