@@ -134,3 +134,18 @@ def test_lmms_eval_scores_equal_dpvr_eval_per_question(setup, mode):
     want = mc_reference(data, mode, ids["dpvr_scenes_mc"])
     assert {k: v[1] for k, v in mc.items()} == want, "lmms-eval's multiple-choice picks differ from dpvr's log-probs"
     assert agg["dpvr_scenes_mc"]["acc,none"] == pytest.approx(sum(want.values()) / len(want), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_lmms_eval_under_torchrun_is_refused_in_one_line(setup):
+    root, _, _ = setup
+    from dpvr.loading import resolve_model_path
+
+    out = root / "out-torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583", "-m",
+           "lmms_eval", "--model", "dpvr_llava", "--model_args", f"pretrained={resolve_model_path(None)}", "--device",
+           "cpu", "--include_path", str(root / "tasks"), "--tasks", "dpvr_scenes_yesno", "--output_path", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert "dpvr_llava runs in one process, but 2 were launched" in res.stderr, res.stderr[-3000:]
+    assert "has no attribute 'device'" not in res.stderr
+    assert not list(out.rglob("*_results.json")), "it evaluated anyway"
