@@ -7,19 +7,27 @@
 
 Registered through the `lmms_eval.models` entry point (pyproject.toml) as `MANIFEST`, a callable, so
 importing this module needs no lmms-eval. Unlike lmms-eval's own llava_hf model, exceptions are never
-turned into empty answers (a routing bug must not show up as a quietly low score), batches larger
-than 1 work (left padding), and loglikelihood is the summed log-probability of the continuation
-(llava_hf reports the mean token loss instead). The request-handling logic lives in plain functions
-(`generate_texts`, `continuation_logprobs`) that the tests exercise without lmms-eval installed.
+turned into empty answers (a routing bug must not show up as a quietly low score) and batches larger
+than 1 work (left padding). `loglikelihood` returns (negative summed log-probability, greedy): lmms-eval
+0.7.3 picks a multiple-choice answer by argmin over that first value (its models return a loss), so a
+log-probability there would pick the least likely choice. One process only: under torchrun/accelerate
+it refuses in one line. The request-handling logic lives in plain functions (`generate_texts`,
+`continuation_logprobs`, `lmms_loglikelihoods`) that the tests exercise without lmms-eval installed.
 """
 from __future__ import annotations
 
+import logging
 from itertools import groupby
 
 import torch
 
 MODEL_ID = "dpvr_llava"
 IMAGE = "<image>"
+# task generation kwargs that describe other models' image preprocessing: the checkpoint's own processor
+# decides that here, so they are dropped (with one warning naming them) instead of failing the run
+IGNORED_GEN_KWARGS = ("image_aspect_ratio", "image_grid_pinpoints", "interleaved_format")
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def MANIFEST():  # noqa: N802 - the entry point's name in pyproject.toml
@@ -62,6 +70,12 @@ def _gen_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, 
         settings["do_sample"] = False
         gk.pop("top_p", None)
     gk.pop("do_sample", None)
+    ignored = sorted(k for k in IGNORED_GEN_KWARGS if k in gk)
+    for k in ignored:
+        gk.pop(k)
+    if set(ignored) - _warned:
+        logger.warning("dpvr_llava ignores generation kwargs %s (the checkpoint's processor prepares images)", ignored)
+        _warned.update(ignored)
     if gk:
         raise ValueError(f"unsupported generation kwargs {sorted(gk)}")
     return settings, until
@@ -109,6 +123,21 @@ def continuation_logprobs(model, processor, items: list[tuple[str, str, list]]) 
     return results
 
 
+def lmms_loglikelihoods(logprobs: list[tuple[float, bool]]) -> list[tuple[float, bool]]:
+    """(summed log p, greedy) -> what lmms-eval 0.7.3 scores correctly: (-summed log p, greedy). Its
+    multiple_choice tasks take argmin (and argmin of the value per character for acc_norm)."""
+    return [(-lp, greedy) for lp, greedy in logprobs]
+
+
+def refuse_multi_process() -> None:
+    from dpvr.errors import DPVRError
+    from dpvr.train.launch import launched_world
+
+    if launched_world() > 1:
+        raise DPVRError(f"dpvr_llava runs in one process, but {launched_world()} were launched; run `python -m "
+                        "lmms_eval --model dpvr_llava ...` without torchrun/accelerate (batch_size batches inside it)")  # fmt: skip
+
+
 try:  # the lmms-eval model class exists only where lmms-eval is installed
     from lmms_eval.api.model import lmms
 except ImportError:  # pragma: no cover - exercised where lmms-eval is absent (CI)
@@ -128,6 +157,7 @@ if lmms is not None:
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, **kwargs) -> None:  # fmt: skip
             super().__init__()
+            refuse_multi_process()
             if kwargs:
                 raise ValueError(f"dpvr_llava: unexpected model_args {sorted(kwargs)}")
             from dpvr.loading import load_model
@@ -146,6 +176,10 @@ if lmms is not None:
         def model(self):
             return self._model
 
+        @property
+        def device(self):
+            return self._model.device
+
         def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             return [v for v in (visuals or []) if v is not None]
@@ -161,7 +195,12 @@ if lmms is not None:
             for ctx, target, dtv, doc_id, task, split in (r.args for r in requests):
                 doc = self.task_dict[task][split][doc_id]
                 items.append((ctx, target if isinstance(target, str) else target(doc), self._visuals(dtv, doc_id, task, split)))
-            return continuation_logprobs(self._model, self.processor, items)
+            from lmms_eval.api.instance import GenerationResult
+
+            # lmms-eval 0.7.3 turns any result but a str or a GenerationResult into its str() (instance.py,
+            # unwrap_generation_output), and multiple_choice then unzips characters: pass the pair through
+            results = lmms_loglikelihoods(continuation_logprobs(self._model, self.processor, items))
+            return [GenerationResult(text=r) for r in results]
 
         def generate_until_multi_round(self, requests):
             raise NotImplementedError("dpvr_llava does not implement multi-round generation")

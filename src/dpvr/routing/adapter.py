@@ -115,6 +115,7 @@ def load_adapter(path, base_model: LlavaForConditionalGeneration | None = None, 
     if missing or unexpected:
         raise DPVRError(f"adapter {path}: side-branch keys missing {missing[:4]} / unexpected {unexpected[:4]}")
     model.side_branch.load_state_dict(state, strict=True)
+    model.name_or_path = str(path)  # what rebuilds this model (PEFT records it as its base; AutoPeftModel reloads it)
     return model
 
 

@@ -29,6 +29,8 @@ from dpvr.errors import DPVRError
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_supported
+from dpvr.routing.side import SideBranch, active_side_branch
+from dpvr.routing.stock_guard import install as install_stock_guard
 
 ADAPTER_CONFIG = "dpvr_adapter.json"
 logger = logging.get_logger(__name__)
@@ -54,7 +56,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if cfg.has_side_branch:
             layer_cls = type(self.model.language_model.layers[0])
             s, D = cfg.split_layer, cfg.side_depth
-            self.side_branch = nn.ModuleList(layer_cls(config.text_config, s + j) for j in range(D))
+            self.side_branch = SideBranch(layer_cls(config.text_config, s + j) for j in range(D))
             self.side_branch.apply(self._init_weights)
 
     @property
@@ -70,8 +72,9 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         cfg.validate_for(len(self.model.language_model.layers))
         if cfg.has_side_branch and self.side_branch is None:
             raise DPVRError(f"mode {cfg.mode!r} needs a side branch; this model was converted without one")
-        if cfg.has_side_branch and len(self.side_branch) != cfg.side_depth:
-            raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {len(self.side_branch)} layers")
+        depth = len(active_side_branch(self.side_branch)) if cfg.has_side_branch else cfg.side_depth
+        if depth != cfg.side_depth:
+            raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {depth} layers")
         self.config.dpvr = cfg.to_dict()
         try:
             yield self
@@ -127,7 +130,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
             pos = _position_ids(position_ids, valid)
             out = routed_decoder(
                 self.model.language_model,
-                self.side_branch,
+                active_side_branch(self.side_branch),
                 cfg,
                 embeds,
                 is_img,
@@ -147,7 +150,9 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # num_items_in_batch (Trainer: supervised tokens of the whole step, all micro-batches and ranks), as stock
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=kwargs.get("num_items_in_batch"))  # fmt: skip
         return LlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -351,16 +356,16 @@ def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForC
     return model
 
 
-def _build_side_branch(base: LlavaForConditionalGeneration, config: DPVRConfig) -> nn.ModuleList | None:
+def _build_side_branch(base: LlavaForConditionalGeneration, config: DPVRConfig) -> SideBranch | None:
     if not config.has_side_branch:
         return None
     layers = base.model.language_model.layers
     s, D = config.split_layer, config.side_depth
     if config.side_init == "copy":
-        return nn.ModuleList(copy.deepcopy(layers[s + j]) for j in range(D))
+        return SideBranch(copy.deepcopy(layers[s + j]) for j in range(D))
     ref = next(layers[0].parameters())
     with torch.device(ref.device):
-        side = nn.ModuleList(type(layers[0])(base.config.text_config, s + j) for j in range(D))
+        side = SideBranch(type(layers[0])(base.config.text_config, s + j) for j in range(D))
     side.apply(base._init_weights)
     return side.to(ref.dtype)
 
@@ -402,3 +407,4 @@ def _short(info: dict) -> str:
 
 AutoConfig.register(DPVRLlavaConfig.model_type, DPVRLlavaConfig, exist_ok=True)
 AutoModelForImageTextToText.register(DPVRLlavaConfig, DPVRForConditionalGeneration, exist_ok=True)
+install_stock_guard(DPVRLlavaConfig.model_type)

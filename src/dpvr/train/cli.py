@@ -26,6 +26,7 @@ from dpvr.cli_types import one_line_errors
 from dpvr.errors import DPVRError
 
 from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
+from dpvr.train.launch import check_launch, launched_world
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -34,7 +35,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
     parser.set_defaults(**TRAINING_DEFAULTS)
     one_line_errors(parser)
     argv = [a for a in argv if a != "--debug"]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world > 1 and not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # without it, accelerate sees no distributed CPU setup and every process trains its own model
         argv = [*argv, "--use_cpu", "true"]
@@ -44,9 +45,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
         if "not used by the HfArgumentParser" not in str(exc):
             raise
         parser.error(f"unrecognized arguments: {' '.join(str(exc).split(': ', 1)[1:])}")
-    if world > 1 and targs.parallel_mode != ParallelMode.DISTRIBUTED:
-        raise DPVRError(f"launched as {world} processes but the Trainer is not in distributed mode "
-                        f"({targs.parallel_mode}); each process would train its own model")  # fmt: skip
+    check_launch(targs.world_size, targs.parallel_mode == ParallelMode.DISTRIBUTED)
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
     return margs, dargs, targs
