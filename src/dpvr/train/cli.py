@@ -14,7 +14,6 @@ files) with run.json (trainable parameters, loss curve).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
