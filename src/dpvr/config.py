@@ -24,9 +24,30 @@ from typing import Any
 
 from dpvr.errors import DPVRError
 
-MODES = ("vanilla", "pc", "kv", "lf", "vtw", "fastv")
+
+
+@dataclass(frozen=True)
+class ModeTraits:
+    """What a mode uses; its layer plan is `dpvr.routing.schedule`'s compile function for it."""
+
+    split: bool  # shared layers [0, split_layer), then a routed deep part
+    side_branch: bool  # owns a trainable side branch (side_depth, side_init)
+    fusion: bool  # fuses the side branch back (fusion_layers / fusion_at)
+    fastv: bool  # prunes image tokens FastV-style on its own (fastv_layer, fastv_ratio)
+
+
+MODE_TRAITS = {
+    "vanilla": ModeTraits(split=False, side_branch=False, fusion=False, fastv=False),
+    "pc": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
+    "kv": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
+    "lf": ModeTraits(split=True, side_branch=True, fusion=True, fastv=False),
+    "vtw": ModeTraits(split=True, side_branch=False, fusion=False, fastv=False),
+    "fastv": ModeTraits(split=False, side_branch=False, fusion=False, fastv=True),
+}
+MODES = tuple(MODE_TRAITS)
 # modes that own a trainable side branch
-SIDE_BRANCH_MODES = ("pc", "kv", "lf")
+SIDE_BRANCH_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.side_branch)
+SPLIT_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.split)
 
 
 @dataclass
@@ -37,6 +58,11 @@ class DPVRConfig:
     )
     fusion_layers: int = field(
         default=1, metadata={"help": "K (lf only): last K layers fuse image and text; 0 = DPVR-LF-ideal."}
+    )
+    fusion_at: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "lf: fuse at these deep layers instead of the last K (sparse fusion); fusion_layers "
+                  "becomes their count. Each run of consecutive layers starts from the side-branch image states."},
     )
     side_depth: int = field(default=1, metadata={"help": "D: decoder layers in the side branch (pc/kv/lf)."})
     side_init: str = field(
@@ -64,7 +90,8 @@ class DPVRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DPVRError(f"DPVRConfig.{name}={value!r} must be a non-negative int")
-        if self.mode in ("pc", "kv", "lf", "vtw") and self.split_layer < 1:
+        self._normalise_fusion_at()
+        if self.mode in SPLIT_MODES and self.split_layer < 1:
             raise DPVRError(f"DPVRConfig.split_layer={self.split_layer} must be >= 1 for mode {self.mode!r}")
         if self.mode in SIDE_BRANCH_MODES and self.side_depth < 1:
             raise DPVRError(f"DPVRConfig.side_depth={self.side_depth} must be >= 1 for mode {self.mode!r}")
@@ -74,6 +101,24 @@ class DPVRConfig:
             raise DPVRError(f"DPVRConfig.freeze={self.freeze!r} must be 'all_but_side_branch' or 'none'")
         if not 0.0 <= float(self.fastv_ratio) <= 1.0:
             raise DPVRError(f"DPVRConfig.fastv_ratio={self.fastv_ratio!r} must be in [0, 1]")
+
+    def _normalise_fusion_at(self) -> None:
+        value = self.fusion_at
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} must be a sequence of layer indices")
+        layers = tuple(value)
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} must hold non-negative ints")
+        if len(set(layers)) != len(layers):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} names a layer twice")
+        if layers and self.mode != "lf":
+            raise DPVRError(f"DPVRConfig.fusion_at applies to mode 'lf', not {self.mode!r}")
+        if layers and self.fusion_layers not in (1, len(layers)):  # 1: the field's default
+            raise DPVRError(f"DPVRConfig.fusion_layers={self.fusion_layers} conflicts with fusion_at={value!r} "
+                            f"({len(layers)} layers): give one of them")  # fmt: skip
+        object.__setattr__(self, "fusion_at", tuple(sorted(layers)))
+        if layers:
+            object.__setattr__(self, "fusion_layers", len(layers))
 
     @property
     def has_side_branch(self) -> bool:
@@ -86,19 +131,23 @@ class DPVRConfig:
     def validate_for(self, num_layers: int) -> None:
         """Check the ranges that depend on the language model's depth L."""
         L, s, K, D = num_layers, self.split_layer, self.fusion_layers, self.side_depth
-        if self.mode in ("pc", "kv", "lf", "vtw") and not 1 <= s < L:
+        if self.mode in SPLIT_MODES and not 1 <= s < L:
             raise DPVRError(f"DPVRConfig.split_layer={s} out of range: need 1 <= split_layer < {L} (model has {L} layers)")
         if self.mode == "lf" and not 0 <= K <= L - s:
             raise DPVRError(
                 f"DPVRConfig.fusion_layers={K} out of range: need 0 <= fusion_layers <= {L - s} "
                 f"(= layers - split_layer) so fusion starts at or after the split"
             )
+        outside = [i for i in self.fusion_at if not s <= i < L]
+        if outside:
+            raise DPVRError(f"DPVRConfig.fusion_at={self.fusion_at} out of range: layers {outside} are not deep "
+                            f"layers (need split_layer={s} <= layer < {L})")  # fmt: skip
         if self.has_side_branch and self.side_init == "copy" and s + D > L:
             raise DPVRError(
                 f"DPVRConfig.side_depth={D} out of range: side_init='copy' copies layers {s}..{s + D - 1} "
                 f"but the model has {L} layers; use side_depth <= {L - s} or side_init='random'"
             )
-        if self.shallow_fastv and self.mode not in ("pc", "kv", "lf", "vtw"):
+        if self.shallow_fastv and self.mode not in SPLIT_MODES:
             raise DPVRError(f"DPVRConfig.shallow_fastv applies to modes pc/kv/lf/vtw, not {self.mode!r}")
         if self.shallow_fastv and not self.fastv_layer < s:
             raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range for shallow_fastv: need < split_layer={s}")

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dpvr.config import MODES, DPVRConfig
+from dpvr.config import MODE_TRAITS, MODES, DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.routing import DPVRForConditionalGeneration, convert
+from dpvr.routing.schedule import compile_schedule, summary
 
 # the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
 DEFAULT_SPLIT_RATIO = 18 / 32
@@ -119,16 +120,22 @@ def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForCon
     return net
 
 
-def describe(model) -> str:
-    """One line: which routing a loaded model runs."""
+def describe(model, plan: bool = False) -> str:
+    """One line: which routing a loaded model runs (its mode's fields, per MODE_TRAITS); with `plan`,
+    also its layer schedule for an image prompt, e.g. "[layers 0-5 all | side x1 image | ...]"."""
     if not isinstance(model, DPVRForConditionalGeneration):
         return "vanilla (stock)"
-    c = model.dpvr_config
-    extra = {"lf": f" K={c.fusion_layers} D={c.side_depth}", "pc": f" D={c.side_depth}", "kv": f" D={c.side_depth}",
-             "fastv": f" layer={c.fastv_layer} ratio={c.fastv_ratio}"}.get(c.mode, "")  # fmt: skip
-    split = f" s={c.split_layer}" if c.mode in ("lf", "pc", "kv", "vtw") else ""
-    shallow = f" +FastV@{c.fastv_layer} ratio={c.fastv_ratio} in [0, s)" if c.shallow_fastv else ""
-    return f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}{split}{extra}{shallow}"
+    c, L = model.dpvr_config, model.config.text_config.num_hidden_layers
+    t = MODE_TRAITS[c.mode]
+    parts = [f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}"]
+    parts += [f"s={c.split_layer}"] if t.split else []
+    if t.fusion:
+        parts.append(f"fusion_at={','.join(map(str, c.fusion_at))}" if c.fusion_at else f"K={c.fusion_layers}")
+    parts += [f"D={c.side_depth}"] if t.side_branch else []
+    parts += [f"layer={c.fastv_layer} ratio={c.fastv_ratio}"] if t.fastv else []
+    parts += [f"+FastV@{c.fastv_layer} ratio={c.fastv_ratio} in [0, s)"] if c.shallow_fastv else []
+    parts += [f"[{summary(compile_schedule(c, L))}]"] if plan else []
+    return " ".join(parts)
 
 
 def _model_type(path: str) -> str | None:

@@ -159,7 +159,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         """The RoutedCache to read/fill, a new one when asked for, or None (no caching)."""
         cfg = self.dpvr_config
         if isinstance(past_key_values, RoutedCache):
-            past_key_values.check_compatible(cfg.to_dict(), batch)
+            past_key_values.check_compatible(cfg, batch)
             return past_key_values
         if past_key_values is not None and not _is_empty_cache(past_key_values):
             raise DPVRError(
@@ -171,7 +171,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if self.training and self.is_activation_checkpointing:
             logger.warning_once("use_cache=True is incompatible with activation checkpointing; caching is off")
             return None
-        return RoutedCache(len(self.model.language_model.layers), cfg.to_dict())
+        return RoutedCache(len(self.model.language_model.layers), cfg)
 
     def _decode_step(self, cache: RoutedCache, input_ids, pixel_values, attention_mask, position_ids):
         """New text tokens against a filled RoutedCache -> final-norm hidden states (B, n, D)."""
@@ -246,7 +246,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if given is not None and not isinstance(given, RoutedCache):
             raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
         if given is None and generation_config.use_cache:
-            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.config.dpvr)
+            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.dpvr_config)
 
     # ------------------------------------------------------------------ training helpers
     def _activation_checkpointing_enable(self, *args, **kwargs):
