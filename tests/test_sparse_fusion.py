@@ -78,13 +78,13 @@ def test_sparse_fusion_cached_generation_equals_recompute(cfg):
 def test_fusion_at_is_normalised_and_bad_values_refused():
     cfg = DPVRConfig(mode="lf", split_layer=2, fusion_at=[5, 3])
     assert cfg.fusion_at == (3, 5) and cfg.fusion_layers == 2
+    assert DPVRConfig(mode="lf", fusion_at=(3, 5), fusion_layers=4).fusion_layers == 2  # derived: their count
     assert DPVRConfig.from_dict(cfg.to_dict()) == cfg
     for bad, match in [
         (dict(mode="pc", fusion_at=(3,)), "applies to mode 'lf'"),
         (dict(fusion_at=(3, 3)), "names a layer twice"),
         (dict(fusion_at=(3, -1)), "non-negative ints"),
         (dict(fusion_at=3), "sequence of layer indices"),
-        (dict(fusion_at=(3, 4), fusion_layers=3), "conflicts with fusion_at"),
     ]:
         with pytest.raises(DPVRError, match=match):
             DPVRConfig(**bad)

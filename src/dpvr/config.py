@@ -5,6 +5,7 @@ Layers are numbered 0..L-1. With split s, fusion K and side depth D:
   - the side branch (D trainable decoder layers) runs on the image positions alone;
   - `lf`:  layers [s, L-K) run on text only; at [L-K, L) the side-branch image states come back (fusion).
            K = 0 is DPVR-LF-ideal (no fusion layer; the side branch gets no gradient and is not run).
+           `fusion_at=(i, j, ...)` (sparse fusion) puts the fusion layers there instead of the last K.
   - `pc`:  every layer in [s, L) first resets the image positions to the side-branch output.
   - `kv`:  in [s, L) image states stay fixed at the side-branch output and only give keys/values.
   - `vtw`: (baseline, no training) image tokens are withdrawn from layer s on.
@@ -18,6 +19,7 @@ calls before touching the model.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +52,12 @@ SIDE_BRANCH_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.side_branch)
 SPLIT_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.split)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPVRConfig:
+    """Frozen and normalised (sequences are tuples, ratios floats): two configs are the same routing
+    iff they compare equal, however they were written (a list from JSON, an int ratio). Change one
+    with `dataclasses.replace(cfg, ...)` (validated again); `to_dict()` is for saving."""
+
     mode: str = field(default="lf", metadata={"help": f"Routing mode, one of {MODES}."})
     split_layer: int = field(
         default=18, metadata={"help": "s: first deep layer; layers [0, s) are shared by all tokens (7B: 18)."}
@@ -90,6 +96,13 @@ class DPVRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DPVRError(f"DPVRConfig.{name}={value!r} must be a non-negative int")
+        ratio = self.fastv_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+            raise DPVRError(f"DPVRConfig.fastv_ratio={ratio!r} must be a number in [0, 1]")
+        object.__setattr__(self, "fastv_ratio", float(ratio))
+        for name in ("shallow_fastv", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise DPVRError(f"DPVRConfig.{name}={getattr(self, name)!r} must be True or False")
         self._normalise_fusion_at()
         if self.mode in SPLIT_MODES and self.split_layer < 1:
             raise DPVRError(f"DPVRConfig.split_layer={self.split_layer} must be >= 1 for mode {self.mode!r}")
@@ -113,9 +126,8 @@ class DPVRConfig:
             raise DPVRError(f"DPVRConfig.fusion_at={value!r} names a layer twice")
         if layers and self.mode != "lf":
             raise DPVRError(f"DPVRConfig.fusion_at applies to mode 'lf', not {self.mode!r}")
-        if layers and self.fusion_layers not in (1, len(layers)):  # 1: the field's default
-            raise DPVRError(f"DPVRConfig.fusion_layers={self.fusion_layers} conflicts with fusion_at={value!r} "
-                            f"({len(layers)} layers): give one of them")  # fmt: skip
+        # fusion_layers is then their count, whatever it was (a replace() that sets fusion_at on a
+        # last-K config, or the reverse, must not trip over the other field)
         object.__setattr__(self, "fusion_at", tuple(sorted(layers)))
         if layers:
             object.__setattr__(self, "fusion_layers", len(layers))
@@ -164,3 +176,42 @@ class DPVRConfig:
         if unknown:
             raise DPVRError(f"unknown DPVRConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+# ----------------------------------------------------------------------------- command-line flags
+# The routing fields a command line sets, in this order; flags, types, defaults and help come from
+# the fields themselves, so a default is written once (above).
+ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "fastv_layer", "fastv_ratio",
+                 "shallow_fastv")  # fmt: skip
+_FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def add_routing_arguments(group, names: tuple[str, ...] = ROUTING_FLAGS, **defaults: Any) -> None:
+    """--split-layer, --fusion-layers, ... for the DPVRConfig fields `names` on an argparse group.
+    `defaults` replaces a field's default where the command derives it (split_layer=None: from the
+    model's depth; mode=None: no routing)."""
+    for name in names:
+        f, default = _FIELDS[name], defaults.get(name, _FIELDS[name].default)
+        flag, help_text = "--" + name.replace("_", "-"), f.metadata["help"]
+        if name in defaults:
+            help_text += f" Default here: {'derived' if default is None else default}."
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(f.default, tuple):
+            group.add_argument(flag, type=_layer_list, default=default, help=help_text + " Comma-separated.")
+        elif name == "mode":
+            group.add_argument(flag, default=default, choices=MODES, help=help_text)
+        else:
+            group.add_argument(flag, type=type(f.default), default=default, help=help_text)
+
+
+def routing_default(name: str) -> Any:
+    """The DPVRConfig default of field `name` (for signatures and dataclasses outside argparse)."""
+    return _FIELDS[name].default

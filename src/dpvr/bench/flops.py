@@ -16,7 +16,7 @@ import json
 
 from transformers import LlavaConfig
 
-from dpvr.config import DPVRConfig
+from dpvr.config import DPVRConfig, add_routing_arguments
 from dpvr.config import MODES as ROUTING_MODES
 from dpvr.routing.schedule import ALL, IMAGE, TEXT, Step, compile_schedule
 
@@ -149,9 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dpvr.bench.presets import PRESETS
 
     p.add_argument("--arch", default="llava-1.5-7b", choices=sorted(PRESETS), help="architecture preset")
-    p.add_argument("--split-layer", type=int, default=18)
-    p.add_argument("--fusion-layers", type=int, default=1)
-    p.add_argument("--side-depth", type=int, default=1)
+    add_routing_arguments(p, ("split_layer", "fusion_layers", "side_depth"))
     p.add_argument("--n-img", type=int, default=None, help="image tokens (default: the preset's, 576 for LLaVA-1.5)")
     p.add_argument("--text-lens", default="32,64,128,256,512,1024")
     p.add_argument("--json", default=None, help="also write the table as JSON here")

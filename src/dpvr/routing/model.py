@@ -26,11 +26,11 @@ from transformers.utils import cached_file, logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
+from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE, load_adapter, save_adapter
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_supported
 
-ADAPTER_CONFIG = "dpvr_adapter.json"
 logger = logging.get_logger(__name__)
 
 
@@ -39,7 +39,7 @@ class DPVRLlavaConfig(LlavaConfig):
     """A LlavaConfig plus the routing. Its own model_type, so a stock loader never silently drops the
     side branch: loading a DPVR checkpoint needs `import dpvr`."""
 
-    model_type = "dpvr_llava"
+    model_type = DPVR_MODEL_TYPE
     dpvr: dict | None = None
     base_model_name_or_path: str | None = None
 
@@ -277,8 +277,6 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory, side_branch_only: bool = False, **kwargs):
         if side_branch_only:
-            from dpvr.routing.adapter import save_adapter
-
             return save_adapter(self, save_directory)
         return super().save_pretrained(save_directory, **kwargs)
 
@@ -286,11 +284,9 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     def from_pretrained(cls, path, *args, base_model=None, dpvr_config: DPVRConfig | None = None, **kwargs):
         """Load a full DPVR checkpoint, an adapter (on `base_model` or its recorded base), or a stock
         LLaVA checkpoint converted with `dpvr_config`. Refuses anything that would leave weights random."""
-        from dpvr.routing.adapter import load_adapter
-
         adapter_cfg = cached_file(str(path), ADAPTER_CONFIG, _raise_exceptions_for_missing_entries=False)
         if adapter_cfg is not None:
-            return load_adapter(path, base_model=base_model, **kwargs)
+            return load_adapter(path, convert, base_model=base_model, **kwargs)
         config_file = cached_file(str(path), "config.json")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
