@@ -94,11 +94,13 @@ def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_value
         for i in range(s, L):
             h = layer(i, h, text_only)
     elif cfg.mode == "lf":
-        for i in range(s, L - K):
-            h = layer(i, h, text_only)
-        h = torch.where(img, side, h)
-        for i in range(L - K, L):
-            h = layer(i, h, full)
+        # fusion layers: the last K, or sparse fusion's chosen ones. Every fusion layer whose previous
+        # layer is not one starts again from the side branch's image states; the rest are text only.
+        fusion = set(cfg.fusion_at) if cfg.fusion_at else set(range(L - K, L))
+        for i in range(s, L):
+            if i in fusion and i - 1 not in fusion:
+                h = torch.where(img, side, h)
+            h = layer(i, h, full if i in fusion else text_only)
     elif cfg.mode in ("pc", "kv"):
         # KV's contract (image states fixed at the side output, keys/values only) is, at text
         # positions, the same as resetting image positions before a full layer: image queries'

@@ -5,6 +5,7 @@ Layers are numbered 0..L-1. With split s, fusion K and side depth D:
   - the side branch (D trainable decoder layers) runs on the image positions alone;
   - `lf`:  layers [s, L-K) run on text only; at [L-K, L) the side-branch image states come back (fusion).
            K = 0 is DPVR-LF-ideal (no fusion layer; the side branch gets no gradient and is not run).
+           `fusion_at=(i, j, ...)` (sparse fusion) puts the fusion layers there instead of the last K.
   - `pc`:  every layer in [s, L) first resets the image positions to the side-branch output.
   - `kv`:  in [s, L) image states stay fixed at the side-branch output and only give keys/values.
   - `vtw`: (baseline, no training) image tokens are withdrawn from layer s on.
@@ -18,25 +19,56 @@ calls before touching the model.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from dpvr.errors import DPVRError
 
-MODES = ("vanilla", "pc", "kv", "lf", "vtw", "fastv")
+
+
+@dataclass(frozen=True)
+class ModeTraits:
+    """What a mode uses; its layer plan is `dpvr.routing.schedule`'s compile function for it."""
+
+    split: bool  # shared layers [0, split_layer), then a routed deep part
+    side_branch: bool  # owns a trainable side branch (side_depth, side_init)
+    fusion: bool  # fuses the side branch back (fusion_layers / fusion_at)
+    fastv: bool  # prunes image tokens FastV-style on its own (fastv_layer, fastv_ratio)
+
+
+MODE_TRAITS = {
+    "vanilla": ModeTraits(split=False, side_branch=False, fusion=False, fastv=False),
+    "pc": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
+    "kv": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
+    "lf": ModeTraits(split=True, side_branch=True, fusion=True, fastv=False),
+    "vtw": ModeTraits(split=True, side_branch=False, fusion=False, fastv=False),
+    "fastv": ModeTraits(split=False, side_branch=False, fusion=False, fastv=True),
+}
+MODES = tuple(MODE_TRAITS)
 # modes that own a trainable side branch
-SIDE_BRANCH_MODES = ("pc", "kv", "lf")
+SIDE_BRANCH_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.side_branch)
+SPLIT_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.split)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPVRConfig:
+    """Frozen and normalised (sequences are tuples, ratios floats): two configs are the same routing
+    iff they compare equal, however they were written (a list from JSON, an int ratio). Change one
+    with `dataclasses.replace(cfg, ...)` (validated again); `to_dict()` is for saving."""
+
     mode: str = field(default="lf", metadata={"help": f"Routing mode, one of {MODES}."})
     split_layer: int = field(
         default=18, metadata={"help": "s: first deep layer; layers [0, s) are shared by all tokens (7B: 18)."}
     )
     fusion_layers: int = field(
         default=1, metadata={"help": "K (lf only): last K layers fuse image and text; 0 = DPVR-LF-ideal."}
+    )
+    fusion_at: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "lf: fuse at these deep layers instead of the last K (sparse fusion); fusion_layers "
+                  "becomes their count. Each run of consecutive layers starts from the side-branch image states."},
     )
     side_depth: int = field(default=1, metadata={"help": "D: decoder layers in the side branch (pc/kv/lf)."})
     side_init: str = field(
@@ -64,7 +96,15 @@ class DPVRConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DPVRError(f"DPVRConfig.{name}={value!r} must be a non-negative int")
-        if self.mode in ("pc", "kv", "lf", "vtw") and self.split_layer < 1:
+        ratio = self.fastv_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+            raise DPVRError(f"DPVRConfig.fastv_ratio={ratio!r} must be a number in [0, 1]")
+        object.__setattr__(self, "fastv_ratio", float(ratio))
+        for name in ("shallow_fastv", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise DPVRError(f"DPVRConfig.{name}={getattr(self, name)!r} must be True or False")
+        self._normalise_fusion_at()
+        if self.mode in SPLIT_MODES and self.split_layer < 1:
             raise DPVRError(f"DPVRConfig.split_layer={self.split_layer} must be >= 1 for mode {self.mode!r}")
         if self.mode in SIDE_BRANCH_MODES and self.side_depth < 1:
             raise DPVRError(f"DPVRConfig.side_depth={self.side_depth} must be >= 1 for mode {self.mode!r}")
@@ -74,6 +114,23 @@ class DPVRConfig:
             raise DPVRError(f"DPVRConfig.freeze={self.freeze!r} must be 'all_but_side_branch' or 'none'")
         if not 0.0 <= float(self.fastv_ratio) <= 1.0:
             raise DPVRError(f"DPVRConfig.fastv_ratio={self.fastv_ratio!r} must be in [0, 1]")
+
+    def _normalise_fusion_at(self) -> None:
+        value = self.fusion_at
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} must be a sequence of layer indices")
+        layers = tuple(value)
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} must hold non-negative ints")
+        if len(set(layers)) != len(layers):
+            raise DPVRError(f"DPVRConfig.fusion_at={value!r} names a layer twice")
+        if layers and self.mode != "lf":
+            raise DPVRError(f"DPVRConfig.fusion_at applies to mode 'lf', not {self.mode!r}")
+        # fusion_layers is then their count, whatever it was (a replace() that sets fusion_at on a
+        # last-K config, or the reverse, must not trip over the other field)
+        object.__setattr__(self, "fusion_at", tuple(sorted(layers)))
+        if layers:
+            object.__setattr__(self, "fusion_layers", len(layers))
 
     @property
     def has_side_branch(self) -> bool:
@@ -86,19 +143,23 @@ class DPVRConfig:
     def validate_for(self, num_layers: int) -> None:
         """Check the ranges that depend on the language model's depth L."""
         L, s, K, D = num_layers, self.split_layer, self.fusion_layers, self.side_depth
-        if self.mode in ("pc", "kv", "lf", "vtw") and not 1 <= s < L:
+        if self.mode in SPLIT_MODES and not 1 <= s < L:
             raise DPVRError(f"DPVRConfig.split_layer={s} out of range: need 1 <= split_layer < {L} (model has {L} layers)")
         if self.mode == "lf" and not 0 <= K <= L - s:
             raise DPVRError(
                 f"DPVRConfig.fusion_layers={K} out of range: need 0 <= fusion_layers <= {L - s} "
                 f"(= layers - split_layer) so fusion starts at or after the split"
             )
+        outside = [i for i in self.fusion_at if not s <= i < L]
+        if outside:
+            raise DPVRError(f"DPVRConfig.fusion_at={self.fusion_at} out of range: layers {outside} are not deep "
+                            f"layers (need split_layer={s} <= layer < {L})")  # fmt: skip
         if self.has_side_branch and self.side_init == "copy" and s + D > L:
             raise DPVRError(
                 f"DPVRConfig.side_depth={D} out of range: side_init='copy' copies layers {s}..{s + D - 1} "
                 f"but the model has {L} layers; use side_depth <= {L - s} or side_init='random'"
             )
-        if self.shallow_fastv and self.mode not in ("pc", "kv", "lf", "vtw"):
+        if self.shallow_fastv and self.mode not in SPLIT_MODES:
             raise DPVRError(f"DPVRConfig.shallow_fastv applies to modes pc/kv/lf/vtw, not {self.mode!r}")
         if self.shallow_fastv and not self.fastv_layer < s:
             raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range for shallow_fastv: need < split_layer={s}")
@@ -115,3 +176,42 @@ class DPVRConfig:
         if unknown:
             raise DPVRError(f"unknown DPVRConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+# ----------------------------------------------------------------------------- command-line flags
+# The routing fields a command line sets, in this order; flags, types, defaults and help come from
+# the fields themselves, so a default is written once (above).
+ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "fastv_layer", "fastv_ratio",
+                 "shallow_fastv")  # fmt: skip
+_FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def add_routing_arguments(group, names: tuple[str, ...] = ROUTING_FLAGS, **defaults: Any) -> None:
+    """--split-layer, --fusion-layers, ... for the DPVRConfig fields `names` on an argparse group.
+    `defaults` replaces a field's default where the command derives it (split_layer=None: from the
+    model's depth; mode=None: no routing)."""
+    for name in names:
+        f, default = _FIELDS[name], defaults.get(name, _FIELDS[name].default)
+        flag, help_text = "--" + name.replace("_", "-"), f.metadata["help"]
+        if name in defaults:
+            help_text += f" Default here: {'derived' if default is None else default}."
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(f.default, tuple):
+            group.add_argument(flag, type=_layer_list, default=default, help=help_text + " Comma-separated.")
+        elif name == "mode":
+            group.add_argument(flag, default=default, choices=MODES, help=help_text)
+        else:
+            group.add_argument(flag, type=type(f.default), default=default, help=help_text)
+
+
+def routing_default(name: str) -> Any:
+    """The DPVRConfig default of field `name` (for signatures and dataclasses outside argparse)."""
+    return _FIELDS[name].default

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dpvr.config import MODES, DPVRConfig
+from dpvr.config import MODE_TRAITS, ROUTING_FLAGS, DPVRConfig, add_routing_arguments, routing_default
 from dpvr.errors import DPVRError
 from dpvr.routing import DPVRForConditionalGeneration, convert
+from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE
+from dpvr.routing.schedule import compile_schedule, summary
 
 # the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
 DEFAULT_SPLIT_RATIO = 18 / 32
@@ -33,22 +35,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True)
     g.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the embedded tiny LLaVA)")
     g.add_argument("--adapter", default=None, help="DPVR side-branch (or PEFT LoRA) checkpoint to load onto --model")
     if with_mode:
-        g.add_argument("--mode", default=None, choices=MODES, help="routing to apply to a stock --model")
-        g.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
-        g.add_argument("--fusion-layers", type=int, default=1, help="K for lf (0 = LF-ideal)")
-        g.add_argument("--side-depth", type=int, default=1, help="D for pc/kv/lf")
-        g.add_argument("--fastv-layer", type=int, default=2, help="FastV ranking layer K")
-        g.add_argument("--fastv-ratio", type=float, default=0.5, help="FastV share of image tokens dropped")
-        g.add_argument("--shallow-fastv", action="store_true",
-                       help="lf/pc/kv/vtw (also via --adapter): prune image tokens FastV-style inside [0, s) too")  # fmt: skip
+        add_routing_arguments(g, mode=None, split_layer=None)
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    keys = ["model", "adapter", "mode", "split_layer", "fusion_layers", "side_depth", "fastv_layer", "fastv_ratio",
-            "shallow_fastv", "attn", "dtype", "device"]  # fmt: skip
+    keys = ["model", "adapter", *ROUTING_FLAGS, "attn", "dtype", "device"]
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
@@ -66,14 +60,15 @@ def load_model(
     adapter: str | None = None,
     mode: str | None = None,
     split_layer: int | None = None,
-    fusion_layers: int = 1,
-    side_depth: int = 1,
-    fastv_layer: int = 2,
-    fastv_ratio: float = 0.5,
-    shallow_fastv: bool = False,
+    fusion_layers: int = routing_default("fusion_layers"),
+    side_depth: int = routing_default("side_depth"),
+    fastv_layer: int = routing_default("fastv_layer"),
+    fastv_ratio: float = routing_default("fastv_ratio"),
+    shallow_fastv: bool = routing_default("shallow_fastv"),
     attn: str = "sdpa",
     dtype: str = "float32",
     device: str = "cpu",
+    fusion_at: tuple[int, ...] = routing_default("fusion_at"),
 ) -> tuple[LlavaForConditionalGeneration, object]:
     """(model in eval mode on `device`, processor). A stock model without --mode stays stock."""
     path = resolve_model_path(model)
@@ -93,7 +88,7 @@ def load_model(
         else:
             net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
         processor_path = path
-    elif _model_type(path) == "dpvr_llava":
+    elif _model_type(path) == DPVR_MODEL_TYPE:
         if mode is not None:
             raise DPVRError(f"--mode {mode} conflicts with {path}, a DPVR checkpoint with its own routing")
         net = DPVRForConditionalGeneration.from_pretrained(path, **load)
@@ -105,6 +100,7 @@ def load_model(
             cfg = DPVRConfig(
                 mode=mode, split_layer=default_split(L) if split_layer is None else split_layer,
                 fusion_layers=fusion_layers, side_depth=side_depth, fastv_layer=fastv_layer, fastv_ratio=fastv_ratio,
+                fusion_at=fusion_at,
             )  # fmt: skip
             net = convert(net, cfg)
         processor_path = path
@@ -124,23 +120,29 @@ def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForCon
     return net
 
 
-def describe(model) -> str:
-    """One line: which routing a loaded model runs."""
+def describe(model, plan: bool = False) -> str:
+    """One line: which routing a loaded model runs (its mode's fields, per MODE_TRAITS); with `plan`,
+    also its layer schedule for an image prompt, e.g. "[layers 0-5 all | side x1 image | ...]"."""
     if not isinstance(model, DPVRForConditionalGeneration):
         return "vanilla (stock)"
-    c = model.dpvr_config
-    extra = {"lf": f" K={c.fusion_layers} D={c.side_depth}", "pc": f" D={c.side_depth}", "kv": f" D={c.side_depth}",
-             "fastv": f" layer={c.fastv_layer} ratio={c.fastv_ratio}"}.get(c.mode, "")  # fmt: skip
-    split = f" s={c.split_layer}" if c.mode in ("lf", "pc", "kv", "vtw") else ""
-    shallow = f" +FastV@{c.fastv_layer} ratio={c.fastv_ratio} in [0, s)" if c.shallow_fastv else ""
-    return f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}{split}{extra}{shallow}"
+    c, L = model.dpvr_config, model.config.text_config.num_hidden_layers
+    t = MODE_TRAITS[c.mode]
+    parts = [f"{c.mode}{' (LF-ideal)' if c.is_lf_ideal else ''}"]
+    parts += [f"s={c.split_layer}"] if t.split else []
+    if t.fusion:
+        parts.append(f"fusion_at={','.join(map(str, c.fusion_at))}" if c.fusion_at else f"K={c.fusion_layers}")
+    parts += [f"D={c.side_depth}"] if t.side_branch else []
+    parts += [f"layer={c.fastv_layer} ratio={c.fastv_ratio}"] if t.fastv else []
+    parts += [f"+FastV@{c.fastv_layer} ratio={c.fastv_ratio} in [0, s)"] if c.shallow_fastv else []
+    parts += [f"[{summary(compile_schedule(c, L))}]"] if plan else []
+    return " ".join(parts)
 
 
 def _model_type(path: str) -> str | None:
     config = Path(path) / "config.json"
     if config.exists():
         return json.loads(config.read_text()).get("model_type")
-    if (Path(path) / "dpvr_adapter.json").exists():
+    if (Path(path) / ADAPTER_CONFIG).exists():
         raise DPVRError(f"{path} is an adapter: pass it as --adapter with its base as --model")
     return None  # a hub id: transformers resolves it
 

@@ -28,6 +28,7 @@ from dpvr.bench.flops import forward_flops
 from dpvr.bench.presets import PRESETS, build_random_model
 from dpvr.cli_types import at_least, int_list
 from dpvr.config import DPVRConfig
+from dpvr.config import add_routing_arguments
 from dpvr.loading import default_split
 from dpvr.routing import DPVRForConditionalGeneration, convert
 
@@ -36,9 +37,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model a measurement runs on (shared with `dpvr breakdown`)."""
     p.add_argument("--preset", default="cpu-7b-narrow",
                    help=f"architecture, random weights: one of {sorted(PRESETS)} or a checkpoint folder")  # fmt: skip
-    p.add_argument("--split-layer", type=int, default=None, help="s (default: 18/32 of the depth)")
-    p.add_argument("--fusion-layers", type=int, default=1)
-    p.add_argument("--side-depth", type=int, default=1)
+    add_routing_arguments(p, ("split_layer", "fusion_layers", "side_depth"), split_layer=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,13 @@ import json
 
 from transformers import LlavaConfig
 
-MODES = ("vanilla", "lf", "lf-ideal", "pc", "kv", "fastv", "vtw")
+from dpvr.config import DPVRConfig, add_routing_arguments
+from dpvr.config import MODES as ROUTING_MODES
+from dpvr.routing.schedule import ALL, IMAGE, TEXT, Step, compile_schedule
+
+DEFAULTS = DPVRConfig()
+# the routing modes, and LF-ideal (lf with fusion_layers=0) as a row of its own
+MODES = tuple(dict.fromkeys(("vanilla", "lf", "lf-ideal", *ROUTING_MODES)))
 
 
 def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
@@ -60,16 +66,17 @@ def forward_flops(
     config: LlavaConfig,
     mode: str,
     split_layer: int,
-    fusion_layers: int = 1,
-    side_depth: int = 1,
+    fusion_layers: int = DEFAULTS.fusion_layers,
+    side_depth: int = DEFAULTS.side_depth,
     n_img: int | None = None,
     n_txt: int = 64,
     batch: int = 1,
     n_images: int = 1,
     logits_tokens: int | None = None,
-    fastv_layer: int = 2,
-    fastv_ratio: float = 0.5,
-    shallow_fastv: bool = False,
+    fastv_layer: int = DEFAULTS.fastv_layer,
+    fastv_ratio: float = DEFAULTS.fastv_ratio,
+    shallow_fastv: bool = DEFAULTS.shallow_fastv,
+    fusion_at: tuple[int, ...] = DEFAULTS.fusion_at,
 ) -> dict[str, int]:
     """Forward FLOPs of one prefill, split into vision, lm_layers, side, lm_head and total.
 
@@ -80,53 +87,42 @@ def forward_flops(
     the kept image tokens only."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    text = config.text_config
-    L, s, K, D = text.num_hidden_layers, split_layer, fusion_layers, side_depth
-    n_img = config.image_seq_length * n_images if n_img is None else n_img
-    T = n_img + n_txt
     if mode == "lf-ideal":
-        mode, K = "lf", 0
-    H = text.num_attention_heads
-    probe = 2 * H * (getattr(text, "head_dim", None) or text.hidden_size // H) * T  # the last query's scores
-    dropped = int(n_img * fastv_ratio)
-
-    def fastv_stack(n_layers: int) -> int:
-        """Layers [0, n_layers): all T tokens up to fastv_layer, its probed query row, then T - dropped."""
-        kept = T - dropped
-        pruned = (n_layers - fastv_layer - 1) * decoder_layer(text, kept, kept)
-        return (fastv_layer + 1) * decoder_layer(text, T, T) + probe + pruned
-
-    n_img_deep, T_deep = n_img, T  # image / all tokens that reach the split (fewer with shallow FastV)
-    if mode == "fastv":
-        layers = fastv_stack(L)
-    elif mode == "vanilla":
-        layers = L * decoder_layer(text, T, T)
-    else:
-        if not shallow_fastv:
-            layers = s * decoder_layer(text, T, T)
-        elif fastv_layer < s:
-            layers = fastv_stack(s)
-            n_img_deep, T_deep = n_img - dropped, T - dropped
-        else:
-            raise ValueError(f"shallow_fastv needs fastv_layer < split_layer, got {fastv_layer} >= {s}")
-        full, text_only = decoder_layer(text, T_deep, T_deep), decoder_layer(text, n_txt, n_txt)
-        # text queries over every key; the image tokens' keys/values projected from fixed states
-        text_queries = decoder_layer(text, n_txt, T_deep, kv_tokens=n_txt) + kv_projection(text, n_img_deep)
-        if mode == "lf":  # the last fusion layer runs text queries only (its image outputs are never read)
-            layers += (L - s - K) * text_only + (max(K - 1, 0) * full + text_queries if K > 0 else 0)
-        elif mode == "pc":
-            layers += (L - s) * full
-        elif mode == "kv":
-            layers += (L - s) * text_queries
-        else:  # vtw
-            layers += (L - s) * text_only
-    side = D * decoder_layer(text, n_img_deep, n_img_deep) if mode in ("pc", "kv") or (mode == "lf" and K > 0) else 0
+        mode, fusion_layers = "lf", 0
+    cfg = DPVRConfig(mode=mode, split_layer=split_layer, fusion_layers=fusion_layers, side_depth=side_depth,
+                     fastv_layer=fastv_layer, fastv_ratio=fastv_ratio, shallow_fastv=shallow_fastv,
+                     fusion_at=tuple(fusion_at))  # fmt: skip
+    text = config.text_config
+    n_img = config.image_seq_length * n_images if n_img is None else n_img
+    steps = compile_schedule(cfg, text.num_hidden_layers, has_images=n_img > 0)
+    layers, side = schedule_flops(text, steps, n_img, n_txt, fastv_ratio)
     # lm_head runs on every position (HF's default forward), pruned ones included
-    head = _linear(T if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
+    head = _linear(n_img + n_txt if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
     out = {"vision": vision_flops(config, n_images), "lm_layers": layers, "side": side, "lm_head": head}
     out = {k: batch * v for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
+
+
+def schedule_flops(text, steps: list[Step], n_img: int, n_txt: int, fastv_ratio: float) -> tuple[int, int]:
+    """(decoder-layer FLOPs, side-branch FLOPs) of one row running `steps` on n_img image + n_txt text
+    tokens: the same steps the executor runs, so the two cannot disagree on a mode."""
+    layers = side = 0
+    for step in steps:
+        n = len(step.layers)
+        T = n_img + n_txt
+        if step.side:
+            side += n * decoder_layer(text, n_img, n_img)
+        elif step.image_kv:  # text queries over every key; the image keys/values projected from fixed states
+            layers += n * (decoder_layer(text, n_txt, T, kv_tokens=n_txt) + kv_projection(text, n_img))
+        else:
+            nq = {ALL: T, TEXT: n_txt, IMAGE: n_img}[step.queries]
+            layers += n * decoder_layer(text, nq, nq)
+        if step.prune:  # the last query's scores over every key, then the dropped tokens are gone
+            H = text.num_attention_heads
+            layers += 2 * H * (getattr(text, "head_dim", None) or text.hidden_size // H) * T
+            n_img -= int(n_img * fastv_ratio)
+    return layers, side
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -153,9 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dpvr.bench.presets import PRESETS
 
     p.add_argument("--arch", default="llava-1.5-7b", choices=sorted(PRESETS), help="architecture preset")
-    p.add_argument("--split-layer", type=int, default=18)
-    p.add_argument("--fusion-layers", type=int, default=1)
-    p.add_argument("--side-depth", type=int, default=1)
+    add_routing_arguments(p, ("split_layer", "fusion_layers", "side_depth"))
     p.add_argument("--n-img", type=int, default=None, help="image tokens (default: the preset's, 576 for LLaVA-1.5)")
     p.add_argument("--text-lens", default="32,64,128,256,512,1024")
     p.add_argument("--json", default=None, help="also write the table as JSON here")

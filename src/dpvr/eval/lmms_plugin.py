@@ -21,6 +21,8 @@ from itertools import groupby
 
 import torch
 
+from dpvr.config import routing_default
+
 MODEL_ID = "dpvr_llava"
 IMAGE = "<image>"
 # task generation kwargs that describe other models' image preprocessing: the checkpoint's own processor
@@ -151,8 +153,10 @@ if lmms is not None:
         is_simple = True
 
         def __init__(self, pretrained: str, adapter: str | None = None, mode: str | None = None,
-                     split_layer: int | None = None, fusion_layers: int = 1, side_depth: int = 1,
-                     fastv_layer: int = 2, fastv_ratio: float = 0.5, shallow_fastv: bool = False,
+                     split_layer: int | None = None, fusion_layers: int = routing_default("fusion_layers"),
+                     side_depth: int = routing_default("side_depth"), fastv_layer: int = routing_default("fastv_layer"),
+                     fastv_ratio: float = routing_default("fastv_ratio"),
+                     shallow_fastv: bool = routing_default("shallow_fastv"),
                      device: str = "cuda", dtype: str = "bfloat16",
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, **kwargs) -> None:  # fmt: skip

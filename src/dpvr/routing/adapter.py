@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
@@ -20,7 +21,11 @@ from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 
 WEIGHTS = "side_branch.safetensors"
+ADAPTER_CONFIG = "dpvr_adapter.json"
 FORMAT_VERSION = 1
+# the model_type of a converted model's config (DPVRLlavaConfig): its own, so a stock loader never
+# silently drops the side branch
+DPVR_MODEL_TYPE = "dpvr_llava"
 
 
 def base_fingerprint(config) -> dict:
@@ -72,11 +77,11 @@ def save_adapter(model, save_directory) -> None:
         "base_fingerprint": base_fingerprint(model.config),
         "weights_sha256": _sha256(out / WEIGHTS),
     }
-    _atomic_write(out / "dpvr_adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    _atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def read_adapter_config(path) -> dict:
-    file = cached_file(str(path), "dpvr_adapter.json")
+    file = cached_file(str(path), ADAPTER_CONFIG)
     try:
         with open(file) as f:
             meta = json.load(f)
@@ -89,17 +94,16 @@ def read_adapter_config(path) -> dict:
     return meta
 
 
-def load_adapter(path, base_model: LlavaForConditionalGeneration | None = None, **load_kwargs):
-    """Convert `base_model` (or the recorded base, loaded with load_kwargs) and load the side branch."""
-    from dpvr.routing.model import DPVRForConditionalGeneration, convert
-
+def load_adapter(path, convert: Callable, base_model: LlavaForConditionalGeneration | None = None, **load_kwargs):
+    """convert(base_model (or the recorded base, loaded with load_kwargs), the adapter's routing), then
+    load the side branch. `convert` is dpvr.routing.model's (passed in: this module imports no model)."""
     meta = read_adapter_config(path)
     if base_model is None:
         base_path = meta.get("base_model_name_or_path")
         if not base_path:
             raise DPVRError(f"adapter {path} records no base model; pass base_model=")
         base_model = LlavaForConditionalGeneration.from_pretrained(base_path, **load_kwargs)
-    if isinstance(base_model, DPVRForConditionalGeneration):
+    if getattr(base_model.config, "model_type", None) == DPVR_MODEL_TYPE:
         raise DPVRError("load an adapter onto the stock base model, not onto an already converted one")
     want, have = meta["base_fingerprint"], base_fingerprint(base_model.config)
     diff = [f"{k}: adapter {want[k]} vs base {have.get(k)}" for k in want if want[k] != have.get(k)]
@@ -107,7 +111,7 @@ def load_adapter(path, base_model: LlavaForConditionalGeneration | None = None, 
         raise DPVRError(f"adapter {path} was trained on another base shape ({'; '.join(diff)})")
     weights = cached_file(str(path), WEIGHTS)
     if _sha256(Path(weights)) != meta["weights_sha256"]:
-        raise DPVRError(f"adapter {path}: {WEIGHTS} does not match the checksum in dpvr_adapter.json (partial write?)")
+        raise DPVRError(f"adapter {path}: {WEIGHTS} does not match the checksum in {ADAPTER_CONFIG} (partial write?)")
     model = convert(base_model, DPVRConfig.from_dict(meta["dpvr"]))
     state = {k.removeprefix("side_branch."): v for k, v in load_file(weights).items()}
     expected = set(model.side_branch.state_dict())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.routing.layer import KV
 
@@ -25,9 +26,11 @@ NO_ROLLBACK = ("RoutedCache cannot roll back rejected draft tokens: assisted/spe
 class RoutedCache:
     is_compileable = False
 
-    def __init__(self, num_layers: int, routing: dict):
+    def __init__(self, num_layers: int, routing: DPVRConfig | dict):
         self.layers: list[KV | None] = [None] * num_layers
-        self.routing = dict(routing)  # the DPVRConfig it was filled under; a model with another refuses it
+        # the DPVRConfig it was filled under; a model with another refuses it. Compared as normalised
+        # objects, so a config that went through JSON (lists for tuples) is still the same routing.
+        self.routing = _as_config(routing)
         self.seen = 0  # sequence positions consumed (prompt + generated), padding included
         self.dense = True  # no padding anywhere: decode attention needs no mask
 
@@ -67,7 +70,8 @@ class RoutedCache:
         raise DPVRError(NO_ROLLBACK)
 
     # --------------------------------------------------------------- checks and figures
-    def check_compatible(self, routing: dict, batch: int) -> None:
+    def check_compatible(self, routing: DPVRConfig | dict, batch: int) -> None:
+        routing = _as_config(routing)
         if routing != self.routing:
             raise DPVRError(f"this RoutedCache was filled under routing {self.routing}, not {routing}")
         first = self.layers[0]
@@ -82,3 +86,7 @@ class RoutedCache:
         """Stored key count per layer (rows padded to the widest)."""
         return [0 if kv is None else kv.key.shape[2] for kv in self.layers]
 
+
+
+def _as_config(routing: DPVRConfig | dict) -> DPVRConfig:
+    return routing if isinstance(routing, DPVRConfig) else DPVRConfig.from_dict(routing)

@@ -1,17 +1,11 @@
-"""The routed decoder loop: every mode's layer schedule, side by side, in one readable file.
+"""The routed decoder loop: runs a mode's schedule (`dpvr.routing.schedule`) step by step.
 
 Input is the merged embedding sequence (text embeddings with projected image features scattered in)
 and output the final-norm hidden states (B, T, D), exactly where the stock `LlamaModel` would hand
-them to `lm_head`. Which positions each layer runs on:
-
-    mode     layers [0, s)   side branch    layers [s, L-K)         layers [L-K, L)
-    lf       all tokens      image only     text only               all (image <- side output); in the
-                                                                    last, image keys/values only
-    (lf/pc/kv/vtw with shallow_fastv: FastV pruning inside [0, s) first; dropped tokens stay dropped)
-    pc       all tokens      image only     all, image reset to side output before each layer
-    kv       all tokens      image only     text queries; image = side output, keys/values only
-    vtw      all tokens      -              text only
-    fastv    all tokens up to fastv_layer, then text + the image tokens the last token attends to most
+them to `lm_head`. Which positions each layer runs on is the schedule's: a step is the side branch,
+a run of layers on one token set (all, text, image; "kept" after FastV pruning), a run of text-query
+layers over fixed image keys/values, or FastV's ranking layer. `routed_decode` runs new tokens
+against a RoutedCache, whose per-layer contents the prefill's schedule decided.
 
 Text-only batches (no image token anywhere) run every layer on every token in every mode, which is
 the stock computation. Only text positions' outputs are part of the contract; image positions hold
@@ -31,6 +25,7 @@ from dpvr.config import DPVRConfig
 from dpvr.errors import NonFiniteError
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.layer import KV, project_kv, routed_layer
+from dpvr.routing.schedule import ALL, IMAGE, TEXT, compile_schedule
 from dpvr.routing.tokens import TokenSet
 
 
@@ -102,11 +97,11 @@ class _Loop:
             self.flags.append((name, _all_finite(checked)))
         return out, keys, probs
 
-    def layers(self, idx: range, S: TokenSet, h: torch.Tensor, extra: KV | None = None, probe=None):
+    def layers(self, idx: range, S: TokenSet, h: torch.Tensor, extra: Callable[[int], KV] | None = None, probe=None):
         """Text layers idx, in turn, on set S of the full states h (B, T, D). The set is gathered once and
         scattered back once, however many layers run on it (LF's 13 text-only layers at 7B): per-layer
-        gather/scatter of the full sequence was measurable next to a 64-token layer on CPU.
-        Returns the new full states and the last layer's probe probabilities."""
+        gather/scatter of the full sequence was measurable next to a 64-token layer on CPU. extra(i):
+        layer i's key/value-only tokens. Returns the new full states and the last layer's probe probabilities."""
         if not idx:
             return h, None
         with _stage(f"{_layers_name(idx)} on {S.name} ({S.width} tokens)", idx):
@@ -115,7 +110,8 @@ class _Loop:
             dense = S.dense and extra is None
             probs = None
             for i in idx:
-                hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, extra, probe, dense)
+                kv = extra(i) if extra is not None else None
+                hs, keys, probs = self.run(f"layer {i}", self.lm.layers[i], hs, S.idx, S.valid, cos, sin, kv, probe, dense)
                 if self.keep_kv:  # the joined keys the layer attended over: DPVR-KV's separate image keys are freed
                     self.layer_kv[i] = keys
                 # (without a cache, keys is None: routed_layer freed them before its MLP, as the stock layer does)
@@ -124,14 +120,27 @@ class _Loop:
             # with hidden states kept, the last layer's full states were just scattered: reuse them
             return (self.hidden[-1] if self.hidden is not None else S.scatter(h, hs)), probs
 
-    def text_queries(self, i: int, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        """Layer i with text queries only: the image states img (B, N_img, D) give keys/values (norm, k/v
+    def text_queries(self, idx: range, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
+        """Layers idx with text queries only: the image states of h, fixed, give keys/values (norm, k/v
         projection, rotary) and nothing else, no query, o_proj or MLP; h's image positions are left as
-        they are. DPVR-KV's deep layers, and LF's last layer, whose image outputs nothing would read."""
-        with _stage(f"layer {i}: {TXT.name} queries, {IMG.name} keys/values ({TXT.width} + {IMG.width} tokens)", range(i, i + 1)):
-            k, v = project_kv(self.lm.layers[i], img, IMG.gather(self.cos), IMG.gather(self.sin))
-            h, _ = self.layers(range(i, i + 1), TXT, h, extra=KV(k, v, IMG.idx, IMG.valid))
-            return h
+        they are. DPVR-KV's deep layers, and the last layer of an LF fusion run, whose image outputs
+        nothing would read."""
+        name = f"{_layers_name(idx)}: {TXT.name} queries, {IMG.name} keys/values ({TXT.width} + {IMG.width} tokens)"
+        with _stage(name, idx):
+            img, cos, sin = IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin)
+
+            def image_kv(i: int) -> KV:
+                return KV(*project_kv(self.lm.layers[i], img, cos, sin), IMG.idx, IMG.valid)
+
+            return self.layers(idx, TXT, h, extra=image_kv)[0]
+
+    def fastv_prune(self, f: int, sets: "_Sets", h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer f on every token, probing the last valid token's attention: (new h, the valid mask
+        keeping text + the image tokens it attends to most)."""
+        S, valid = sets[ALL], sets.valid
+        last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid position
+        h, probs = self.layers(range(f, f + 1), S, h, probe=_row_in(S, last))
+        return h, fastv_keep(probs, S, sets.is_img, valid, self.cfg.fastv_ratio)
 
     def side(self, side_branch: nn.ModuleList, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
         """Side branch on the image positions of h: returns (B, N_img, D)."""
@@ -166,6 +175,21 @@ def fastv_keep(probs: torch.Tensor, S: TokenSet, is_img: torch.Tensor, valid: to
     return valid & (~is_img | kept_img)
 
 
+class _Sets:
+    """The token sets of one forward under the current valid mask, each built on first use."""
+
+    def __init__(self, valid: torch.Tensor, is_img: torch.Tensor, pruned: bool = False):
+        self.valid, self.is_img, self.pruned = valid, is_img, pruned
+        self._built: dict[str, TokenSet] = {}
+
+    def __getitem__(self, name: str) -> TokenSet:
+        if name not in self._built:
+            select = {ALL: self.valid, TEXT: self.valid & ~self.is_img, IMAGE: self.valid & self.is_img}[name]
+            label = "kept" if name == ALL and self.pruned else name  # FastV's survivors
+            self._built[name] = TokenSet.from_mask(select, label)
+        return self._built[name]
+
+
 def routed_decoder(
     lm: nn.Module,  # the LlamaModel-like language model (layers, norm, rotary_emb)
     side_branch: nn.ModuleList | None,
@@ -178,65 +202,31 @@ def routed_decoder(
     keep_hidden: bool = False,
     keep_kv: bool = False,
 ) -> RoutedOutput:
-    L, s, K = len(lm.layers), cfg.split_layer, cfg.fusion_layers
+    """Runs the steps `compile_schedule` gives for cfg, in order (see dpvr.routing.schedule)."""
     loop = _Loop(lm, cfg, h, pos, checkpointing, keep_hidden, keep_kv)
-    has_images = bool((is_img & valid).any())
-    mode = cfg.mode if has_images else "text-only"
-    if mode in ("text-only", "fastv"):
-        h, kept = _shared_stack(loop, L, h, valid, is_img, prune=mode == "fastv")
-    else:
-        h, kept = _shared_stack(loop, s, h, valid, is_img, prune=cfg.shallow_fastv)
-        valid = kept  # tokens FastV dropped in the shared stack are gone for good
-        ALL = TokenSet.from_mask(valid, "all")
-        TXT, IMG = TokenSet.from_mask(valid & ~is_img, "text"), TokenSet.from_mask(valid & is_img, "image")
-        if mode == "vtw":
-            h, _ = loop.layers(range(s, L), TXT, h)
-        elif mode == "lf":
-            side = loop.side(side_branch, IMG, h) if K > 0 else None  # LF-ideal never uses it
-            h, _ = loop.layers(range(s, L - K), TXT, h)
-            if K > 0:
-                h = IMG.scatter(h, side)
-                h, _ = loop.layers(range(L - K, L - 1), ALL, h)
-                # the last layer's image outputs would reach nothing (logits and loss read text positions):
-                # there the image tokens are keys/values only, the same text outputs for less work
-                h = loop.text_queries(L - 1, TXT, IMG, h, IMG.gather(h))
-        elif mode == "pc":
-            side = loop.side(side_branch, IMG, h)
-            for i in range(s, L):
-                h, _ = loop.layers(range(i, i + 1), ALL, IMG.scatter(h, side))
-        elif mode == "kv":
-            side = loop.side(side_branch, IMG, h)  # the image states of every deep layer
-            h = IMG.scatter(h, side)
-            for i in range(s, L):
-                h = loop.text_queries(i, TXT, IMG, h, side)
+    steps = compile_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))
+    sets, side = _Sets(valid, is_img), None
+    for step in steps:
+        if step.side:
+            side = loop.side(side_branch, sets[IMAGE], h)
+            continue
+        if step.image_from_side:
+            h = sets[IMAGE].scatter(h, side)
+        if step.prune:
+            h, kept = loop.fastv_prune(step.layers.start, sets, h)
+            sets = _Sets(kept, is_img, pruned=True)  # tokens FastV dropped are gone for good
+        elif step.image_kv:
+            h = loop.text_queries(step.layers, sets[TEXT], sets[IMAGE], h)
         else:
-            raise AssertionError(f"unhandled mode {mode!r}")
-
+            h, _ = loop.layers(step.layers, sets[step.queries], h)
     loop.raise_if_not_finite()
     hidden = lm.norm(h)
     return RoutedOutput(
         hidden=hidden,
         all_hidden=(*loop.hidden[:-1], hidden) if loop.hidden is not None else None,  # stock: last one normed
-        kept=kept,
+        kept=sets.valid,
         layer_kv=loop.layer_kv,
     )
-
-
-def _shared_stack(loop: _Loop, n_layers: int, h, valid, is_img, prune: bool):
-    """Layers [0, n_layers) on every valid token; with `prune`, FastV drops image tokens after
-    layer cfg.fastv_layer for the rest of the stack (and for everything routed after it).
-    Returns (h, the valid mask after pruning)."""
-    ALL = TokenSet.from_mask(valid, "all")
-    if not prune:
-        h, _ = loop.layers(range(n_layers), ALL, h)
-        return h, valid
-    f = loop.cfg.fastv_layer  # < n_layers: DPVRConfig.validate_for
-    last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid position
-    h, _ = loop.layers(range(f), ALL, h)
-    h, probs = loop.layers(range(f, f + 1), ALL, h, probe=_row_in(ALL, last))
-    valid = fastv_keep(probs, ALL, is_img, valid, loop.cfg.fastv_ratio)
-    h, _ = loop.layers(range(f + 1, n_layers), TokenSet.from_mask(valid, "kept"), h)
-    return h, valid
 
 
 def routed_decode(

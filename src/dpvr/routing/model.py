@@ -26,13 +26,13 @@ from transformers.utils import cached_file, logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
+from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE, load_adapter, save_adapter
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_supported
 from dpvr.routing.side import SideBranch, active_side_branch
 from dpvr.routing.stock_guard import install as install_stock_guard
 
-ADAPTER_CONFIG = "dpvr_adapter.json"
 logger = logging.get_logger(__name__)
 
 
@@ -41,7 +41,7 @@ class DPVRLlavaConfig(LlavaConfig):
     """A LlavaConfig plus the routing. Its own model_type, so a stock loader never silently drops the
     side branch: loading a DPVR checkpoint needs `import dpvr`."""
 
-    model_type = "dpvr_llava"
+    model_type = DPVR_MODEL_TYPE
     dpvr: dict | None = None
     base_model_name_or_path: str | None = None
 
@@ -165,7 +165,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         """The RoutedCache to read/fill, a new one when asked for, or None (no caching)."""
         cfg = self.dpvr_config
         if isinstance(past_key_values, RoutedCache):
-            past_key_values.check_compatible(cfg.to_dict(), batch)
+            past_key_values.check_compatible(cfg, batch)
             return past_key_values
         if past_key_values is not None and not _is_empty_cache(past_key_values):
             raise DPVRError(
@@ -177,7 +177,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if self.training and self.is_activation_checkpointing:
             logger.warning_once("use_cache=True is incompatible with activation checkpointing; caching is off")
             return None
-        return RoutedCache(len(self.model.language_model.layers), cfg.to_dict())
+        return RoutedCache(len(self.model.language_model.layers), cfg)
 
     def _decode_step(self, cache: RoutedCache, input_ids, pixel_values, attention_mask, position_ids, hidden_out=None):
         """New text tokens against a filled RoutedCache -> final-norm hidden states (B, n, D). A generated
@@ -253,7 +253,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         if given is not None and not isinstance(given, RoutedCache):
             raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
         if given is None and generation_config.use_cache:
-            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.config.dpvr)
+            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.dpvr_config)
 
     # ------------------------------------------------------------------ training helpers
     def _activation_checkpointing_enable(self, *args, **kwargs):
@@ -284,8 +284,6 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory, side_branch_only: bool = False, **kwargs):
         if side_branch_only:
-            from dpvr.routing.adapter import save_adapter
-
             return save_adapter(self, save_directory)
         return super().save_pretrained(save_directory, **kwargs)
 
@@ -293,11 +291,11 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
     def from_pretrained(cls, path, *args, base_model=None, dpvr_config: DPVRConfig | None = None, **kwargs):
         """Load a full DPVR checkpoint, an adapter (on `base_model` or its recorded base), or a stock
         LLaVA checkpoint converted with `dpvr_config`. Refuses anything that would leave weights random."""
-        from dpvr.routing.adapter import load_adapter, override_routing
+        from dpvr.routing.adapter import override_routing
 
         adapter_cfg = cached_file(str(path), ADAPTER_CONFIG, _raise_exceptions_for_missing_entries=False)
         if adapter_cfg is not None:
-            return override_routing(load_adapter(path, base_model=base_model, **kwargs), dpvr_config, path)
+            return override_routing(load_adapter(path, convert, base_model=base_model, **kwargs), dpvr_config, path)
         config_file = cached_file(str(path), "config.json", _raise_exceptions_for_missing_entries=False)
         if config_file is None or base_model is not None:  # base_model= is for adapters only
             what = "a DPVR adapter" if base_model is not None else "a DPVR adapter or checkpoint (no config.json either)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpvr.config import MODES, SIDE_BRANCH_MODES
+from dpvr.config import MODES, SIDE_BRANCH_MODES, routing_default
 from dpvr.errors import UsageError
 
 METHODS = ("dpvr", "full", "lora")
@@ -27,11 +27,14 @@ TRAINING_DEFAULTS = dict(
 class ModelArguments:
     model: str | None = field(default=None, metadata={"help": "base llava checkpoint (default: the embedded tiny LLaVA)"})
     method: str = field(default="dpvr", metadata={"help": f"one of {METHODS}: DPVR side branch, full fine-tune, LoRA"})
-    mode: str = field(default="lf", metadata={"help": "dpvr routing: lf, pc or kv"})
+    mode: str = field(default=routing_default("mode"), metadata={"help": "dpvr routing: lf, pc or kv"})
     split_layer: int | None = field(default=None, metadata={"help": "s (default: 18/32 of the depth)"})
-    fusion_layers: int = field(default=1, metadata={"help": "K for lf (0 = LF-ideal, which cannot train)"})
-    side_depth: int = field(default=1, metadata={"help": "D: decoder layers in the side branch"})
-    side_init: str = field(default="copy", metadata={"help": "copy (layers s..s+D-1) or random"})
+    fusion_layers: int = field(default=routing_default("fusion_layers"),
+                               metadata={"help": "K for lf (0 = LF-ideal, which cannot train)"})  # fmt: skip
+    fusion_at: list[int] = field(default_factory=lambda: list(routing_default("fusion_at")),
+                                 metadata={"help": "lf: sparse fusion at these deep layers instead of the last K"})  # fmt: skip
+    side_depth: int = field(default=routing_default("side_depth"), metadata={"help": "D: decoder layers in the side branch"})
+    side_init: str = field(default=routing_default("side_init"), metadata={"help": "copy (layers s..s+D-1) or random"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)"})
     attn: str = field(default="sdpa", metadata={"help": "attention implementation: sdpa or eager"})
 

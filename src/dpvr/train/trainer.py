@@ -26,7 +26,7 @@ from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.loading import default_split, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
-from dpvr.routing.adapter import WEIGHTS, read_adapter_config
+from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
 from dpvr.train.args import ModelArguments
 
 logger = logging.get_logger(__name__)
@@ -53,9 +53,10 @@ def build_model(margs: ModelArguments):
     L = base.config.text_config.num_hidden_layers
     cfg = DPVRConfig(
         mode=margs.mode, split_layer=default_split(L) if margs.split_layer is None else margs.split_layer,
-        fusion_layers=margs.fusion_layers, side_depth=margs.side_depth, side_init=margs.side_init,
+        fusion_layers=margs.fusion_layers, fusion_at=tuple(margs.fusion_at), side_depth=margs.side_depth,
+        side_init=margs.side_init,
     )  # fmt: skip
-    if cfg.mode not in ("lf", "pc", "kv"):
+    if not cfg.has_side_branch:
         raise DPVRError(f"--mode {cfg.mode!r} has nothing to train; train lf, pc or kv (fastv/vtw are inference-only)")
     if cfg.is_lf_ideal:
         raise DPVRError(
@@ -132,12 +133,13 @@ class DPVRTrainer(Trainer):
         if loss_file.exists():
             self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
         model = model or self._unwrapped()
-        adapter = Path(resume_from_checkpoint) / "dpvr_adapter.json"
+        adapter = Path(resume_from_checkpoint) / ADAPTER_CONFIG
         if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = read_adapter_config(resume_from_checkpoint)["dpvr"]
-        if saved != model.config.dpvr:
-            changed = {k: (saved.get(k), v) for k, v in model.config.dpvr.items() if saved.get(k) != v}
+        # compared as normalised configs: JSON gives lists where the live config has tuples
+        saved, now = DPVRConfig.from_dict(read_adapter_config(resume_from_checkpoint)["dpvr"]), model.dpvr_config
+        if saved != now:
+            changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
             raise DPVRError(f"cannot resume from {resume_from_checkpoint}: routing config changed {changed} (saved, now)")
         from safetensors.torch import load_file
 
