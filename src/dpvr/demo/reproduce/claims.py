@@ -79,7 +79,7 @@ def verdicts(rows: dict[str, dict], zero_grad: dict | None) -> list[dict]:
     else:
         out.append({"claim": "LF-ideal's side branch gets zero gradient",
                     "verdict": "holds" if zero_grad["lf_ideal"] == 0.0 < zero_grad["lf"] else "does not hold",
-                    "evidence": f"max |grad| of the side branch: K=0 {zero_grad['lf_ideal']:.3g}, K=1 {zero_grad['lf']:.3g}"})  # fmt: skip
+                    "evidence": f"largest absolute side-branch gradient: K=0 {zero_grad['lf_ideal']:.3g}, K=1 {zero_grad['lf']:.3g}"})  # fmt: skip
     combo = ["DPVR-LF + FastV", "vanilla", "DPVR-LF"]
     out.append(_verdict(
         "beyond the paper: LF + FastV in the shared stack saves >= 50% of prefill FLOPs with <= 1 point of mean "

@@ -84,7 +84,10 @@ def side_branch_gradients(base: str, split: int, n: int = 4) -> dict:
     for name, K in (("lf_ideal", 0), ("lf", 1)):
         model = convert(LlavaForConditionalGeneration.from_pretrained(base), DPVRConfig(mode="lf", split_layer=split,
                                                                                       fusion_layers=K))  # fmt: skip
-        model(**batch).loss.backward()
-        grads = [p.grad.abs().max().item() if p.grad is not None else 0.0 for p in model.side_branch.parameters()]
-        out[name] = max(grads)
+        loss, params = model(**batch).loss, list(model.side_branch.parameters())
+        if not loss.requires_grad:  # no path from the side branch to the loss: its gradient is exactly zero
+            out[name] = 0.0
+            continue
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[name] = max(g.abs().max().item() if g is not None else 0.0 for g in grads)
     return out
