@@ -92,3 +92,28 @@ def test_fusion_at_is_normalised_and_bad_values_refused():
         convert(tiny_llava(), DPVRConfig(mode="lf", split_layer=2, fusion_at=(1, 4)))
     with pytest.raises(DPVRError, match=r"layers \[6\] are not deep"):
         convert(tiny_llava(), DPVRConfig(mode="lf", split_layer=2, fusion_at=(6,)))
+
+
+def test_analyze_suggests_fusion_at_from_the_masking_curve():
+    """Deep layers where blocking text-to-image attention alone costs likelihood (beyond one standard
+    error, and at least half the worst such cost) are suggested, at most three, next to the split."""
+    from test_analysis_cli import paper_like_curves
+
+    from dpvr.analysis.report import format_table
+    from dpvr.analysis.summary import recommend_split
+
+    c = paper_like_curves()  # split 18 of 32
+    L = c["num_layers"]
+    dll = [-0.01] * L
+    dll[5], dll[21], dll[28], dll[30], dll[25] = -0.9, -0.40, -0.35, -0.12, -0.30  # 5 is before the split
+    c.update({k: [0.5] * L for k in ("cos_image", "cos_text", "mass_max_head", "kl_text")})
+    c.update(dll_only=dll, dll_only_sem=[0.05] * L, dll_onward=[0.0] * L, dll_onward_sem=[0.0] * L,
+             acc_only=[1.0] * L, acc_onward=[1.0] * L, ll_base=-1.0, acc_base=1.0, n_masking=4)  # fmt: skip
+    rec = recommend_split(c)
+    assert rec.split == 18 and rec.fusion_at == (21, 25, 28), rec.fusion_reason  # 30's 0.12 < half of 0.40
+    assert "fusion_at 21,25,28" in rec.fusion_reason
+    c["dll_only_sem"] = [0.5] * L  # every cost within noise: no suggestion, said so
+    rec = recommend_split(c)
+    assert rec.fusion_at == () and "beyond noise" in rec.fusion_reason
+    assert "suggested fusion_at = (none)" in format_table(c, rec)
+    assert recommend_split(paper_like_curves()).fusion_reason.startswith("no masking analysis")

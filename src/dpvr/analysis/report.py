@@ -83,4 +83,6 @@ def format_table(curves: dict, rec: Recommendation) -> str:
         lines.append(f"no blocking: answer log-lik {curves['ll_base']:.3f}, accuracy {curves['acc_base']:.3f}")
     lines.append("marks: s = recommended split, c = attention collapse, v = vision logit-lens transition")
     lines.append(f"recommended split_layer = {rec.split}: {rec.reason}")
+    if rec.fusion_reason:
+        lines.append(f"suggested fusion_at = {','.join(map(str, rec.fusion_at)) or '(none)'}: {rec.fusion_reason}")
     return "\n".join(lines)

@@ -121,6 +121,8 @@ class Recommendation:
     kl_frac: float
     margin: int
     reason: str
+    fusion_at: tuple[int, ...] = ()  # sparse fusion layers the masking curve suggests (empty: none/unscored)
+    fusion_reason: str = ""
 
 
 def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0.5, margin: int = 2) -> Recommendation:
@@ -142,7 +144,7 @@ def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0
         reason = (f"split {s}: text-to-image attention collapsed at layer {c} (mass {mass[c]:.3f} <= "
                   f"{collapse_frac:g} x peak {mass[peak]:.3f} at layer {peak}; {mass[s]:.3f} at {s}), and the vision "
                   f"logit-lens transition (KL <= {kl_frac:g} x max from layer {t_v} on) is {t_v - s} layers later")  # fmt: skip
-        return Recommendation(split=s, in_window=True, reason=reason, **common)
+        return Recommendation(split=s, in_window=True, reason=reason, **common, **suggest_fusion_at(curves, s))
     s = default_split(L)
     if c is None:
         why = (f"text-to-image attention never collapses (min {np.nanmin(mass):.3f} > {collapse_frac:g} x peak "
@@ -151,4 +153,26 @@ def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0
         why = (f"no collapsed layer before the vision transition: collapse at {c}, vision logit-lens transition at "
                f"{t_v} (margin {margin})")  # fmt: skip
     reason = f"split {s} (fallback: 18/32 of depth): {why}"
-    return Recommendation(split=s, in_window=False, reason=reason, **common)
+    return Recommendation(split=s, in_window=False, reason=reason, **common, **suggest_fusion_at(curves, s))
+
+
+def suggest_fusion_at(curves: dict, split: int, max_layers: int = 3, frac: float = 0.5) -> dict:
+    """Sparse fusion layers (`DPVRConfig.fusion_at`) from the masking curve: the deep layers (>= split)
+    where blocking text-to-image attention at that layer alone lowers the answer's log-likelihood by
+    more than one standard error, and by at least frac x the largest such drop: where text still
+    reads the image after the split. At most max_layers, the most harmful first. Empty (with the
+    reason) when the masking analysis was not run or no deep layer qualifies."""
+    if "dll_only" not in curves:
+        return {"fusion_at": (), "fusion_reason": "no masking analysis: no fusion_at suggestion"}
+    drop = -np.nan_to_num(np.asarray(curves["dll_only"], dtype=float), nan=0.0)  # > 0: blocking hurts
+    sem = np.nan_to_num(np.asarray(curves["dll_only_sem"], dtype=float), nan=np.inf)
+    deep = [i for i in range(split, len(drop)) if drop[i] > sem[i] and drop[i] > 0]
+    if not deep:
+        return {"fusion_at": (), "fusion_reason": f"no layer >= {split} loses likelihood beyond noise when its "
+                "text-to-image attention is blocked: last-K fusion (fusion_layers)"}  # fmt: skip
+    top = max(drop[i] for i in deep)
+    chosen = sorted(sorted(deep, key=lambda i: -drop[i])[:max_layers])
+    chosen = [i for i in chosen if drop[i] >= frac * top]
+    where = ", ".join(f"{i} ({-drop[i]:+.3f} nats)" for i in chosen)
+    return {"fusion_at": tuple(chosen), "fusion_reason": f"fusion_at {','.join(map(str, chosen))}: blocking "
+            f"text-to-image attention at that layer alone costs the most log-likelihood after the split: {where}"}  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from dpvr.errors import DPVRError
 from dpvr.routing.tokens import attention_bias
 
 
@@ -49,6 +50,22 @@ def _rotary_fn(attn: nn.Module) -> Callable:
 
 def _eager_fallback(attn: nn.Module) -> Callable:
     return sys.modules[type(attn).__module__].eager_attention_forward
+
+
+# Text backbones whose decoder layer routed_layer reproduces exactly: each is verified in every mode by
+# tests/test_backbones.py (text-only outputs equal the stock model's, with biases, head_dim and sliding
+# windows off their defaults). Every other model type is refused by name: layers that merely look alike
+# convert silently and compute something else (gemma2's extra norms and soft-capping, granite's
+# multipliers, qwen2_moe's and smollm3's layers) or crash later (cohere, helium, stablelm).
+VERIFIED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+
+
+def check_backbone(text_config) -> None:
+    """Refuse, by name, a text model type not in VERIFIED_TEXT_MODELS."""
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in VERIFIED_TEXT_MODELS:
+        raise DPVRError(f"dpvr routing does not support text model type {model_type!r} (verified exact: "
+                        f"{', '.join(VERIFIED_TEXT_MODELS)}): its decoder layer differs from the routed one")  # fmt: skip
 
 
 def check_supported(layer: nn.Module) -> None:

@@ -29,7 +29,7 @@ from dpvr.errors import DPVRError
 from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE, load_adapter, save_adapter
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
-from dpvr.routing.layer import check_supported
+from dpvr.routing.layer import check_backbone, check_supported
 from dpvr.routing.side import SideBranch, active_side_branch
 from dpvr.routing.stock_guard import install as install_stock_guard
 
@@ -330,6 +330,7 @@ def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForC
             f"dpvr supports LlavaForConditionalGeneration (llava-1.5 style); got {type(base).__name__} "
             f"(model_type {model_type!r}). LLaVA-NeXT anyres and Qwen2-VL mrope are not supported yet."
         )
+    check_backbone(base.config.text_config)
     layers = base.model.language_model.layers
     config.validate_for(len(layers))
     for layer in layers:
