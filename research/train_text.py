@@ -42,6 +42,7 @@ def args_():
     p.add_argument("--weights", default="", help="family=w,... (default all 1)")
     p.add_argument("--lm-loss", action="store_true", help="loss on every token, not only answers")
     p.add_argument("--curriculum", type=int, default=0, help="steps to ramp max filled cells 1 -> all")
+    p.add_argument("--fam-curriculum", type=int, default=0, help="steps of POPE-only turns before the --weights mix")
     p.add_argument("--grow-from", default="", help="state dict of a shallower model; new layers appended, zero-init outputs")
     p.add_argument("--form", default="named", help="named | bare | patchK (see textworld.World)")
     p.add_argument("--init-std", type=float, default=0.02, help="LlamaConfig.initializer_range (HF default 0.02)")
@@ -126,6 +127,7 @@ def main():
         k, v = kv.split("=")
         weights[k] = float(v)
     world = World(a.grid, weights=weights, form=a.form)
+    pope_world = World(a.grid, weights={"pope": 1.0}, form=a.form)
     sets = eval_set(World(a.grid, form=a.form), a.seed, a.eval_n)
     model = build(a)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -150,7 +152,8 @@ def main():
         maxf = None
         if a.curriculum and step < a.curriculum:
             maxf = 1 + int((ncell - 1) * step / a.curriculum)
-        ids, lab, _ = batch(world, rng, a.batch, a.turns, max_filled=maxf)
+        w = pope_world if step < a.fam_curriculum else world
+        ids, lab, _ = batch(w, rng, a.batch, a.turns, max_filled=maxf)
         if a.lm_loss:
             lab = ids.masked_fill(ids == PAD, -100)
         loss = model(input_ids=ids, labels=lab).loss

@@ -41,6 +41,8 @@ def args_():
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--weights", default="", help="family=w,... for training turns (default all 1)")
+    p.add_argument("--lm-random", action="store_true", help="control: same LM shape, no text stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-n", type=int, default=100)
@@ -144,19 +146,24 @@ def main():
     la = argparse.Namespace(**ck["args"])
     la.grow_from = ""
     lm = build(la)
-    lm.load_state_dict(ck["state"])
+    if not a.lm_random:
+        lm.load_state_dict(ck["state"])
     from textworld import ID
 
     VOCAB_YES = ID["yes"]
     grid, k = la.grid, CELL // a.patch
     assert la.form == ("bare" if k == 1 else f"patch{k}") or la.form == f"patch{k}", (la.form, k)
-    world = World(grid, form=la.form)
+    weights = {f: float(f != "probe") for f in FAMILIES}
+    for kv in filter(None, a.weights.split(",")):
+        k_, v = kv.split("=")
+        weights[k_] = float(v)
+    world = World(grid, form=la.form, weights=weights)
     imgs = Images(grid, a.seed)
     vlm = VLM(lm, grid, a.patch)
     torch.manual_seed(a.seed)
     rng, erng = np.random.default_rng(a.seed), np.random.default_rng(20_000 + a.seed)
     sets = {}
-    for f in FAMILIES:
+    for f in [f for f in FAMILIES if weights[f] > 0]:
         scenes = [world.scene(erng) for _ in range(a.eval_n)]
         ids, _, spans = batch(world, erng, a.eval_n, 1, fams=[f], scenes=scenes)
         sets[f] = (ids, imgs.pixels(erng, scenes, "test"), spans)
