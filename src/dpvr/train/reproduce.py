@@ -53,11 +53,13 @@ def plan(quick: bool, L: int, split: int) -> list[Row]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dpvr.cli_types import at_least  # 0 would read as "not given" below (`args.steps or 100`): refuse it
+
     p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
     p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
-    p.add_argument("--split-layer", type=int, default=None, help="s of the main rows (default: 18/32 of the depth)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; quick 6)")
-    p.add_argument("--eval-per-family", type=int, default=None, help="questions per family (default all; quick 4)")
+    p.add_argument("--split-layer", type=at_least(1), default=None, help="s of the main rows (default: 18/32 of the depth)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps per run (default 100; quick 6)")
+    p.add_argument("--eval-per-family", type=at_least(1), default=None, help="questions per family (default all; quick 4)")
     p.add_argument("--out", default="runs/reproduce")
 
 
