@@ -76,14 +76,15 @@ def test_analyze_writes_json_csv_png_and_prints_a_recommendation(setup, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra, message",
-    [(["--adapter", "x"], "--adapter"), (["--collapse-frac", "1.5"], "--collapse-frac"), (["-n", "0"], "--num-samples")],
+    "extra, message, code",
+    [(["--adapter", "x"], "--adapter", 1), (["--collapse-frac", "1.5"], "--collapse-frac", 1),
+     (["-n", "0"], "--num-samples", 2)],  # 2: a usage error caught by the option's type, as argparse exits
 )
-def test_analyze_bad_options_are_one_line_errors(setup, capsys, extra, message):
+def test_analyze_bad_options_are_one_line_errors(setup, capsys, extra, message, code):
     d, data = setup
     rc = main(["analyze", "--model", str(d / "model"), "--data", str(data / "test.json"), "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and message in err[0], err
+    assert rc == code and len(err) == 1 and message in err[0], err
 
 
 def test_analyze_refuses_data_without_image_samples(setup, tmp_path, capsys):

@@ -46,10 +46,7 @@ def world(tiny_checkpoint, tmp_path_factory):
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr without progress bars: those are tqdm's, not messages)."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse: usage errors
-        rc = exc.code
+    rc = main(argv)  # returns the exit code, usage errors included (no SystemExit for in-process callers)
     out, err = capsys.readouterr()
     lines = [seg for line in err.splitlines() for seg in line.split("\r")]
     return rc, out, "\n".join(x for x in lines if x.strip() and not PROGRESS_BAR.search(x))
@@ -138,12 +135,20 @@ CASES = [
     ("train-lf-ideal", TRAIN + ["--fusion_layers", "0"], ERROR, ["LF-ideal"]),
     ("train-missing-model", replace(TRAIN, "--model", "/no/such/model"), ERROR, ["--model", "no such file"]),
     ("train-tiny-no-out", ["train-tiny"], USAGE, ["--out"]),
+    # reproduce / demo (a step's own failure prints its line, then the pipeline's: checked at their options)
+    ("reproduce-steps-0", ["reproduce", "--steps", "0", "--out", "{out}"], USAGE, ["--steps", ">= 1"]),
+    ("reproduce-eval-0", ["reproduce", "--eval-per-family", "0", "--out", "{out}"], USAGE, ["--eval-per-family"]),
+    ("reproduce-epochs-0", ["reproduce", "--epochs", "0", "--out", "{out}"], USAGE, ["--epochs", "> 0"]),
+    ("reproduce-seeds-0", ["reproduce", "--seeds", "0", "--out", "{out}"], USAGE, ["--seeds", ">= 1"]),
+    ("reproduce-missing-model", ["reproduce", "--model", "{root}/nope", "--out", "{out}"], ERROR, ["no such file"]),
+    ("demo-train-steps-0", ["demo", "--train-steps", "0", "--out", "{out}"], USAGE, ["--train-steps", ">= 1"]),
+    ("demo-eval-negative", ["demo", "--eval-per-family", "-1", "--out", "{out}"], USAGE, ["--eval-per-family"]),
 ]
 
 
 def test_every_command_is_in_the_table():
     covered = {argv[0] for _, argv, _, _ in CASES}
-    missing = set(COMMANDS) - covered - {"demo", "reproduce"}  # demo: test_demo_ctrl_c_*; reproduce drives train/eval
+    missing = set(COMMANDS) - covered
     assert not missing, f"commands without a bad-input case: {sorted(missing)}"
 
 

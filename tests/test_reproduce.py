@@ -60,3 +60,13 @@ def test_verdicts_follow_the_numbers_and_refuse_unconverged_rows():
     v = verdicts(rows, None)[0]
     assert v["verdict"] == "undecided" and "DPVR-KV" in v["evidence"]
     assert all(c["verdict"] == "undecided" for c in verdicts({}, None))
+
+
+def test_plan_adds_sparse_fusion_rows_from_the_analysis_with_as_many_last_layers():
+    from dpvr.demo.reproduce.plan import plan
+
+    rows = {r.name: r for r in plan(False, 12, 7, fusion_at=(3, 8, 10))}  # layer 3 is before the split: dropped
+    sparse, last = rows["LF fusion_at=8,10 (analyze)"], rows["LF last 2 (same count)"]
+    assert sparse.routing["fusion_at"] == (8, 10) and "--fusion_at" in sparse.train
+    assert last.routing["fusion_layers"] == 2 and "fusion_at" not in last.routing
+    assert not any("fusion_at" in n for n in (r.name for r in plan(False, 12, 7)))

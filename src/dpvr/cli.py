@@ -63,13 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     ))
     module.add_arguments(sub)
     sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    args = sub.parse_args(rest)
+    try:
+        args = sub.parse_args(rest)
+    except SystemExit as exc:  # --help (0) or a usage error (2, its line already printed): a code, as documented
+        return int(exc.code or 0)
     return _guarded(name, lambda: module.run(args), debug=args.debug)
 
 
 def _guarded(name: str, call, debug: bool) -> int:
     try:
         return int(call() or 0)
+    except SystemExit as exc:  # a command that owns its parsing (dpvr train) met a usage error or --help
+        return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else 1
     except KeyboardInterrupt:
         print(f"dpvr {name}: interrupted", file=sys.stderr)
         return 130

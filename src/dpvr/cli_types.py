@@ -23,6 +23,19 @@ def at_least(low: int):
     return parse
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+positive_float.__name__ = "number > 0"
+
+
 def int_list(low: int = 1):
     """A comma-separated list of integers, each >= low, at least one of them."""
     one = at_least(low)

@@ -37,7 +37,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model a measurement runs on (shared with `dpvr breakdown`)."""
     p.add_argument("--preset", default="cpu-7b-narrow",
                    help=f"architecture, random weights: one of {sorted(PRESETS)} or a checkpoint folder")  # fmt: skip
-    add_routing_arguments(p, ("split_layer", "fusion_layers", "side_depth"), split_layer=None)
+    add_routing_arguments(p, ("split_layer", "fusion_layers", "fusion_at", "side_depth"), split_layer=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +88,8 @@ def setup(args: argparse.Namespace) -> Setup:
     base = build_random_model(args.preset, dtype=dtype, device=device)
     L = base.config.text_config.num_hidden_layers
     split = default_split(L) if args.split_layer is None else args.split_layer
-    cfg = DPVRConfig(mode="lf", split_layer=split, fusion_layers=args.fusion_layers, side_depth=args.side_depth)
+    cfg = DPVRConfig(mode="lf", split_layer=split, fusion_layers=args.fusion_layers, fusion_at=args.fusion_at,
+                     side_depth=args.side_depth)  # fmt: skip
     model = convert(base, cfg).eval()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(lat.MODE_ROUTING))

@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dpvr.cli_types import at_least
 from dpvr.demo.steps import Step
 
 METHODS = ("vanilla", "fastv", "vtw", "lf")
@@ -24,9 +25,9 @@ METHODS = ("vanilla", "fastv", "vtw", "lf")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (steps inside it are reused on reruns)")
     p.add_argument("--model", default=None, help="stock llava checkpoint (default: the embedded tiny LLaVA)")
-    p.add_argument("--analyze-samples", type=int, default=64)
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--eval-per-family", type=int, default=60, help="questions per family (None: all)")
+    p.add_argument("--analyze-samples", type=at_least(1), default=64)
+    p.add_argument("--train-steps", type=at_least(1), default=300)
+    p.add_argument("--eval-per-family", type=at_least(1), default=60, help="questions per family (None: all)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

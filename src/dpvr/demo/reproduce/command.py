@@ -29,18 +29,20 @@ from dpvr.demo.reproduce.plan import Row, eval_arguments, learning_rates, plan, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dpvr.cli_types import at_least, positive_float  # 0 would read as "not given" below (`args.steps or ...`): refuse it
+
     p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
     p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
-    p.add_argument("--split-layer", type=int, default=None, help="s of the main rows (default: `dpvr analyze`'s pick)")
-    p.add_argument("--epochs", type=float, default=1.0, help="training budget of every row, in epochs of train.json")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run instead of --epochs (quick: 6)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per trained row (default 3; quick 1)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr-sweep-steps", type=int, default=None, help="steps per LR candidate (default: a quarter epoch)")
-    p.add_argument("--held-out-points", type=int, default=None, help="held-out loss evaluations per run (default 8; quick 3)")
-    p.add_argument("--held-out-limit", type=int, default=None, help="val samples scored for the held-out loss (default 256)")
-    p.add_argument("--eval-per-family", type=int, default=None, help="test questions per family (default all; quick 4)")
-    p.add_argument("--bench-repeats", type=int, default=None, help="paired timing rounds (default 5; quick 1)")
+    p.add_argument("--split-layer", type=at_least(1), default=None, help="s of the main rows (default: `dpvr analyze`'s pick)")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="training budget of every row, in epochs of train.json")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps per run instead of --epochs (quick: 6)")
+    p.add_argument("--seeds", type=at_least(1), default=None, help="seeds per trained row (default 3; quick 1)")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
+    p.add_argument("--held-out-points", type=at_least(1), default=None, help="held-out loss evaluations per run (default 8; quick 3)")
+    p.add_argument("--held-out-limit", type=at_least(1), default=None, help="val samples scored for the held-out loss (default 256)")
+    p.add_argument("--eval-per-family", type=at_least(1), default=None, help="test questions per family (default all; quick 4)")
+    p.add_argument("--bench-repeats", type=at_least(1), default=None, help="paired timing rounds (default 5; quick 1)")
     p.add_argument("--out", default="runs/reproduce")
 
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     L = LlavaConfig.from_pretrained(rep.base).text_config.num_hidden_layers
     analysis = _analyze(rep)
     split = args.split_layer or int(analysis["recommendation"]["split"])
-    rows = plan(rep.quick, L, split)
+    rows = plan(rep.quick, L, split, tuple(analysis["recommendation"].get("fusion_at") or ()))
     lrs = lr_sweep(rep, sweep_rows(rows), learning_rates)
     results: dict[str, dict] = {}
     finals: dict[tuple[str, int], Path] = {}

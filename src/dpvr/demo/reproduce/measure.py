@@ -27,10 +27,11 @@ def lr_sweep(rep, reps: dict, learning_rates) -> dict:
     return out
 
 
-def bench_key(routing: dict, split: int) -> tuple[tuple[int, int, int], str]:
-    """((split, K, D) the bench converts with, bench mode name) for a row's inference routing."""
+def bench_key(routing: dict, split: int) -> tuple[tuple, str]:
+    """((split, K, D, fusion_at) the bench converts with, bench mode name) for a row's inference routing."""
     mode = routing["mode"]
-    variant = (routing.get("split_layer", split), max(routing.get("fusion_layers", 1), 1), routing.get("side_depth", 1))
+    variant = (routing.get("split_layer", split), max(routing.get("fusion_layers", 1), 1), routing.get("side_depth", 1),
+               tuple(routing.get("fusion_at", ())))  # fmt: skip
     if mode == "lf" and routing.get("fusion_layers", 1) == 0:
         return variant, "lf-ideal"
     if routing.get("shallow_fastv"):
@@ -45,17 +46,18 @@ def bench_ratios(rep, rows, split: int) -> dict:
     variants: dict[tuple, set] = {}
     for variant, mode in keys.values():
         variants.setdefault(variant, {"vanilla"}).add(mode)
-    main = (split, 1, 1)
+    main = (split, 1, 1, ())
     benches = {}
-    for (s, K, D), modes in variants.items():
-        lens = "16,32,64,128" if (s, K, D) == main and not rep.quick else str(BENCH_TEXT_LEN)
+    for (s, K, D, at), modes in variants.items():
+        lens = "16,32,64,128" if (s, K, D, at) == main and not rep.quick else str(BENCH_TEXT_LEN)
         order = ["vanilla", *sorted(modes - {"vanilla"})]
-        folder = rep.step(f"bench s={s} K={K} D={D}", [
+        name = f"bench-s{s}-K{K}-D{D}" + (f"-at{'-'.join(map(str, at))}" if at else "")
+        sparse = ["--fusion-at", ",".join(map(str, at))] if at else []
+        folder = rep.step(name, [
             "bench", "--preset", rep.base, "--split-layer", str(s), "--fusion-layers", str(K), "--side-depth", str(D),
-            "--modes", ",".join(order), "--text-lens", lens, "--batches", "1", "--repeats", str(rep.repeats),
-            "--new-tokens", "4", "--recompute-text-len", "0", "--no-train-step",
-            "--out", str(rep.out / f"bench-s{s}-K{K}-D{D}")], f"bench-s{s}-K{K}-D{D}")  # fmt: skip
-        benches[(s, K, D)] = json.loads((folder / "bench.json").read_text())
+            *sparse, "--modes", ",".join(order), "--text-lens", lens, "--batches", "1", "--repeats", str(rep.repeats),
+            "--new-tokens", "4", "--recompute-text-len", "0", "--no-train-step", "--out", str(rep.out / name)], name)  # fmt: skip
+        benches[(s, K, D, at)] = json.loads((folder / "bench.json").read_text())
     out = {}
     for name, (variant, mode) in keys.items():
         row = next(r for r in benches[variant]["prefill"] if r["n_txt"] == BENCH_TEXT_LEN)

@@ -37,13 +37,19 @@ class Row:
         return FAMILY_OF[self.routing["mode"] if method == "dpvr" else method]
 
 
-def dpvr_row(name: str, mode: str, split: int, K: int = 1, D: int = 1, sweep=None) -> Row:
+def dpvr_row(name: str, mode: str, split: int, K: int = 1, D: int = 1, sweep=None, fusion_at=()) -> Row:
     args = ("--method", "dpvr", "--mode", mode, "--split_layer", str(split), "--fusion_layers", str(K),
             "--side_depth", str(D))  # fmt: skip
-    return Row(name, args, {"mode": mode, "split_layer": split, "fusion_layers": K, "side_depth": D}, sweep=sweep)
+    routing = {"mode": mode, "split_layer": split, "fusion_layers": K, "side_depth": D}
+    if fusion_at:
+        args += ("--fusion_at", *map(str, fusion_at))
+        routing["fusion_at"] = tuple(fusion_at)
+    return Row(name, args, routing, sweep=sweep)
 
 
-def plan(quick: bool, L: int, split: int) -> list[Row]:
+def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> list[Row]:
+    """`fusion_at`: the sparse fusion layers `dpvr analyze` suggests; with them come two rows, LF fused there
+    and LF fused at as many last layers (the same number of fusion layers)."""
     baseline = {"mode": "vanilla"}
     rows = [
         Row("vanilla", routing=baseline),
@@ -64,6 +70,11 @@ def plan(quick: bool, L: int, split: int) -> list[Row]:
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     rows += [dpvr_row(f"LF K={k}", "lf", split, K=k, sweep=("fusion", k)) for k in ((2,) if quick else (2, 3, 4))]
     rows += [dpvr_row(f"LF D={d}", "lf", split, D=d, sweep=("depth", d)) for d in ((2,) if quick else (2, 3))]
+    fusion_at = tuple(i for i in fusion_at if split <= i < L)
+    if fusion_at:
+        at = ",".join(map(str, fusion_at))
+        rows += [dpvr_row(f"LF fusion_at={at} (analyze)", "lf", split, K=len(fusion_at), fusion_at=fusion_at),
+                 dpvr_row(f"LF last {len(fusion_at)} (same count)", "lf", split, K=len(fusion_at))]  # fmt: skip
     return rows
 
 
