@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import cached_file
 
+from dpvr.atomic import atomic_write, atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 
@@ -44,17 +43,6 @@ def base_fingerprint(config) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -69,7 +57,7 @@ def save_adapter(model, save_directory) -> None:
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {f"side_branch.{k}": v.detach().contiguous().cpu() for k, v in model.side_branch.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = {
         "format_version": FORMAT_VERSION,
         "dpvr": model.dpvr_config.to_dict(),
@@ -77,7 +65,7 @@ def save_adapter(model, save_directory) -> None:
         "base_fingerprint": base_fingerprint(model.config),
         "weights_sha256": _sha256(out / WEIGHTS),
     }
-    _atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
 
 
 def read_adapter_config(path) -> dict:
