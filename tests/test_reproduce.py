@@ -38,7 +38,7 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
 
 
 def test_plateau_rule():
-    flat = [(s, 1.0 - 0.001 * s) for s in range(0, 90, 10)]  # 0.8% over the whole run
+    flat = [(s, 1.0 - 0.0001 * s) for s in range(0, 90, 10)]  # 0.8% over the whole run
     falling = [(s, 2.0 - 0.01 * s) for s in range(0, 90, 10)]
     assert plateau(flat)["plateaued"] and not plateau(falling)["plateaued"]
     assert not plateau(flat[:2])["plateaued"], "two points cannot show a plateau"

@@ -117,3 +117,19 @@ def test_analyze_suggests_fusion_at_from_the_masking_curve():
     assert rec.fusion_at == () and "beyond noise" in rec.fusion_reason
     assert "suggested fusion_at = (none)" in format_table(c, rec)
     assert recommend_split(paper_like_curves()).fusion_reason.startswith("no masking analysis")
+
+
+def test_routing_switches_away_from_a_sparse_placement():
+    """`model.routing(mode=...)` / `routing(fusion_layers=K)` on a fusion_at model: the placement does not
+    leak into a mode it does not apply to, and an explicit K means the last K layers."""
+    from dpvr import DPVRConfig, convert
+    from tiny import tiny_llava
+
+    model = convert(tiny_llava(), DPVRConfig(mode="lf", split_layer=2, fusion_at=(3,)))
+    with model.routing(mode="vanilla"):
+        assert model.dpvr_config.mode == "vanilla" and model.dpvr_config.fusion_at == ()
+    with model.routing(fusion_layers=0):
+        assert model.dpvr_config.is_lf_ideal
+    with model.routing(fusion_layers=2):
+        assert model.dpvr_config.fusion_at == () and model.dpvr_config.fusion_layers == 2
+    assert model.dpvr_config.fusion_at == (3,)

@@ -166,6 +166,14 @@ class DPVRConfig:
         if self.mode == "fastv" and not self.fastv_layer < L - 1:
             raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range: need fastv_layer < {L - 1}")
 
+    def with_routing(self, **overrides: Any) -> "DPVRConfig":
+        """This config with other routing fields, as `model.routing(...)` runs it. A sparse placement
+        (`fusion_at`) does not carry over to another mode or to an explicit `fusion_layers`."""
+        merged = {**self.to_dict(), **overrides}
+        if "fusion_at" not in overrides and (merged["mode"] != "lf" or "fusion_layers" in overrides):
+            merged["fusion_at"] = ()
+        return DPVRConfig.from_dict(merged)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

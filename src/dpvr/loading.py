@@ -114,7 +114,7 @@ def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForCon
     """Compose FastV pruning of the shared layers with the routing the model already has (inference only)."""
     if not isinstance(net, DPVRForConditionalGeneration):
         raise DPVRError("--shallow-fastv composes with lf/pc/kv/vtw routing; this model is stock (add --mode or --adapter)")
-    cfg = DPVRConfig.from_dict({**net.config.dpvr, "shallow_fastv": True, "fastv_layer": fastv_layer, "fastv_ratio": fastv_ratio})
+    cfg = net.dpvr_config.with_routing(shallow_fastv=True, fastv_layer=fastv_layer, fastv_ratio=fastv_ratio)
     cfg.validate_for(net.config.text_config.num_hidden_layers)  # refuses fastv/vanilla routing, naming it
     net.config.dpvr = cfg.to_dict()
     return net

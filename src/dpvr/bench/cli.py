@@ -177,7 +177,7 @@ def _timing_fields(t: lat.Samples, modes: list[str]) -> dict:
 
 
 def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: int) -> float:
-    run = DPVRConfig.from_dict({**cfg.to_dict(), **lat.MODE_ROUTING[mode]})  # exactly what the timed mode runs
+    run = cfg.with_routing(**lat.MODE_ROUTING[mode])  # exactly what the timed mode runs
     # the timed prefill asks for the last position's logits only (logits_to_keep=1, as generate does): lm_head on
     # every position would add the same FLOPs to every mode and understate each mode's analytic saving
     f = forward_flops(config, run.mode, run.split_layer, run.fusion_layers, run.side_depth, n_img, n_txt, batch=batch,

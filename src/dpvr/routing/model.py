@@ -68,7 +68,7 @@ class DPVRForConditionalGeneration(LlavaForConditionalGeneration):
         """Temporarily run with other routing fields on the same weights, e.g.
         `with model.routing(mode="vanilla"): ...` or `model.routing(mode="fastv", fastv_ratio=0.75)`."""
         saved = self.config.dpvr
-        cfg = DPVRConfig.from_dict({**(saved or {}), **overrides})
+        cfg = self.dpvr_config.with_routing(**overrides)
         cfg.validate_for(len(self.model.language_model.layers))
         if cfg.has_side_branch and self.side_branch is None:
             raise DPVRError(f"mode {cfg.mode!r} needs a side branch; this model was converted without one")
