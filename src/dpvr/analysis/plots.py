@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpvr.analysis.summary import Recommendation  # noqa: E402
+from dpvr.atomic import atomic_write  # noqa: E402
 
 IMAGE_C, TEXT_C = "tab:orange", "tab:blue"
 
@@ -74,11 +75,8 @@ def plot_analysis(curves: dict, rec: Recommendation, path: str | os.PathLike, ti
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=110, format="png")
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

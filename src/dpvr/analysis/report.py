@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dpvr.analysis.summary import Recommendation
+from dpvr.atomic import atomic_write_text
 
 # per-layer columns, in CSV order (masking columns only when scored)
 LAYER_COLUMNS = ["cos_image", "cos_image_sem", "cos_text", "cos_text_sem", "mass", "mass_sem", "mass_max_head",
@@ -24,9 +25,7 @@ MASKING_COLUMNS = ["dll_only", "dll_only_sem", "dll_onward", "dll_onward_sem", "
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dpvr.atomic import atomic_write_text
 from dpvr.bench import latency as lat
 from dpvr.bench.cpu_malloc import keep_freed_memory
 from dpvr.bench.flops import forward_flops
@@ -240,6 +241,4 @@ def write_outputs(out: Path, name: str, result: dict, plot, summarize) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

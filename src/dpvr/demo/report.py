@@ -10,6 +10,7 @@ import base64
 import html
 import os
 from pathlib import Path
+from dpvr.atomic import atomic_write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -63,8 +64,5 @@ def write_report(path: str | os.PathLike, title: str, sections: list[tuple[str, 
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
         + f"\n<div id='render-check'>pending</div><script>{CHECK_SCRIPT}</script></body></html>\n"
     )
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    path = atomic_write_text(path, page)
     return path

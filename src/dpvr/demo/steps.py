@@ -8,12 +8,12 @@ reproduce by hand with the printed command.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpvr.atomic import atomic_write_text
 from dpvr.cli import main as dpvr_main
 from dpvr.errors import DPVRError
 
@@ -50,7 +50,5 @@ class Step:
         if rc != 0:
             raise DPVRError(f"{self.pipeline} step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
         seconds = time.perf_counter() - start
-        tmp = self.out / f".{STAMP}.tmp"
-        tmp.write_text(json.dumps({"argv": self.argv, "seconds": seconds}, indent=2) + "\n")
-        os.replace(tmp, self.out / STAMP)
+        atomic_write_text(self.out / STAMP, json.dumps({"argv": self.argv, "seconds": seconds}, indent=2) + "\n")
         return seconds

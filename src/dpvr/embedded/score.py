@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dpvr.atomic import atomic_write_text
 from dpvr.data.templates import render_prompt
 
 CHANCE = {"pope": 0.5, "mme": 0.5, "mmbench": 0.25, "count": 0.2, "spatial": 1 / 11, "reasoning": 0.27, "text": 0.27}
@@ -107,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     result = score(model, processor, samples, root / "images", args.template, progress=True)
     print(format_table(result["families"]))
     if args.out:
-        tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(json.dumps({"model": str(args.model), "split": args.split, "families": result["families"]}, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps({"model": str(args.model), "split": args.split,
+                                                "families": result["families"]}, indent=1))  # fmt: skip
     return 0
 
 

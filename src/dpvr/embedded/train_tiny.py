@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpvr.atomic import atomic_write
 from dpvr.data.collate import Collator
 from dpvr.data.digit_scenes import load_split, open_benchmark
 from dpvr.data.llava_json import LlavaJsonDataset
@@ -160,10 +160,8 @@ def plot(log: dict, path: Path) -> None:
     if fams:
         b.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:

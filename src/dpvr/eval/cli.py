@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from dpvr.atomic import atomic_write_text
 from dpvr.cli_types import at_least
 from dpvr.errors import UsageError
 from dpvr.eval.metrics import FAMILIES
@@ -42,10 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(**model_kwargs(args))
     result = evaluate(model, processor, data, args.split, args.batch_size, families, args.limit_per_family)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / "eval.json")
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
     print(format_table({describe(model): result}))
     print(f"{result['n']} questions in {result['seconds']:.1f} s; wrote {out / 'eval.json'}")
     return 0

@@ -22,6 +22,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from dpvr.atomic import atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.loading import default_split, resolve_model_path
@@ -182,6 +183,4 @@ def write_run_record(output_dir: str, model, log_history: list[dict], extra: dic
     record = {"trainable_params": trainable, "total_params": total, "log_history": log_history, **extra}
     if isinstance(model, DPVRForConditionalGeneration):
         record["dpvr"] = model.config.dpvr
-    tmp = Path(output_dir, ".run.json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, Path(output_dir, "run.json"))
+    atomic_write_text(Path(output_dir, "run.json"), json.dumps(record, indent=1) + "\n")
