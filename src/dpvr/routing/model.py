@@ -19,7 +19,6 @@ import json
 
 import torch
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import cached_file, logging
