@@ -40,10 +40,9 @@ def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
             "held_out_curves": curves,
             **{k: v for k, v in ratios[name].items()},
         }  # fmt: skip
-    for s in out.values():  # a composition on another row's side branch is as converged as that row
-        src = next((r["row"].adapter_of for n, r in results.items() if n == s["name"] and r["row"].adapter_of), None)
-        if src:
-            s["converged"], s["trainable_params"] = out[src]["converged"], out[src]["trainable_params"]
+    for name, res in results.items():  # a composition on another row's side branch is as converged as that row
+        if src := res["row"].adapter_of:
+            out[name]["converged"], out[name]["trainable_params"] = out[src]["converged"], out[src]["trainable_params"]
     return out
 
 
