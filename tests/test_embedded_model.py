@@ -28,18 +28,18 @@ def bench(tmp_path_factory):
 def test_shape_is_llava_like(tiny):
     model, processor = tiny
     n = sum(p.numel() for p in model.parameters())
-    assert 10e6 <= n <= 20e6, f"{n / 1e6:.1f}M parameters"
-    assert model.config.text_config.num_hidden_layers == 12
+    assert 5e6 <= n <= 50 * 2**20 / 4, f"{n / 1e6:.1f}M parameters"  # fp32: at most 50 MB on disk
+    assert model.config.text_config.num_hidden_layers >= 16  # LF (split 4-8) leaves a deep text-only stack
     assert model.config.text_config.num_key_value_heads == model.config.text_config.num_attention_heads  # MHA
     assert model.config.image_token_index == processor.image_token_id
     assert type(model.model.language_model).__name__ == "LlamaModel"
 
 
-def test_processor_expands_image_and_ratio_is_at_least_3(tiny, bench):
+def test_processor_expands_image_and_token_ratio_is_llava_like(tiny, bench):
     model, processor = tiny
     from PIL import Image
 
-    worst = float("inf")
+    ratios = []
     for s in load_split(bench, "test"):
         if "image" not in s:
             continue
@@ -48,11 +48,13 @@ def test_processor_expands_image_and_ratio_is_at_least_3(tiny, bench):
         n_img = int((enc["input_ids"] == model.config.image_token_index).sum())
         assert n_img == N_IMAGE_TOKENS == model.config.image_seq_length, f"{s['id']}: {n_img} image tokens"
         n_text = enc["input_ids"].shape[1] - n_img
-        worst = min(worst, n_img / n_text)
+        ratios.append(n_img / n_text)
         with torch.no_grad():  # the model accepts it: features and tokens match
             feats = model.get_image_features(pixel_values=enc["pixel_values"]).pooler_output
         assert sum(f.shape[0] for f in feats) == n_img
-    assert worst >= 3.0, f"image:text token ratio falls to {worst:.2f} on some test prompt"
+    ratios.sort()
+    assert ratios[len(ratios) // 2] >= 8.0, f"median image:text token ratio {ratios[len(ratios) // 2]:.2f} < 8"
+    assert ratios[0] >= 3.0, f"image:text token ratio falls to {ratios[0]:.2f} on some test prompt"
 
 
 def test_save_load_round_trip(tiny, tmp_path, bench):

@@ -11,20 +11,23 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.embedded import build_tiny_model
+from dpvr.embedded.model import TEXT_LAYERS
 from dpvr.embedded.train_tiny import add_arguments, run
 from dpvr.errors import DPVRError
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    return ensure_benchmark(tmp_path_factory.mktemp("b") / "s", seed=1, scenes={"train": 24, "val": 4, "test": 2}, progress=False)
+    scenes = {"train": 24, "val": 4, "test": 2, "existence": 16, "all": 16}
+    return ensure_benchmark(tmp_path_factory.mktemp("b") / "s", seed=1, scenes=scenes, progress=False)
 
 
 def _args(out, data, **kw):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    argv = ["--out", str(out), "--data", str(data), "--seed", "1", "--vision-steps", "3", "--align-steps", "2",
-            "--tune-steps", "3", "--batch-size", "4", "--eval-every", "3", "--eval-n", "6"]  # fmt: skip
+    argv = ["--out", str(out), "--data", str(data), "--seed", "1", "--vision-steps", "3", "--existence-steps", "3",
+            "--text-steps", "2", "--deep-steps", "2", "--align-steps", "2", "--tune-steps", "3", "--batch-size", "4",
+            "--eval-every", "3", "--eval-n", "6"]  # fmt: skip
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return parser.parse_args(argv)
@@ -46,14 +49,16 @@ def test_train_tiny_is_reproducible_and_loads(bench, tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "a")
     assert processor.image_token_id == model.config.image_token_index
     log = json.loads((tmp_path / "a" / "training_log.json").read_text())
-    assert log["steps"] == {"vision": 3, "align": 2, "tune": 3} and log["val"] and "stopped_early" not in log
+    assert log["steps"] == {"vision": 3, "existence": 3, "text": 2, "deep": 2, "align": 2, "tune": 3}
+    assert log["val"] and "stopped_early" not in log
+    assert model.config.text_config.num_hidden_layers == TEXT_LAYERS  # grown from --shallow-layers
     assert (tmp_path / "a" / "training_curve.png").stat().st_size > 1000
 
 
 def test_minutes_cap_stops_training_and_says_so(bench, tmp_path):
     run(_args(tmp_path / "c", bench, minutes=0))
     log = json.loads((tmp_path / "c" / "training_log.json").read_text())
-    assert log["stopped_early"].startswith("align stopped at step 0/2"), log.get("stopped_early")
+    assert log["stopped_early"].startswith("existence stopped at step 0/3"), log.get("stopped_early")
 
 
 def test_data_dir_must_be_a_benchmark(tmp_path):

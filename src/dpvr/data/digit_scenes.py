@@ -1,6 +1,6 @@
 """Digit scenes: a small, real, deterministic vision-language benchmark in LLaVA-665k format.
 
-Each scene is a 2x2 grid of cells (32x32 RGB PNG); a cell is empty or holds one of scikit-learn's
+Each scene is a 3x3 grid of cells (48x48 RGB PNG); a cell is empty or holds one of scikit-learn's
 1,797 real 8x8 handwritten-digit scans, upscaled 2x and tinted. The scans are split into disjoint
 train / val / test pools, so no test image reuses a training scan. Questions follow the paper's
 benchmarks (see `FAMILIES`); every sample carries a `meta` dict the metrics read.
@@ -9,8 +9,10 @@ benchmarks (see `FAMILIES`); every sample carries a `meta` dict the metrics read
     from dpvr.data.digit_scenes import ensure_benchmark; root = ensure_benchmark()
 
 Layout under the output dir: `train.json` (multi-turn instruction tuning, the LLaVA-665k analogue),
-`pretrain.json` (one caption per training scene, the LLaVA-558k analogue), `val.json`, `test.json`
-(one question per sample), `images/{split}/{scene}.png`, and `MANIFEST.json` written last.
+`pretrain.json` (one caption per training scene, the LLaVA-558k analogue), `text.json` (the
+text-only corpus the language model is pretrained on: scenes written as words, see
+`scene_questions.scene_words`), `val.json`, `test.json` (one question per sample),
+`images/{split}/{scene}.png`, and `MANIFEST.json` written last.
 """
 from __future__ import annotations
 
@@ -24,21 +26,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dpvr.data.scene_questions import SceneQuestions, caption, text_only_question
+from dpvr.data.scene_questions import TEXT_WEIGHTS, SceneQuestions, caption, scene_words, text_only_question
 from dpvr.errors import DPVRError
 
-VERSION = "digit-scenes-v2"  # v2: captions name the cells in a random order
-GRID = 2  # cells per side
+VERSION = "digit-scenes-v3"  # v3: 3x3 grid (48 px), text-only corpus; v2: captions in random order
+GRID = 3  # cells per side
 CELL = 16  # pixels per cell (8x8 scan upscaled 2x)
 IMAGE_SIZE = GRID * CELL
+WORDS_PER_CELL_SIDE = 4  # a worded scene writes a cell as 4x4 words: its tokens under patch 4
 EMPTY = -1
-P_EMPTY = 0.25
+P_EMPTY = 0.4
 # (name, RGB) tints; the tint is a nuisance the vision tower must ignore
 TINTS = [(255, 255, 255), (255, 96, 96), (96, 255, 96), (112, 160, 255), (255, 224, 64)]
 FAMILIES = ("pope", "mme", "mmbench", "count", "spatial", "reasoning", "text")
 SPLIT_SCENES = {"train": 6000, "val": 100, "test": 100}
+TEXT_SCENES = {"existence": 6000, "all": 12000}  # text.json: worded scenes, by TEXT_WEIGHTS part
 POOL_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
-TRAIN_TURNS = 4  # QA turns per training sample (LLaVA-665k samples are multi-turn)
+TRAIN_TURNS = 8  # QA turns per training sample (LLaVA-665k samples are multi-turn)
 TEXT_ONLY_SHARE = 0.03  # of training samples; LLaVA-665k has ~40k text-only ShareGPT samples
 
 
@@ -165,6 +169,31 @@ def build_pretrain(train: list[dict], seed: int) -> list[dict]:
     return out
 
 
+def build_text(seed: int, sizes: dict[str, int]) -> list[dict]:
+    """The text-only corpus: worded scenes (no image) with TRAIN_TURNS questions each, the first
+    turn's question after the scene; `meta["part"]` names the TEXT_WEIGHTS mix the turns come from."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    weights = digit_popularity(seed)
+    train_pool = scan_pools(seed)["train"]
+    asker = SceneQuestions(
+        popular=np.argsort(-weights, kind="stable"),
+        lookalikes=similarity_order(digits.images[train_pool], digits.target[train_pool]),
+    )
+    rng = np.random.default_rng([seed, len(SPLIT_SCENES) + 1])  # a stream of its own
+    out = []
+    for part, mix in TEXT_WEIGHTS.items():
+        for n in range(sizes[part]):
+            cells = [EMPTY if rng.random() < P_EMPTY else int(rng.choice(10, p=weights)) for _ in range(GRID * GRID)]
+            qas = asker.training_turns(rng, cells, TRAIN_TURNS, mix)
+            # the scene takes the place the image's tokens take in `<image>\n{question}`
+            qas[0] = {**qas[0], "question": f"{scene_words(cells, WORDS_PER_CELL_SIDE)} {qas[0]['question']}"}
+            meta = {"family": "worded", "part": part, "cells": cells, "answer": qas[0]["answer"], "turns": qas}
+            out.append(_sample(f"text-{part}-{n:05d}", None, qas, meta))
+    return out
+
+
 def _dump(samples: list[dict], path: Path) -> None:
     # one sample per line: valid JSON, diff-able, byte-identical for the same seed
     text = "[\n" + ",\n".join(json.dumps(s, sort_keys=False) for s in samples) + "\n]\n"
@@ -187,7 +216,7 @@ def ensure_benchmark(
     and renamed into place, so a half-written dir never looks complete; a lock file beside it makes
     concurrent callers (`dpvr data` and `dpvr eval` on a fresh cache) wait for one build and reuse it.
     `scenes` overrides the number of scenes per split (small benchmarks for tests)."""
-    sizes = {**SPLIT_SCENES, **(scenes or {})}
+    sizes = {**SPLIT_SCENES, **TEXT_SCENES, **(scenes or {})}
     root = Path(out_dir) if out_dir is not None else default_cache_dir(seed)
     if _is_complete(root, seed, sizes):
         return root
@@ -236,6 +265,9 @@ def _build(tmp: Path, seed: int, sizes: dict[str, int], progress: bool) -> None:
             pre = build_pretrain(samples, seed)
             _dump(pre, tmp / "pretrain.json")
             counts["pretrain"] = len(pre)
+    text = build_text(seed, sizes)
+    _dump(text, tmp / "text.json")
+    counts["text"] = len(text)
     manifest = {"version": VERSION, "seed": seed, "scenes": sizes, "samples": counts, "image_size": IMAGE_SIZE, "grid": GRID}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -1,14 +1,19 @@
 """Question families for digit scenes, each modelled on one of the paper's benchmarks.
 
-| family    | modelled on   | question (2x2 grid; cells top left .. bottom right)         | answer       |
+| family    | modelled on   | question (3x3 grid; cells top left .. bottom right)         | answer       |
 | --------- | ------------- | ----------------------------------------------------------- | ------------ |
 | pope      | POPE          | is there a 7 in the image ?  (random/popular/adversarial)   | yes / no     |
 | mme       | MME           | pairs on one image: is the digit in the top left cell a 3 ? | yes / no     |
 | mmbench   | MMBench       | which digit is in the top left cell ? A. 3 B. none C. 7 D. 1 | A-D, 4 rotations |
-| count     | MME count     | how many digits are in the image ?                          | 0-4          |
+| count     | MME count     | how many digits are in the image ?                          | 0-9          |
 | spatial   | position      | which digit is in the top right cell ?                      | 0-9 / none   |
 | reasoning | ScienceQA     | sum of two cells / is one cell's digit larger than another  | 0-18 / yes/no |
 | text      | text-only     | what is 3 plus 4 ?                                          | number / yes/no |
+| caption   | LLaVA-558k    | describe the image .                                        | every cell, named |
+
+A *worded scene* (`scene_words`) writes a scene's cells as words in the layout of the image's patch
+tokens (each cell a `side` x `side` block of its digit word, in raster order): the text-only stage
+of training reads scenes in this form, so image tokens later take exactly the words' places.
 
 Questions are space-separated words so the tiny model's word-level tokenizer covers them
 (`vocabulary()` lists every word that can appear; a test checks the generated data against it).
@@ -20,7 +25,8 @@ import re
 import numpy as np
 
 EMPTY = -1
-POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
+POSITIONS = [f"{r} {c}" for r in ROWS for c in COLUMNS]  # raster order of the 3x3 grid
 LETTERS = ["A", "B", "C", "D"]
 NONE = "none"
 T = {
@@ -43,6 +49,9 @@ VICUNA_SYSTEM = (
 )
 ROLE_WORDS = ["USER:", "ASSISTANT:"]
 TRAIN_WEIGHTS = {"pope": 1.5, "mme": 1.0, "mmbench": 1.0, "count": 1.0, "spatial": 2.0, "reasoning": 1.5}
+# the text-only corpus: an existence-only part first (the lookup is learnt alone, diluted it is not:
+# docs/embedded.md), then every family, captions included (dense: every cell named)
+TEXT_WEIGHTS = {"existence": {"pope": 1.0}, "all": {**TRAIN_WEIGHTS, "caption": 1.0}}
 
 
 def vocabulary() -> list[str]:
@@ -50,7 +59,7 @@ def vocabulary() -> list[str]:
     words: list[str] = []
     for text in [*T.values(), VICUNA_SYSTEM, " ".join(ROLE_WORDS), " ".join(POSITIONS)]:
         words += re.sub(r"\{\w+\}", " ", text).split()
-    words += [str(n) for n in range(19)] + [NONE, "yes", "no"] + LETTERS
+    words += [str(n) for n in range(19)] + [NONE, "yes", "no", "."] + LETTERS
     return list(dict.fromkeys(words))
 
 
@@ -67,6 +76,13 @@ def caption(rng: np.random.Generator, cells: list[int]) -> dict:
     the k-th cell to the k-th slot without ever binding the position words to image regions."""
     answer = " ".join(f"{POSITIONS[i]} {_cell(cells[i])}" for i in rng.permutation(len(cells)))
     return {"family": "caption", "question": T["caption"], "answer": answer}
+
+
+def scene_words(cells: list[int], side: int) -> str:
+    """The scene as words in its image-token layout: cell (r, c) fills a side x side block."""
+    grid = int(round(len(cells) ** 0.5))
+    n = grid * side
+    return " ".join(_cell(cells[(y // side) * grid + x // side]) for y in range(n) for x in range(n))
 
 
 def text_only_question(rng: np.random.Generator) -> dict:
@@ -108,12 +124,12 @@ class SceneQuestions:
             q = T["mme_position"].format(pos=POSITIONS[i], d=d)
         else:
             category, true_k = "count", len(filled)
-            k = true_k if positive else int(rng.choice([x for x in range(5) if x != true_k]))
+            k = true_k if positive else int(rng.choice([x for x in range(len(cells) + 1) if x != true_k]))
             q = T["mme_count"].format(k=k)
         return {"family": "mme", "category": category, "question": q, "answer": _yes(positive)}
 
     def mmbench_options(self, rng, cells: list[int]) -> tuple[int, list[str]]:
-        i = int(rng.integers(4))
+        i = int(rng.integers(len(cells)))
         truth = _cell(cells[i])
         others = [x for x in [*map(str, range(10)), NONE] if x != truth]
         options = [truth, *rng.choice(others, size=3, replace=False).tolist()]
@@ -131,7 +147,7 @@ class SceneQuestions:
 
     def spatial(self, rng, cells: list[int]) -> dict:
         filled = [i for i, d in enumerate(cells) if d != EMPTY]
-        i = int(rng.choice(filled)) if filled and rng.random() < 0.8 else int(rng.integers(4))
+        i = int(rng.choice(filled)) if filled and rng.random() < 0.8 else int(rng.integers(len(cells)))
         return {"family": "spatial", "question": T["spatial"].format(pos=POSITIONS[i]), "answer": _cell(cells[i])}
 
     def reasoning(self, rng, cells: list[int], kind: str) -> dict | None:
@@ -147,9 +163,9 @@ class SceneQuestions:
                 "answer": _yes(cells[a] > cells[b])}  # fmt: skip
 
     # ---- per split ---------------------------------------------------------------------------
-    def training_turns(self, rng, cells: list[int], turns: int) -> list[dict]:
-        names = list(TRAIN_WEIGHTS)
-        p = np.array([TRAIN_WEIGHTS[n] for n in names])
+    def training_turns(self, rng, cells: list[int], turns: int, weights: dict[str, float] = TRAIN_WEIGHTS) -> list[dict]:
+        names = list(weights)
+        p = np.array([weights[n] for n in names])
         out = []
         for name in rng.choice(names, size=turns, p=p / p.sum()):
             positive = bool(rng.random() < 0.5)
@@ -162,6 +178,8 @@ class SceneQuestions:
                 qa = self.mmbench(i, options, _cell(cells[i]), int(rng.integers(4)), "train")
             elif name == "count":
                 qa = self.count(cells)
+            elif name == "caption":
+                qa = caption(rng, cells)
             elif name == "reasoning":
                 qa = self.reasoning(rng, cells, str(rng.choice(["sum", "compare"]))) or self.spatial(rng, cells)
             else:

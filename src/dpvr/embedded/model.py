@@ -5,9 +5,9 @@ tokenizer, processor and chat template, saved together so it loads exactly as ll
     model, processor = build_tiny_model(seed=0)          # untrained
     LlavaForConditionalGeneration.from_pretrained(default_model_path()); AutoProcessor.from_pretrained(...)
 
-Shape (chosen to look like LLaVA-1.5 where routing cares): 32x32 images, patch 4 -> 64 image tokens
-(CLS dropped, "default" strategy) against ~10-20 text tokens per prompt; Llama with 12 layers, hidden
-256, 8 MHA heads, untied embeddings; ~10M parameters.
+Shape (chosen to look like LLaVA-1.5 where routing cares): 48x48 images, patch 4 -> 144 image tokens
+(CLS dropped, "default" strategy) against ~11-22 text tokens per prompt (LLaVA-1.5: 576 against
+~40-60); Llama with 16 layers, hidden 192, 6 MHA heads, untied embeddings; ~7.8M parameters.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dpvr.data.digit_scenes import IMAGE_SIZE
+from dpvr.data.digit_scenes import CELL, IMAGE_SIZE, WORDS_PER_CELL_SIDE
 from dpvr.data.scene_questions import vocabulary
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIALS = [PAD, UNK, BOS, EOS, IMAGE]  # ids 0..4
-PATCH = 4
-N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 64: CLS dropped
+PATCH = CELL // WORDS_PER_CELL_SIDE  # 4: a cell's patches sit where a worded scene puts its words
+N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 144: CLS dropped
+TEXT_LAYERS = 16
 # llava-hf's template, except that an assistant answer ends with </s> (the tiny model is trained on
 # this template, so generation stops there); renders `USER: <image>\n{question} ASSISTANT:`
 CHAT_TEMPLATE = (
@@ -76,14 +77,14 @@ def build_processor() -> LlavaProcessor:
     )  # fmt: skip
 
 
-def tiny_config(vocab_size: int) -> LlavaConfig:
+def tiny_config(vocab_size: int, text_layers: int = TEXT_LAYERS) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128,
     )  # fmt: skip
     text = LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=12, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=vocab_size, max_position_embeddings=512,
+        hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=6,
+        num_key_value_heads=6, vocab_size=vocab_size, max_position_embeddings=512,
         pad_token_id=SPECIALS.index(PAD), bos_token_id=SPECIALS.index(BOS), eos_token_id=SPECIALS.index(EOS),
         tie_word_embeddings=False,
     )  # fmt: skip
@@ -95,11 +96,12 @@ def tiny_config(vocab_size: int) -> LlavaConfig:
     )  # fmt: skip
 
 
-def build_tiny_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The untrained tiny LLaVA (random init from `seed`) and its processor."""
+def build_tiny_model(seed: int = 0, text_layers: int = TEXT_LAYERS) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The untrained tiny LLaVA (random init from `seed`) and its processor. Training starts with a
+    shallower language model (`text_layers`) and grows it (`dpvr.embedded.train_tiny`)."""
     processor = build_processor()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_config(len(processor.tokenizer)))
+    model = LlavaForConditionalGeneration(tiny_config(len(processor.tokenizer), text_layers))
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     gen.max_new_tokens = 16

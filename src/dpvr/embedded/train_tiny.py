@@ -1,167 +1,99 @@
 """Train the embedded tiny LLaVA from scratch on digit scenes, following LLaVA's own staged recipe.
 
     dpvr train-tiny --out src/dpvr/assets/tiny-llava --seed 0          # the shipped checkpoint
-    dpvr train-tiny --out /tmp/tiny --vision-steps 100 --align-steps 50 --tune-steps 50   # a smoke run
+    dpvr train-tiny --out /tmp/tiny --vision-steps 20 --existence-steps 20 --text-steps 20 \
+        --deep-steps 5 --align-steps 5 --tune-steps 5                   # a smoke run
 
-Stages (a model trained end to end from random init stays at chance here; see docs/embedded.md):
-  0. vision: the CLIP tower alone learns digits -- the mean of each cell's patch tokens feeds a
-     linear 11-way head (10 digits + empty). The stand-in for LLaVA's pretrained CLIP.
-  1. align: tower frozen, projector + language model learn to caption scenes ("bottom left 3 top left
-     none ...", cells in a random order), the LLaVA-558k analogue; dense supervision that binds the
-     position words to image regions.
-  2. tune: projector + language model on the multi-turn instruction data (train.json, the LLaVA-665k
-     analogue) with every `--caption-every`-th caption mixed in, so the reading learnt in stage 1 is
-     kept while the question formats are learnt; the tower stays frozen, as in LLaVA-1.5.
+Stages (a model trained end to end from random init stays at chance here; docs/embedded.md has
+what each stage measured):
+  vision    the CLIP tower alone learns, at every patch token, which digit (or none) its cell holds:
+            the stand-in for LLaVA's pretrained CLIP.
+  text      the language model (shallow: `--shallow-layers`) is pretrained on text only, as LLaVA's
+            was: `text.json`'s worded scenes (each cell's digit word laid out where its image tokens
+            will be). First the existence questions alone ("is there a 7 in the image ?"), until
+            the held-out check reaches `--existence-target` (the lookup is learnt alone; mixed in
+            from the start it is not), then every family.
+  deep      the language model grows to its full depth (new layers on top, starting as the
+            identity) and continues on every family.
+  align     tower and language model frozen, the projector learns to put image tokens where the
+            words were (captions and QA turns: the LLaVA-558k stage).
+  tune      projector + language model on the multi-turn instruction data (the LLaVA-665k
+            analogue) with every `--caption-every`-th caption; the tower stays frozen, as in LLaVA-1.5.
 Seeded throughout (data order included); the same seed and step counts give the same weights on the
-same machine. `--minutes` is a safety cap: if reached, stage 2 stops early and the log says so.
-Writes the checkpoint atomically, plus `training_log.json` and `training_curve.png` next to it.
+same machine. `--minutes` is a safety cap: once reached, every remaining stage stops and the log
+says where. Writes the checkpoint atomically, plus `training_log.json` and `training_curve.png`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from dpvr.atomic import atomic_write
-from dpvr.data.collate import Collator
 from dpvr.data.digit_scenes import load_split, open_benchmark
 from dpvr.data.llava_json import LlavaJsonDataset
-from dpvr.embedded.model import build_tiny_model, save_checkpoint
+from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
 from dpvr.embedded.score import format_table, score
+from dpvr.embedded.stages import EMPTY_CLASS, grow, loader, stage_lm, stage_vision
 
-EMPTY_CLASS = 10
+STAGES = ("vision", "existence", "text", "deep", "align", "tune")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint dir (replaced atomically)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the benchmark")
     parser.add_argument("--data", default=None, help="digit-scenes dir (default: the cache for --seed)")
-    parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock cap for the whole run")
-    parser.add_argument("--vision-steps", type=int, default=600)
-    parser.add_argument("--align-steps", type=int, default=400)
-    parser.add_argument("--tune-steps", type=int, default=900)
+    parser.add_argument("--minutes", type=float, default=115.0, help="wall-clock cap for the whole run")
+    parser.add_argument("--shallow-layers", type=int, default=4, help="language-model depth of the text stages")
+    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--existence-steps", type=int, default=1200, help="at most; ends at --existence-target")
+    parser.add_argument("--existence-target", type=float, default=0.95, help="held-out existence accuracy that ends it")
+    parser.add_argument("--text-steps", type=int, default=800)
+    parser.add_argument("--deep-steps", type=int, default=150)
+    parser.add_argument("--align-steps", type=int, default=150)
+    parser.add_argument("--tune-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of stage 1 (stage 0 uses 1e-3)")
-    parser.add_argument("--tune-lr", type=float, default=5e-4, help="peak lr of stage 2 (lower: it starts from stage 1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the shallow text stages and of align")
+    parser.add_argument("--tune-lr", type=float, default=3e-4, help="peak lr of deep and tune (they start trained)")
     parser.add_argument("--caption-every", type=int, default=3,
-                        help="stage 2 mixes in every N-th stage-1 caption (0: none)")  # fmt: skip
-    parser.add_argument("--eval-every", type=int, default=150, help="tune steps between held-out checks")
-    parser.add_argument("--eval-n", type=int, default=300, help="val questions per held-out check")
+                        help="tune mixes in every N-th caption (0: none)")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out checks")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out questions per check")
     parser.add_argument("--threads", type=int, default=2)
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))  # cosine to 10% of peak
+def first_turns(samples: list[dict]) -> list[dict]:
+    """Single-question held-out samples from multi-turn ones: the first turn, under its own family
+    (captions left out: the check decodes short answers)."""
+    out = []
+    for s in samples:
+        turn = s["meta"]["turns"][0]
+        if turn["family"] != "caption":
+            out.append({**s, "conversations": s["conversations"][:2], "meta": {**turn, "question": None}})
+    return out
 
 
-def _loader(ds, batch_size: int, seed: int, pad_id: int):
-    g = torch.Generator().manual_seed(seed)
-    collate = Collator(pad_token_id=pad_id, padding_side="right", keep_ids=False)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate, drop_last=True)
+def _accuracies(model, processor, samples, images) -> dict[str, float]:
+    fams = score(model, processor, samples, images)["families"]
+    return {f: r["accuracy"] for f, r in fams.items()}
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+def _lm_params(model) -> list:
+    return list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
 
 
-def cell_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 4, D_v): mean of each 2x2-grid cell's patch tokens at the layer LLaVA reads."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    h = out.hidden_states[model.config.vision_feature_layer][:, 1:]  # (B, 64, D_v), CLS dropped
-    B, N, D = h.shape
-    side = int(N**0.5)  # 8 patches per side, 4 per cell
-    return h.view(B, 2, side // 2, 2, side // 2, D).mean(dim=(2, 4)).reshape(B, 4, D)
-
-
-def stage_vision(model, processor, train: list[dict], root: Path, steps: int, seed: int, bar, log: dict) -> None:
+def _vision_data(processor, train: list[dict], root: Path):
     from PIL import Image
 
     scenes = [s for s in train if "image" in s]
     images = [Image.open(root / "images" / s["image"]).convert("RGB") for s in scenes]
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, 32, 32)
-    cells = torch.tensor([[EMPTY_CLASS if d < 0 else d for d in s["meta"]["cells"]] for s in scenes])  # (N, 4)
-    head = nn.Linear(model.config.vision_config.hidden_size, EMPTY_CLASS + 1)
-    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    n_val = min(256, len(scenes) // 4)  # held-out scenes for the probe accuracy (the tail of train)
-    for step in range(steps):
-        idx = torch.randint(0, len(scenes) - n_val, (64,), generator=g)
-        loss = nn.functional.cross_entropy(head(cell_features(model, pixels[idx])).flatten(0, 1), cells[idx].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1), bar.set_postfix(stage="vision", loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        pred = head(cell_features(model, pixels[-n_val:])).argmax(-1)
-    log["vision_cell_accuracy"] = float((pred == cells[-n_val:]).float().mean())
-    bar.write(f"stage 0 (vision): per-cell accuracy on {n_val} held-out scenes {log['vision_cell_accuracy']:.3f}")
-
-
-def stage_lm(model, loader, params, steps: int, lr: float, bar, name: str, log: dict, deadline: float,
-             eval_fn=None, eval_every: int = 0) -> None:  # fmt: skip
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    batches = _forever(loader)
-    model.train()
-    for step in range(steps):
-        if time.monotonic() > deadline:
-            note = log.setdefault("stopped_early", f"{name} stopped at step {step}/{steps}: --minutes cap reached")
-            bar.write(note)
-            break
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
-        batch = next(batches)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.update(1), bar.set_postfix(stage=name, loss=f"{loss.item():.3f}")
-        if step % 10 == 0:
-            log["loss"].append({"stage": name, "step": step, "loss": round(loss.item(), 4)})
-        if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
-            model.eval()
-            fams = eval_fn()
-            model.train()
-            log["val"].append({"stage": name, "step": step + 1, **{f: round(r["accuracy"], 4) for f, r in fams.items()}})
-            bar.write(f"{name} step {step + 1}: " + " ".join(f"{f} {r['accuracy']:.2f}" for f, r in fams.items()))
-    model.eval()
-
-
-def plot(log: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    offset = 0
-    for name in ("align", "tune"):
-        pts = [p for p in log["loss"] if p["stage"] == name]
-        a.plot([offset + p["step"] for p in pts], [p["loss"] for p in pts], label=name)
-        offset += log["steps"].get(name, 0)
-    a.set(xlabel="LM step (align, then tune)", ylabel="train loss", yscale="log", title="loss")
-    if log["loss"]:
-        a.legend()
-    fams = [k for k in (log["val"][0] if log["val"] else {}) if k not in ("stage", "step")]
-    for f in fams:
-        b.plot([p["step"] for p in log["val"]], [p[f] for p in log["val"]], marker="o", label=f)
-    b.set(xlabel="tune step", ylabel="val accuracy", ylim=(0, 1.02), title="held-out accuracy per family")
-    if fams:
-        b.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, 48, 48)
+    cells = torch.tensor([[EMPTY_CLASS if d < 0 else d for d in s["meta"]["cells"]] for s in scenes])  # (N, 9)
+    return pixels, cells
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,32 +104,48 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     deadline = t0 + 60 * args.minutes
     root = open_benchmark(args.data, args.seed)
-    model, processor = build_tiny_model(args.seed)
+    model, processor = build_tiny_model(args.seed, text_layers=args.shallow_layers)
     pad = processor.tokenizer.pad_token_id
-    log = {"command": f"dpvr train-tiny --seed {args.seed} --vision-steps {args.vision_steps} --align-steps "
-                      f"{args.align_steps} --tune-steps {args.tune_steps} --batch-size {args.batch_size} --lr {args.lr} "
-                      f"--tune-lr {args.tune_lr} --caption-every {args.caption_every}",
-           "seed": args.seed, "steps": {"vision": args.vision_steps, "align": args.align_steps, "tune": args.tune_steps},
-           "parameters": sum(p.numel() for p in model.parameters()), "loss": [], "val": []}  # fmt: skip
+    steps = {name: getattr(args, f"{name}_steps") for name in STAGES}
+    log = {"command": "dpvr train-tiny " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                                                    if k not in ("out", "data", "threads")),
+           "seed": args.seed, "steps": steps, "steps_taken": {}, "loss": [], "val": []}  # fmt: skip
     train = load_split(root, "train")
-    val = load_split(root, "val")[: args.eval_n]
-    eval_fn = lambda: score(model, processor, val, root / "images")["families"]  # noqa: E731
-    total = args.vision_steps + args.align_steps + args.tune_steps
-    with tqdm(total=total, desc="train-tiny", unit="step", dynamic_ncols=True) as bar:
-        stage_vision(model, processor, train, root, args.vision_steps, args.seed, bar, log)
-        lm_params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    text = load_split(root, "text")
+    held = {part: [s for s in text if s["meta"]["part"] == part] for part in ("existence", "all")}
+    n_held = {part: min(args.eval_n, len(rows) // 4) for part, rows in held.items()}  # the tail is held out
+    text_val = {part: first_turns(rows[len(rows) - n_held[part] :]) for part, rows in held.items()}
+    text_train = {part: rows[: len(rows) - n_held[part]] for part, rows in held.items()}
+    image_val = load_split(root, "val")[: args.eval_n]
+    images = root / "images"
+    check_text = lambda: _accuracies(model, processor, text_val["all"], images)  # noqa: E731
+    check_images = lambda: _accuracies(model, processor, image_val, images)  # noqa: E731
+    lm_loader = lambda rows, k: loader(LlavaJsonDataset(rows, images, processor), args.batch_size, args.seed + k, pad)  # noqa: E731
+    with tqdm(total=sum(steps.values()), desc="train-tiny", unit="step", dynamic_ncols=True) as bar:
+        stage_vision(model, *_vision_data(processor, train, root), steps["vision"], args.seed, bar, log)
         model.model.vision_tower.requires_grad_(False)
-        pretrain = LlavaJsonDataset(root / "pretrain.json", root / "images", processor)
-        stage_lm(model, _loader(pretrain, args.batch_size, args.seed + 1, pad), lm_params, args.align_steps,
-                 args.lr, bar, "align", log, deadline)  # fmt: skip
-        tune = LlavaJsonDataset(root / "train.json", root / "images", processor)
-        if args.caption_every > 0:
-            captions = torch.utils.data.Subset(pretrain, range(0, len(pretrain), args.caption_every))
-            tune = torch.utils.data.ConcatDataset([tune, captions])
-        stage_lm(model, _loader(tune, args.batch_size, args.seed + 2, pad), lm_params, args.tune_steps,
-                 args.tune_lr, bar, "tune", log, deadline, eval_fn, args.eval_every)  # fmt: skip
-    model.model.vision_tower.requires_grad_(True)  # saved weights carry no training state
-    log["final_val"] = eval_fn()
+        stage_lm(model, lm_loader(text_train["existence"], 1), _lm_params(model), steps["existence"], args.lr, bar,
+                 "existence", log, deadline, lambda: _accuracies(model, processor, text_val["existence"], images),
+                 args.eval_every, stop=lambda acc: acc.get("pope", 0) >= args.existence_target)  # fmt: skip
+        stage_lm(model, lm_loader(text_train["all"], 2), _lm_params(model), steps["text"], args.lr, bar, "text", log,
+                 deadline, check_text, args.eval_every)  # fmt: skip
+        model = grow(model, build_tiny_model(args.seed, text_layers=TEXT_LAYERS)[0])
+        model.model.vision_tower.requires_grad_(False)
+        stage_lm(model, lm_loader(text_train["all"], 3), _lm_params(model), steps["deep"], args.tune_lr, bar, "deep",
+                 log, deadline, check_text, args.eval_every)  # fmt: skip
+        model.model.language_model.requires_grad_(False), model.lm_head.requires_grad_(False)
+        pretrain = load_split(root, "pretrain")
+        projector = list(model.model.multi_modal_projector.parameters())
+        stage_lm(model, lm_loader(pretrain + train, 4), projector, steps["align"], args.lr, bar, "align", log,
+                 deadline, check_images, args.eval_every)  # fmt: skip
+        model.model.language_model.requires_grad_(True), model.lm_head.requires_grad_(True)
+        captions = pretrain[:: args.caption_every] if args.caption_every > 0 else []
+        stage_lm(model, lm_loader(train + captions, 5), projector + _lm_params(model), steps["tune"], args.tune_lr,
+                 bar, "tune", log, deadline, check_images, args.eval_every)  # fmt: skip
+    model.requires_grad_(True)  # saved weights carry no training state
+    log["parameters"] = sum(p.numel() for p in model.parameters())
+    log["final_val"] = score(model, processor, load_split(root, "val"), images)["families"]
+    log["final_text_val"] = check_text()
     log["wall_minutes"] = round((time.monotonic() - t0) / 60, 2)
     print(format_table(log["final_val"]))
 
@@ -208,3 +156,35 @@ def run(args: argparse.Namespace) -> int:
     out = save_checkpoint(model, processor, args.out, extra)
     print(f"wrote {out} in {log['wall_minutes']} min")
     return 0
+
+
+def plot(log: dict, path: Path) -> None:
+    """Loss over all language-model stages end to end, and the held-out accuracy per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    offsets, offset = {}, 0
+    for name in STAGES[1:]:
+        offsets[name] = offset
+        pts = [p for p in log["loss"] if p["stage"] == name]
+        a.plot([offset + p["step"] for p in pts], [p["loss"] for p in pts], label=name)
+        offset += log["steps_taken"].get(name, 0)
+    a.set(xlabel="language-model step (all stages)", ylabel="train loss", yscale="log", title="loss")
+    if log["loss"]:
+        a.legend(fontsize=7)
+    fams = sorted({k for p in log["val"] for k in p if k not in ("stage", "step")})
+    for f in fams:
+        pts = [p for p in log["val"] if f in p]
+        b.plot([offsets[p["stage"]] + p["step"] for p in pts], [p[f] for p in pts], marker=".", label=f)
+    for name, x in offsets.items():
+        b.axvline(x, color="0.85", lw=0.8)
+    b.set(xlabel="language-model step (all stages)", ylabel="held-out accuracy", ylim=(0, 1.02),
+          title="held-out accuracy per family (text, then images)")  # fmt: skip
+    if fams:
+        b.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)

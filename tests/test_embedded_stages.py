@@ -1,0 +1,36 @@
+"""Pieces of `dpvr train-tiny`: growing the language model keeps its function, a worded scene and the
+vision stage's patch targets put each cell where the image's patch tokens put it."""
+from __future__ import annotations
+
+import torch
+
+from dpvr.data.digit_scenes import GRID, WORDS_PER_CELL_SIDE
+from dpvr.data.scene_questions import scene_words
+from dpvr.embedded import build_tiny_model
+from dpvr.embedded.model import N_IMAGE_TOKENS, PATCH, TEXT_LAYERS
+from dpvr.embedded.stages import patch_targets, grow
+
+
+def test_grow_computes_the_same_function_and_every_layer_trains():
+    shallow = build_tiny_model(seed=3, text_layers=2)[0].eval()
+    deep = grow(shallow, build_tiny_model(seed=4, text_layers=TEXT_LAYERS)[0]).eval()
+    ids = torch.randint(5, shallow.config.text_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(deep(input_ids=ids).logits, shallow(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    deep.train()
+    deep(input_ids=ids, labels=ids).loss.backward()
+    new = deep.model.language_model.layers[TEXT_LAYERS - 1]
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_worded_scene_and_patch_targets_share_the_image_token_layout():
+    cells = list(range(GRID * GRID))  # cell i holds digit i
+    words = scene_words(cells, WORDS_PER_CELL_SIDE).split()
+    side = GRID * WORDS_PER_CELL_SIDE
+    assert len(words) == side * side == N_IMAGE_TOKENS
+    targets = patch_targets(torch.tensor([cells]), side)[0]
+    assert [int(w) for w in words] == targets.tolist()
+    # patch (y, x) of a 48-px image lies in cell (y*PATCH // 16, x*PATCH // 16)
+    for y in range(side):
+        for x in range(side):
+            assert targets[y * side + x] == (y * PATCH // 16) * GRID + (x * PATCH // 16)
