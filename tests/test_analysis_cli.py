@@ -51,7 +51,7 @@ def setup(tmp_path_factory, tiny_checkpoint):
 
     d = tmp_path_factory.mktemp("analyze")
     (d / "model").symlink_to(tiny_checkpoint, target_is_directory=True)
-    data = ensure_benchmark(d / "data", scenes={"train": 2, "val": 1, "test": 3}, progress=False)
+    data = ensure_benchmark(d / "data", scenes={"train": 2, "val": 1, "test": 3, "existence": 2, "all": 2}, progress=False)
     return d, data
 
 

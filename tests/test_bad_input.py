@@ -30,7 +30,7 @@ def world(tiny_checkpoint, tmp_path_factory):
     (root / "not_an_image.png").write_text("hello")
     (root / "empty.json").write_text("[]")
     (root / "truncated.json").write_text('[{"id": "a", "conversations": [')
-    bench = ensure_benchmark(root / "bench", seed=5, scenes={"train": 4, "val": 2, "test": 2}, progress=False)
+    bench = ensure_benchmark(root / "bench", seed=5, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     model, _ = load_model(model=str(tiny_checkpoint), mode="lf", split_layer=6)
     model.save_pretrained(root / "adapter", side_branch_only=True)
     (root / "bad_adapter").mkdir()

@@ -13,7 +13,7 @@ import sys, time
 from dpvr.data.digit_scenes import ensure_benchmark
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # both processes start building at the same moment
-root = ensure_benchmark(sys.argv[1], seed=7, scenes={"train": 60, "val": 10, "test": 10}, progress=False)
+root = ensure_benchmark(sys.argv[1], seed=7, scenes={"train": 60, "val": 10, "test": 10, "existence": 2, "all": 2}, progress=False)
 print(root)
 """
 

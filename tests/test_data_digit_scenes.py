@@ -13,7 +13,7 @@ from dpvr.data import digit_scenes as ds
 from dpvr.data.scene_questions import LETTERS, POSITIONS, vocabulary
 from dpvr.errors import DPVRError
 
-SMALL = {"train": 40, "val": 12, "test": 12}
+SMALL = {"train": 40, "val": 12, "test": 12, "existence": 8, "all": 8}
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,35 @@ def test_eval_structure_pope_mme_mmbench(bench):
 
 def test_every_word_is_in_the_vocabulary(bench):
     vocab = set(vocabulary())
-    for split in ("train", "pretrain", "test"):
+    for split in ("train", "pretrain", "text", "test"):
         for s in ds.load_split(bench, split):
             for turn in s["conversations"]:
                 missing = set(turn["value"].replace("<image>", " ").split()) - vocab
                 assert not missing, f"{s['id']}: words not in the tokenizer vocabulary: {missing}"
+
+
+def test_text_corpus_writes_the_scene_and_its_answers(bench):
+    bench_text = ds.load_split(bench, "text")
+    parts = defaultdict(set)
+    side = ds.GRID * ds.WORDS_PER_CELL_SIDE
+    for s in bench_text:
+        m, turns = s["meta"], s["conversations"]
+        assert "image" not in s and len(turns) == 2 * ds.TRAIN_TURNS
+        words = turns[0]["value"].split()
+        grid = [words[y * side : (y + 1) * side] for y in range(side)]
+        for i, d in enumerate(m["cells"]):  # every word of cell i's block names its digit
+            r, c = divmod(i, ds.GRID)
+            k = ds.WORDS_PER_CELL_SIDE
+            block = {w for row in grid[r * k : (r + 1) * k] for w in row[c * k : (c + 1) * k]}
+            assert block == {"none" if d < 0 else str(d)}, (s["id"], i, block)
+        assert " ".join(words[side * side :]) == m["turns"][0]["question"]
+        for k, qa in enumerate(m["turns"]):
+            assert turns[2 * k + 1]["value"] == qa["answer"]
+            if qa["family"] == "pope":
+                assert qa["answer"] == ("yes" if int(qa["question"].split()[3]) in m["cells"] else "no")
+            parts[m["part"]].add(qa["family"])
+    assert parts["existence"] == {"pope"}
+    assert parts["all"] >= {"pope", "mme", "mmbench", "count", "spatial", "caption"}
 
 
 def test_reuse_and_refuse_incomplete(bench, tmp_path):

@@ -22,7 +22,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    return ensure_benchmark(tmp_path_factory.mktemp("b") / "s", seed=0, scenes={"train": 8, "val": 8, "test": 30}, progress=False)
+    return ensure_benchmark(tmp_path_factory.mktemp("b") / "s", seed=0, scenes={"train": 8, "val": 8, "test": 30, "existence": 2, "all": 2}, progress=False)
 
 
 def test_shape_is_llava_like(tiny):

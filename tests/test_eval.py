@@ -14,12 +14,18 @@ from dpvr.cli import main
 from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.embedded import build_tiny_model
 from dpvr.eval import evaluate
-from dpvr.eval.lmms_plugin import MANIFEST, continuation_logprobs, generate_texts
+from dpvr.eval.lmms_plugin import MANIFEST, _layers, continuation_logprobs, generate_texts
 from dpvr.eval.metrics import normalise, score_all
 
 
 def sample(i, family, answer, **meta):
     return {"id": f"s{i}", "meta": {"family": family, "answer": answer, **meta}}
+
+
+def test_lmms_fusion_at_model_arg_is_colon_separated():
+    assert _layers("24:28") == (24, 28) and _layers("7") == (7,) and _layers("") == () and _layers((3, 4)) == (3, 4)
+    with pytest.raises(ValueError, match="colon-separated"):
+        _layers("24,28")
 
 
 def test_pope_metrics_by_hand():
@@ -53,7 +59,7 @@ def test_mme_accuracy_plus_and_mmbench_circular_by_hand():
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 2, "val": 2, "test": 6}, progress=False)
+    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 2, "val": 2, "test": 6, "existence": 2, "all": 2}, progress=False)
     model, processor = build_tiny_model(seed=0)
     return model.eval(), processor, data, tiny_checkpoint
 

@@ -37,7 +37,7 @@ def test_mismatches_are_refused_in_one_line():
 
 @pytest.fixture(scope="module")
 def world(tiny_checkpoint, tmp_path_factory):
-    data = ensure_benchmark(tmp_path_factory.mktemp("bench"), seed=3, scenes={"train": 4, "val": 2, "test": 2}, progress=False)
+    data = ensure_benchmark(tmp_path_factory.mktemp("bench"), seed=3, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     return tiny_checkpoint, data
 
 

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     from dpvr.eval.lmms_tasks import write_tasks
 
     root = tmp_path_factory.mktemp("lmms")
-    data = ensure_benchmark(root / "bench", seed=5, scenes={"train": 1, "val": 1, "test": 8}, progress=False)
+    data = ensure_benchmark(root / "bench", seed=5, scenes={"train": 1, "val": 1, "test": 8, "existence": 2, "all": 2}, progress=False)
     ids = write_tasks(data, root / "tasks")
     return root, data, ids
 

@@ -22,7 +22,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 @pytest.fixture(scope="module")
 def world(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2}, progress=False)
+    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     return tiny_checkpoint, data
 
 

@@ -14,7 +14,7 @@ N_GOOD, N_BAD, BATCH = 2, 6, 2  # 4 batches of 2: the 2 good samples leave at le
 @pytest.fixture(scope="module")
 def data(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("skips")
-    bench = ensure_benchmark(root / "bench", seed=4, scenes={"train": 4, "val": 2, "test": 2}, progress=False)
+    bench = ensure_benchmark(root / "bench", seed=4, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     samples = json.loads((bench / "train.json").read_text())
     good = [s for s in samples if "image" in s][:N_GOOD]
     bad = [{**good[0], "id": f"bad-{i}", "image": f"train/missing-{i}.png"} for i in range(N_BAD)]
@@ -43,7 +43,7 @@ def test_skip_counts_samples_once_over_epochs_and_workers_and_survives_wholly_ba
 def test_train_loss_after_resume_equals_the_uninterrupted_runs(tiny_checkpoint, tmp_path):
 
 
-    bench = ensure_benchmark(tmp_path / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2}, progress=False)
+    bench = ensure_benchmark(tmp_path / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     common = ["--model", str(tiny_checkpoint), "--data", str(bench / "train.json"), "--mode", "lf", "--split_layer", "6",
               "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1", "--max_steps", "6",
               "--disable_tqdm", "true"]  # fmt: skip

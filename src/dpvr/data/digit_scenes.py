@@ -188,9 +188,9 @@ def build_text(seed: int, sizes: dict[str, int]) -> list[dict]:
             cells = [EMPTY if rng.random() < P_EMPTY else int(rng.choice(10, p=weights)) for _ in range(GRID * GRID)]
             qas = asker.training_turns(rng, cells, TRAIN_TURNS, mix)
             # the scene takes the place the image's tokens take in `<image>\n{question}`
-            qas[0] = {**qas[0], "question": f"{scene_words(cells, WORDS_PER_CELL_SIDE)} {qas[0]['question']}"}
+            worded = [{**qas[0], "question": f"{scene_words(cells, WORDS_PER_CELL_SIDE)} {qas[0]['question']}"}, *qas[1:]]
             meta = {"family": "worded", "part": part, "cells": cells, "answer": qas[0]["answer"], "turns": qas}
-            out.append(_sample(f"text-{part}-{n:05d}", None, qas, meta))
+            out.append(_sample(f"text-{part}-{n:05d}", None, worded, meta))
     return out
 
 

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="digit-scenes dir (default: the cache for --seed)")
     parser.add_argument("--minutes", type=float, default=115.0, help="wall-clock cap for the whole run")
     parser.add_argument("--shallow-layers", type=int, default=4, help="language-model depth of the text stages")
-    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--vision-steps", type=int, default=1000)
     parser.add_argument("--existence-steps", type=int, default=1200, help="at most; ends at --existence-target")
     parser.add_argument("--existence-target", type=float, default=0.95, help="held-out existence accuracy that ends it")
     parser.add_argument("--text-steps", type=int, default=800)

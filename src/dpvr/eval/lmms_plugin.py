@@ -4,6 +4,7 @@
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,adapter=runs/lf/final \\
         --tasks pope,mme,mmbench_en_dev,mmbench_cn_dev,scienceqa_img,seedbench,blink --batch_size 8
     # or a stock checkpoint with an inference-only routing: ...,mode=fastv,fastv_layer=2,fastv_ratio=0.5
+    # sparse fusion layers are colon-separated (model_args split on commas): ...,mode=lf,fusion_at=24:28
 
 Registered through the `lmms_eval.models` entry point (pyproject.toml) as `MANIFEST`, a callable, so
 importing this module needs no lmms-eval. Unlike lmms-eval's own llava_hf model, exceptions are never
@@ -57,6 +58,18 @@ def _encode(processor, prompts: list[str], images: list[list], device):
 def _flag(value) -> bool:
     """A boolean model_arg: lmms-eval passes `key=False` through as the string 'False'."""
     return str(value).lower() not in ("false", "0")
+
+
+def _layers(value) -> tuple[int, ...]:
+    """A layer-list model_arg (`fusion_at`): lmms-eval splits model_args on commas, so the layers are
+    written with colons, `fusion_at=10:13`; a tuple or list passes through."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    text = str(value).strip()
+    try:
+        return tuple(int(v) for v in text.replace(" ", ":").split(":") if v)
+    except ValueError:
+        raise ValueError(f"dpvr_llava: fusion_at={text!r} is not a colon-separated list of layers, e.g. fusion_at=10:13") from None
 
 
 def _gen_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list[str]]:
@@ -157,7 +170,7 @@ if lmms is not None:
                      side_depth: int = routing_default("side_depth"), fastv_layer: int = routing_default("fastv_layer"),
                      fastv_ratio: float = routing_default("fastv_ratio"),
                      shallow_fastv: bool = routing_default("shallow_fastv"),
-                     device: str = "cuda", dtype: str = "bfloat16",
+                     fusion_at: str | tuple[int, ...] = routing_default("fusion_at"), device: str = "cuda", dtype: str = "bfloat16",
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, **kwargs) -> None:  # fmt: skip
             super().__init__()
@@ -171,6 +184,7 @@ if lmms is not None:
                 split_layer=None if split_layer is None else int(split_layer), fusion_layers=int(fusion_layers),
                 side_depth=int(side_depth), fastv_layer=int(fastv_layer), fastv_ratio=float(fastv_ratio),
                 shallow_fastv=_flag(shallow_fastv), attn=attn_implementation, dtype=dtype, device=device,
+                fusion_at=_layers(fusion_at),
             )  # fmt: skip
             self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
             self.use_cache = _flag(use_cache)
