@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     pad = processor.tokenizer.pad_token_id
     steps = {name: getattr(args, f"{name}_steps") for name in STAGES}
     log = {"command": "dpvr train-tiny " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                                                    if k not in ("out", "data", "threads")),
+                                                    if k not in ("out", "data", "threads", "debug")),
            "seed": args.seed, "steps": steps, "steps_taken": {}, "loss": [], "val": []}  # fmt: skip
     train = load_split(root, "train")
     text = load_split(root, "text")
