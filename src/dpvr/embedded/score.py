@@ -22,7 +22,7 @@ from PIL import Image
 from dpvr.atomic import atomic_write_text
 from dpvr.data.templates import render_prompt
 
-CHANCE = {"pope": 0.5, "mme": 0.5, "mmbench": 0.25, "count": 0.2, "spatial": 1 / 11, "reasoning": 0.27, "text": 0.27}
+CHANCE = {"pope": 0.5, "mme": 0.5, "mmbench": 0.25, "count": 0.1, "spatial": 1 / 11, "reasoning": 0.27, "text": 0.27}
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     dpvr eval                                              # the embedded tiny LLaVA, vanilla
     dpvr eval --mode fastv --fastv-layer 2 --fastv-ratio 0.5
-    dpvr eval --mode vtw --split-layer 7
+    dpvr eval --mode vtw --split-layer 9
     dpvr eval --model BASE --adapter runs/train/lf/final   # a trained side branch on its base
 
 Writes OUT/eval.json (every metric, per POPE subset too, and every reply) and prints a table.

@@ -1,6 +1,6 @@
 """`dpvr train`: train a DPVR side branch (or a baseline) on LLaVA-665k-format data with the HF Trainer.
 
-    dpvr train --mode lf --split_layer 7 --max_steps 300 --output_dir runs/lf          # embedded default
+    dpvr train --mode lf --split_layer 9 --max_steps 300 --output_dir runs/lf          # embedded default (split: dpvr analyze)
     dpvr train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json --images DIR \\
         --template vicuna_v1 --mode lf --split_layer 18 --bf16 --gradient_checkpointing \\
         --per_device_train_batch_size 16 --output_dir runs/lf-7b

@@ -1,7 +1,7 @@
 """Side-branch training on the HF Trainer: model building per method, atomic side-branch-only
 checkpoints, exact resume, and a DDP consistency record.
 
-    model, processor = build_model(ModelArguments(mode="lf", split_layer=7))
+    model, processor = build_model(ModelArguments(mode="lf", split_layer=9))
     trainer = DPVRTrainer(model=model, args=training_args, train_dataset=ds, data_collator=collate)
 
 Checkpoints: `checkpoint-N` is written under `.partial/` and renamed into place only when complete,
