@@ -9,6 +9,7 @@ import pytest
 
 from dpvr.analysis.summary import collapse_layer, recommend_split, transition_layer
 from dpvr.cli import main
+from dpvr.embedded.model import TEXT_LAYERS
 
 
 def paper_like_curves(L: int = 32) -> dict:
@@ -64,7 +65,7 @@ def test_analyze_writes_json_csv_png_and_prints_a_recommendation(setup, capsys):
     assert rc == 0, printed
     result = json.loads((out / "analysis.json").read_text())
     L = result["curves"]["num_layers"]
-    assert L == 12 and result["meta"]["n_samples"] == 5 and result["curves"]["n_masking"] == 3
+    assert L == TEXT_LAYERS and result["meta"]["n_samples"] == 5 and result["curves"]["n_masking"] == 3
     assert result["curves"]["kl_image"][-1] == 0.0 and len(result["curves"]["dll_only"]) == L
     assert 1 <= result["recommendation"]["split"] < L
     with open(out / "analysis.csv") as f:

@@ -50,7 +50,7 @@ def test_images_show_the_scans_in_meta(bench):
     for s in ds.load_split(bench, "test")[:20]:
         if "image" not in s:
             continue
-        img = np.asarray(Image.open(bench / "images" / s["image"]), dtype=np.float64)  # (32, 32, 3)
+        img = np.asarray(Image.open(bench / "images" / s["image"]), dtype=np.float64)  # (48, 48, 3)
         for i, (d, scan, tint) in enumerate(zip(s["meta"]["cells"], s["meta"]["scans"], s["meta"]["tints"])):
             r, c = divmod(i, ds.GRID)
             cell = img[r * ds.CELL : (r + 1) * ds.CELL, c * ds.CELL : (c + 1) * ds.CELL]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpvr.data.collate import Collator
+from dpvr.data.digit_scenes import IMAGE_SIZE
 from dpvr.data.llava_json import IGNORE, LlavaJsonDataset, SampleError
 from dpvr.data.templates import VICUNA_SYSTEM, render_conversation, render_prompt
 from dpvr.embedded.model import N_IMAGE_TOKENS, build_tiny_model
@@ -158,7 +159,7 @@ def test_collator_pads_the_chosen_side(tiny, images, side):
     items = [LlavaJsonDataset(data, images, processor)[i] for i in range(2)]
     batch = Collator(pad, padding_side=side)(items)
     T = max(len(it["input_ids"]) for it in items)
-    assert batch["input_ids"].shape == (2, T) and batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert batch["input_ids"].shape == (2, T) and batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     short = items[1]
     n = len(short["input_ids"])
     cols = slice(T - n, T) if side == "left" else slice(0, n)
