@@ -83,6 +83,7 @@ def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log:
     """AdamW on `params` for up to `steps` batches (cosine schedule), checking `eval_fn` (held-out
     accuracy per family) every `eval_every` steps; ends early when `stop(accuracies)` says so or at
     the run's deadline. Returns the steps taken."""
+    t0 = time.monotonic()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     batches = _forever(batches)
     model.train()
@@ -114,6 +115,7 @@ def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log:
                 break
     bar.update(steps - taken)  # a stage that ends early leaves no gap in the bar
     log["steps_taken"][name] = taken
+    log.setdefault("stage_minutes", {})[name] = round((time.monotonic() - t0) / 60, 2)
     model.eval()
     return taken
 
