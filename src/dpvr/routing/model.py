@@ -29,7 +29,7 @@ from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE, load_adapter, 
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder
 from dpvr.routing.layer import check_backbone, check_supported
-from dpvr.routing.side import SideBranch, active_side_branch
+from dpvr.routing.side import SideBranch, active_side_branch, build_side_branch
 from dpvr.routing.stock_guard import install as install_stock_guard
 
 logger = logging.get_logger(__name__)
@@ -343,7 +343,7 @@ def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForC
     model.config.text_config, model.config.vision_config = base.config.text_config, base.config.vision_config
     model.config._attn_implementation_internal = base.config._attn_implementation_internal
     model.model, model.lm_head = base.model, base.lm_head  # take over, no copy
-    model.side_branch = _build_side_branch(base, config)
+    model.side_branch = build_side_branch(base, config)
     model.generation_config = copy.deepcopy(base.generation_config)
     model.name_or_path = base.name_or_path
     if next(base.parameters()).device.type != "meta":  # a meta base (shape-only analysis) stays meta
@@ -352,20 +352,6 @@ def convert(base: LlavaForConditionalGeneration, config: DPVRConfig) -> DPVRForC
     model.train(base.training)
     model.apply_freeze()
     return model
-
-
-def _build_side_branch(base: LlavaForConditionalGeneration, config: DPVRConfig) -> SideBranch | None:
-    if not config.has_side_branch:
-        return None
-    layers = base.model.language_model.layers
-    s, D = config.split_layer, config.side_depth
-    if config.side_init == "copy":
-        return SideBranch(copy.deepcopy(layers[s + j]) for j in range(D))
-    ref = next(layers[0].parameters())
-    with torch.device(ref.device):
-        side = SideBranch(type(layers[0])(base.config.text_config, s + j) for j in range(D))
-    side.apply(base._init_weights)
-    return side.to(ref.dtype)
 
 
 def _valid_mask(attention_mask, input_ids, is_img) -> torch.Tensor:

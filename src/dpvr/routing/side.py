@@ -4,9 +4,13 @@ works, and `active_side_branch` finds the copy PEFT trains.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
+
+from dpvr.config import DPVRConfig
 
 
 class SideBranch(nn.Module):
@@ -36,3 +40,19 @@ def active_side_branch(side: nn.Module | None) -> SideBranch | None:
     if side.disable_adapters or not side.active_adapters:
         return side.original_module
     return side.modules_to_save[side.active_adapters[0]]
+
+
+def build_side_branch(base, config: DPVRConfig) -> SideBranch | None:
+    """The side branch a `convert` of the stock LLaVA `base` gets: copies of layers s..s+D-1
+    (`side_init="copy"`) or freshly initialised layers of the same class; None for modes without one."""
+    if not config.has_side_branch:
+        return None
+    layers = base.model.language_model.layers
+    s, D = config.split_layer, config.side_depth
+    if config.side_init == "copy":
+        return SideBranch(copy.deepcopy(layers[s + j]) for j in range(D))
+    ref = next(layers[0].parameters())
+    with torch.device(ref.device):
+        side = SideBranch(type(layers[0])(base.config.text_config, s + j) for j in range(D))
+    side.apply(base._init_weights)
+    return side.to(ref.dtype)
