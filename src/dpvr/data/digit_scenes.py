@@ -91,13 +91,27 @@ def render(cells: list[int], scans: list[int], tints: list[int], images: np.ndar
     return Image.fromarray(np.round(canvas).astype(np.uint8), mode="RGB")
 
 
+def _digit(rng: np.random.Generator, weights: np.ndarray) -> int:
+    """One cell's content: EMPTY with probability P_EMPTY, else a digit drawn by popularity."""
+    return EMPTY if rng.random() < P_EMPTY else int(rng.choice(10, p=weights))
+
+
+def _asker(seed: int, images: np.ndarray, targets: np.ndarray) -> SceneQuestions:
+    """The question builder of every split: popularity and look-alikes come from the train pool."""
+    train_pool = scan_pools(seed)["train"]
+    return SceneQuestions(
+        popular=np.argsort(-digit_popularity(seed), kind="stable"),
+        lookalikes=similarity_order(images[train_pool], targets[train_pool]),
+    )
+
+
 def _scene(rng: np.random.Generator, pool: np.ndarray, by_digit: dict[int, np.ndarray], weights: np.ndarray):
     cells, scans, tints = [], [], []
     for _ in range(GRID * GRID):
-        if rng.random() < P_EMPTY:
+        digit = _digit(rng, weights)
+        if digit == EMPTY:
             cells.append(EMPTY), scans.append(EMPTY), tints.append(0)
             continue
-        digit = int(rng.choice(10, p=weights))
         cells.append(digit)
         scans.append(int(rng.choice(by_digit[digit])))
         tints.append(int(rng.integers(len(TINTS))))
@@ -127,11 +141,7 @@ def build_split(split: str, seed: int, out: Path, n_scenes: int | None = None) -
     pool = scan_pools(seed)[split]
     by_digit = {d: pool[targets[pool] == d] for d in range(10)}
     weights = digit_popularity(seed)
-    train_pool = scan_pools(seed)["train"]
-    asker = SceneQuestions(
-        popular=np.argsort(-weights, kind="stable"),
-        lookalikes=similarity_order(images[train_pool], targets[train_pool]),
-    )
+    asker = _asker(seed, images, targets)
     rng = np.random.default_rng([seed, list(SPLIT_SCENES).index(split)])
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples: list[dict] = []
@@ -176,16 +186,12 @@ def build_text(seed: int, sizes: dict[str, int]) -> list[dict]:
 
     digits = load_digits()
     weights = digit_popularity(seed)
-    train_pool = scan_pools(seed)["train"]
-    asker = SceneQuestions(
-        popular=np.argsort(-weights, kind="stable"),
-        lookalikes=similarity_order(digits.images[train_pool], digits.target[train_pool]),
-    )
+    asker = _asker(seed, digits.images, digits.target)
     rng = np.random.default_rng([seed, len(SPLIT_SCENES) + 1])  # a stream of its own
     out = []
     for part, mix in TEXT_WEIGHTS.items():
         for n in range(sizes[part]):
-            cells = [EMPTY if rng.random() < P_EMPTY else int(rng.choice(10, p=weights)) for _ in range(GRID * GRID)]
+            cells = [_digit(rng, weights) for _ in range(GRID * GRID)]
             qas = asker.training_turns(rng, cells, TRAIN_TURNS, mix)
             # the scene takes the place the image's tokens take in `<image>\n{question}`
             worded = [{**qas[0], "question": f"{scene_words(cells, WORDS_PER_CELL_SIDE)} {qas[0]['question']}"}, *qas[1:]]

@@ -78,11 +78,17 @@ def caption(rng: np.random.Generator, cells: list[int]) -> dict:
     return {"family": "caption", "question": T["caption"], "answer": answer}
 
 
-def scene_words(cells: list[int], side: int) -> str:
-    """The scene as words in its image-token layout: cell (r, c) fills a side x side block."""
-    grid = int(round(len(cells) ** 0.5))
+def patch_cells(grid: int, side: int) -> list[int]:
+    """The image-token layout: for each patch of a grid x grid scene whose cells are side x side
+    patches, in raster order, the index of the cell it lies in."""
     n = grid * side
-    return " ".join(_cell(cells[(y // side) * grid + x // side]) for y in range(n) for x in range(n))
+    return [(y // side) * grid + x // side for y in range(n) for x in range(n)]
+
+
+def scene_words(cells: list[int], side: int) -> str:
+    """The scene as words in its image-token layout (`patch_cells`): each cell a side x side block."""
+    grid = int(round(len(cells) ** 0.5))
+    return " ".join(_cell(cells[i]) for i in patch_cells(grid, side))
 
 
 def text_only_question(rng: np.random.Generator) -> dict:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dpvr.data.collate import Collator
+from dpvr.data.scene_questions import patch_cells
 
 EMPTY_CLASS = 10  # the 11th class of a cell: no digit
 
@@ -45,10 +46,7 @@ def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def patch_targets(cells: torch.Tensor, patches_per_side: int) -> torch.Tensor:
     """(B, N): the class of the cell each patch lies in (raster order), from (B, G*G) cell classes."""
     grid = int(round(cells.shape[1] ** 0.5))
-    k = patches_per_side // grid
-    rows = torch.arange(patches_per_side) // k  # (P,)
-    idx = (rows[:, None] * grid + rows[None, :]).flatten()  # (P*P,) cell index of each patch
-    return cells[:, idx]
+    return cells[:, patch_cells(grid, patches_per_side // grid)]
 
 
 def stage_vision(model, pixels: torch.Tensor, cells: torch.Tensor, steps: int, seed: int, bar, log: dict) -> None:

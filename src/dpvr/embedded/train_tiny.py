@@ -36,6 +36,7 @@ import torch
 from dpvr.atomic import atomic_write
 from dpvr.data.digit_scenes import load_split, open_benchmark
 from dpvr.data.llava_json import LlavaJsonDataset
+from dpvr.data.scene_questions import TEXT_WEIGHTS
 from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
 from dpvr.embedded.score import format_table, score
 from dpvr.embedded.stages import EMPTY_CLASS, grow, loader, stage_lm, stage_vision
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
            "seed": args.seed, "steps": steps, "steps_taken": {}, "loss": [], "val": []}  # fmt: skip
     train = load_split(root, "train")
     text = load_split(root, "text")
-    held = {part: [s for s in text if s["meta"]["part"] == part] for part in ("existence", "all")}
+    held = {part: [s for s in text if s["meta"]["part"] == part] for part in TEXT_WEIGHTS}
     n_held = {part: min(args.eval_n, len(rows) // 4) for part, rows in held.items()}  # the tail is held out
     text_val = {part: first_turns(rows[len(rows) - n_held[part] :]) for part, rows in held.items()}
     text_train = {part: rows[: len(rows) - n_held[part]] for part, rows in held.items()}
