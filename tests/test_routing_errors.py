@@ -96,15 +96,15 @@ def test_nan_inside_a_layer_names_the_layer(where, name):
 
 
 def test_unsupported_architectures_are_named():
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 
     from tiny import tiny_config
 
     cfg = tiny_config()
-    next_cfg = LlavaNextConfig(vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
-                               image_grid_pinpoints=[[16, 16]])  # fmt: skip
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT anyres"):
-        convert(LlavaNextForConditionalGeneration(next_cfg), DPVRConfig())
+    vip = VipLlavaConfig(vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
+                         vision_feature_layers=[-2])  # fmt: skip
+    with pytest.raises(NotImplementedError, match="dpvr routes llava, llava_next, .*got model_type 'vipllava'"):
+        convert(VipLlavaForConditionalGeneration(vip), DPVRConfig(split_layer=2))
 
 
 def test_right_padding_at_generation_is_refused(model):

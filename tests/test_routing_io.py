@@ -105,7 +105,7 @@ def test_stock_llava_hf_checkpoint_loads_without_random_weights(tmp_path):
     layer = model.model.language_model.layers[CFG.split_layer].state_dict()
     for key, value in model.side_branch[0].state_dict().items():
         assert torch.equal(value, layer[key]), f"side branch {key} is not a copy of layer {CFG.split_layer}"
-    with pytest.raises(DPVRError, match="stock LLaVA checkpoint"):
+    with pytest.raises(DPVRError, match="stock LlavaForConditionalGeneration checkpoint"):
         DPVRForConditionalGeneration.from_pretrained(tmp_path)
 
 

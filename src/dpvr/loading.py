@@ -19,7 +19,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dpvr.config import MODE_TRAITS, ROUTING_FLAGS, DPVRConfig, add_routing_arguments, routing_default
 from dpvr.errors import DPVRError
 from dpvr.routing import DPVRForConditionalGeneration, convert
-from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_MODEL_TYPE
+from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_PREFIX
 from dpvr.routing.schedule import compile_schedule, summary
 
 # the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
@@ -88,7 +88,7 @@ def load_model(
         else:
             net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
         processor_path = path
-    elif _model_type(path) == DPVR_MODEL_TYPE:
+    elif str(_model_type(path)).startswith(DPVR_PREFIX):
         if mode is not None:
             raise DPVRError(f"--mode {mode} conflicts with {path}, a DPVR checkpoint with its own routing")
         net = DPVRForConditionalGeneration.from_pretrained(path, **load)

@@ -1,4 +1,4 @@
-"""Routing: the converted model, the routed decoder loop, token sets and the routed layer."""
-from dpvr.routing.model import DPVRForConditionalGeneration, DPVRLlavaConfig, convert
+"""Routing: the DPVR classes and convert, the backbone seam, the routed decoder loop, token sets and the routed layer."""
+from dpvr.routing.classes import DPVR_CLASSES, DPVRForConditionalGeneration, DPVRLlavaConfig, convert
 
-__all__ = ["DPVRForConditionalGeneration", "DPVRLlavaConfig", "convert"]
+__all__ = ["DPVR_CLASSES", "DPVRForConditionalGeneration", "DPVRLlavaConfig", "convert"]

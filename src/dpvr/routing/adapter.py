@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 from transformers.utils import cached_file
 
 from dpvr.atomic import atomic_write, atomic_write_text
@@ -22,9 +22,9 @@ from dpvr.errors import DPVRError
 WEIGHTS = "side_branch.safetensors"
 ADAPTER_CONFIG = "dpvr_adapter.json"
 FORMAT_VERSION = 1
-# the model_type of a converted model's config (DPVRLlavaConfig): its own, so a stock loader never
-# silently drops the side branch
-DPVR_MODEL_TYPE = "dpvr_llava"
+# a converted model's config has model_type DPVR_PREFIX + the stock one (e.g. dpvr_llava): its own, so
+# a stock loader never silently drops the side branch
+DPVR_PREFIX = "dpvr_"
 
 
 def base_fingerprint(config) -> dict:
@@ -82,16 +82,16 @@ def read_adapter_config(path) -> dict:
     return meta
 
 
-def load_adapter(path, convert: Callable, base_model: LlavaForConditionalGeneration | None = None, **load_kwargs):
+def load_adapter(path, convert: Callable, base_model=None, **load_kwargs):
     """convert(base_model (or the recorded base, loaded with load_kwargs), the adapter's routing), then
-    load the side branch. `convert` is dpvr.routing.model's (passed in: this module imports no model)."""
+    load the side branch. `convert` is dpvr.routing.classes' (passed in: this module imports no model)."""
     meta = read_adapter_config(path)
     if base_model is None:
         base_path = meta.get("base_model_name_or_path")
         if not base_path:
             raise DPVRError(f"adapter {path} records no base model; pass base_model=")
-        base_model = LlavaForConditionalGeneration.from_pretrained(base_path, **load_kwargs)
-    if getattr(base_model.config, "model_type", None) == DPVR_MODEL_TYPE:
+        base_model = AutoModelForImageTextToText.from_pretrained(base_path, **load_kwargs)  # the stock class
+    if str(getattr(base_model.config, "model_type", "")).startswith(DPVR_PREFIX):
         raise DPVRError("load an adapter onto the stock base model, not onto an already converted one")
     want, have = meta["base_fingerprint"], base_fingerprint(base_model.config)
     diff = [f"{k}: adapter {want[k]} vs base {have.get(k)}" for k in want if want[k] != have.get(k)]

@@ -33,15 +33,17 @@ class RoutedCache:
         self.routing = _as_config(routing)
         self.seen = 0  # sequence positions consumed (prompt + generated), padding included
         self.dense = True  # no padding anywhere: decode attention needs no mask
+        # Qwen2-VL's multimodal rope: per row, next rope position minus tokens seen (B, 1); None for 1-D
+        self.rope_deltas: torch.Tensor | None = None
 
     # --------------------------------------------------------------- filling
-    def fill(self, layer_kv: dict[int, KV], seq_len: int, dense: bool) -> None:
+    def fill(self, layer_kv: dict[int, KV], seq_len: int, dense: bool, rope_deltas: torch.Tensor | None = None) -> None:
         """Store a prefill's per-layer keys/values (what each layer attended over, in key order)."""
         missing = [i for i in range(len(self.layers)) if i not in layer_kv]
         assert not missing, f"prefill produced no keys/values for layers {missing}"
         for i, kv in layer_kv.items():
             self.update(i, kv)
-        self.seen, self.dense = seq_len, dense
+        self.seen, self.dense, self.rope_deltas = seq_len, dense, rope_deltas
 
     def update(self, i: int, keys: KV) -> None:
         """Set layer i's keys/values: all it has attended over so far, oldest first (past, then new)."""
@@ -62,6 +64,8 @@ class RoutedCache:
             if kv is not None:
                 idx = beam_idx.to(kv.key.device)
                 self.layers[i] = KV(kv.key[idx], kv.value[idx], kv.order[idx], kv.valid[idx])
+        if self.rope_deltas is not None:
+            self.rope_deltas = self.rope_deltas[beam_idx.to(self.rope_deltas.device)]
 
     def crop(self, max_length: int) -> None:
         raise DPVRError(NO_ROLLBACK)

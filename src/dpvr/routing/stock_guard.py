@@ -8,7 +8,6 @@ import functools
 import json
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging
 
 logger = logging.get_logger("dpvr")
@@ -26,10 +25,10 @@ def _dpvr_routing(path, model_type: str) -> dict | None:
     return (meta.get("dpvr") or {}) if meta.get("model_type") == model_type else None
 
 
-def install(model_type: str) -> None:
-    """Wrap the stock from_pretrained: checkpoints of `model_type` (DPVR's) get the one-line warning."""
-    original = LlavaForConditionalGeneration.from_pretrained.__func__
-    if getattr(original, "_dpvr_guard", False):
+def install(stock: type, model_type: str) -> None:
+    """Wrap the stock class's from_pretrained: checkpoints of `model_type` (DPVR's) get the one-line warning."""
+    original = stock.from_pretrained.__func__
+    if getattr(original, "_dpvr_guard", False) and "from_pretrained" in vars(stock):
         return
 
     @functools.wraps(original)
@@ -49,4 +48,4 @@ def install(model_type: str) -> None:
             logging.set_verbosity(verbosity)
 
     from_pretrained._dpvr_guard = True
-    LlavaForConditionalGeneration.from_pretrained = classmethod(from_pretrained)
+    stock.from_pretrained = classmethod(from_pretrained)

@@ -1,0 +1,137 @@
+"""The backbone seam: what differs between the vision-language families dpvr routes.
+
+Routing itself (`dpvr.routing.forward`) only needs the merged input embeddings, which positions are
+image tokens, the position ids and the language model's decoder layers. Each family gets there its
+own way; this table says how, in the style of PEFT's per-model-type tables:
+
+  - the image features come from the stock model's own `get_image_features`, handed the family's
+    vision inputs (LLaVA-NeXT / OneVision anyres: `image_sizes`, newline tokens included in the
+    features; Qwen2-VL: `image_grid_thw`, a variable token count per image);
+  - positions are 1-D (LLaVA family: counted over real tokens, as `generate` does under left padding)
+    or Qwen2-VL's multimodal rope (3, B, T) from the model's own `get_rope_index`, continued while
+    decoding by each row's rope delta (kept in the RoutedCache).
+
+Adding a family is one entry here, a tiny config in `tests/families.py` and the tests walking it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
+from dpvr.errors import DPVRError
+
+_LLAVA_VISION = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    stock: type[PreTrainedModel]  # the stock ...ForConditionalGeneration class
+    vision_inputs: tuple[str, ...]  # forward kwargs its get_image_features takes besides pixel_values
+    mrope: bool = False  # Qwen2-VL's 3-axis rope positions (else 1-D)
+    refused_inputs: tuple[str, ...] = ()  # forward kwargs routing does not handle (videos)
+
+    @property
+    def model_type(self) -> str:
+        return self.stock.config_class.model_type
+
+
+BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
+    Backbone(LlavaForConditionalGeneration, _LLAVA_VISION),
+    Backbone(LlavaNextForConditionalGeneration, _LLAVA_VISION),
+    Backbone(LlavaOnevisionForConditionalGeneration, (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images"),
+             refused_inputs=("pixel_values_videos",)),
+    Backbone(Qwen2VLForConditionalGeneration, ("image_grid_thw",), mrope=True,
+             refused_inputs=("pixel_values_videos", "video_grid_thw")),
+    Backbone(Qwen2_5_VLForConditionalGeneration, ("image_grid_thw",), mrope=True,
+             refused_inputs=("pixel_values_videos", "video_grid_thw")),
+)}  # fmt: skip
+
+
+def backbone_of(model_or_config) -> Backbone:
+    """The table entry for a stock model (or its config), or a one-line refusal naming the type."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BACKBONES:
+        raise NotImplementedError(f"dpvr routes {', '.join(BACKBONES)} models; got model_type {model_type!r}")
+    return BACKBONES[model_type]
+
+
+def image_features(model, backbone: Backbone, pixel_values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, int]:
+    """(All images' features in prompt order (N_image_tokens, D), the number of images), from the stock
+    get_image_features."""
+    given = {k: inputs[k] for k in backbone.vision_inputs if inputs.get(k) is not None}
+    feats = model.model.get_image_features(pixel_values=pixel_values, **given, return_dict=True).pooler_output
+    return torch.cat(list(feats), dim=0), len(feats)
+
+
+def sequence_positions(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting real tokens only (left padding gets 0), as generate() does."""
+    if bool(valid.all()):
+        B, T = valid.shape
+        return torch.arange(T, device=valid.device).expand(B, T)
+    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+
+
+def _given_positions(backbone: Backbone, position_ids: torch.Tensor, B: int, n: int) -> torch.Tensor:
+    """User/generate-given position ids -> (B, n), or (3, B, n) under mrope. generate() hands Qwen2-VL
+    (4, B, n) (text positions first, then the three rope axes) or one axis (1, B, n) while decoding."""
+    p, shape = position_ids, tuple(position_ids.shape)
+    want = f"(3, B, T), (4, B, T) or (B, T) with B={B}, T={n}" if backbone.mrope else f"(B, T)=({B}, {n}) or (1, {n})"
+    fits = p.dim() in ((2, 3) if backbone.mrope else (2,)) and p.shape[-1] == n and p.shape[-2] in (1, B)
+    if fits and p.dim() == 3:
+        fits = p.shape[0] in (1, 3, 4)
+    if not fits:
+        raise DPVRError(f"position_ids must be {want}, got shape {shape}")
+    if not backbone.mrope:
+        return p.expand(B, n)
+    p = p[None] if p.dim() == 2 else p
+    p = p[1:] if p.shape[0] == 4 else p  # generate()'s text positions row (for packed masks) is not a rope axis
+    return p.expand(3, B, n)
+
+
+def prefill_positions(model, backbone: Backbone, input_ids, valid, position_ids, inputs: dict):
+    """(positions (B, T) or (3, B, T), rope deltas (B, 1) or None) for a prompt."""
+    B, T = input_ids.shape
+    if position_ids is not None:
+        pos = _given_positions(backbone, position_ids, B, T)
+    elif backbone.mrope and inputs.get("image_grid_thw") is not None:
+        types = inputs.get("mm_token_type_ids")
+        if types is None:  # what the processor returns: 1 on image tokens (videos are refused)
+            types = (input_ids == model.config.image_token_id).int()
+        pos, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=inputs["image_grid_thw"],
+                                            attention_mask=valid.long())  # fmt: skip
+    else:
+        pos = sequence_positions(valid)
+        pos = pos[None].expand(3, B, T) if backbone.mrope else pos
+    if not backbone.mrope:
+        return pos, None
+    # each row's offset between its next rope position and its token count, as get_rope_index defines it
+    top = pos.masked_fill(~valid[None], torch.iinfo(pos.dtype).min).amax(dim=(0, 2))
+    return pos, (top + 1 - valid.sum(1))[:, None]
+
+
+def decode_positions(backbone: Backbone, full_valid, n: int, position_ids, rope_deltas) -> torch.Tensor:
+    """Positions of n new tokens after a cached prompt; full_valid (B, seen + n) covers both."""
+    B = full_valid.shape[0]
+    if position_ids is not None:
+        return _given_positions(backbone, position_ids, B, n)
+    pos = (full_valid.long().cumsum(-1) - 1)[:, -n:]
+    if not backbone.mrope:
+        return pos
+    return (pos + rope_deltas.to(pos.device))[None].expand(3, B, n)
+
+
+def refuse_unrouted_inputs(backbone: Backbone, inputs: dict) -> None:
+    for name in backbone.refused_inputs:
+        if inputs.get(name) is not None:
+            raise DPVRError(f"{name}: video input is not routed yet; route image prompts, or run "
+                            "model.routing(mode='vanilla') for videos")  # fmt: skip
