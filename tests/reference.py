@@ -11,15 +11,21 @@ import torch
 from dpvr.config import DPVRConfig
 
 
-def merged_embeddings(model, input_ids, pixel_values):
-    """Stock LLaVA input merge: text embeddings with image features on image-token positions."""
-    inner = model.model
-    embeds = inner.get_input_embeddings()(input_ids)
-    if pixel_values is not None:
-        feats = torch.cat(list(inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output))
-        mask = (input_ids == model.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-    return embeds
+def stock_inputs(model, input_ids, pixel_values=None, attention_mask=None, **vision):
+    """(merged input embeddings, position ids or None) exactly as the stock model hands them to its
+    language model: captured from the family's own forward (image merge, anyres, multimodal rope)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], pos=kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False,
+                    **vision)  # fmt: skip
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["pos"]
 
 
 def _bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
@@ -29,16 +35,18 @@ def _bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_values=None, attention_mask=None):
-    """Logits (B, T, V) of `cfg` computed naively. `model` is a stock LlavaForConditionalGeneration."""
+def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_values=None, attention_mask=None, **vision):
+    """Logits (B, T, V) of `cfg` computed naively. `model` has a stock vision-language model's modules
+    (`model.model`, `lm_head`); `vision` holds the family's image inputs (image_sizes, image_grid_thw, ...)."""
     lm = model.model.language_model
     B, T = input_ids.shape
     valid = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    h, pos = stock_inputs(model, input_ids, pixel_values, attention_mask, **vision)
+    if pos is None:  # 1-D rope: positions count real tokens (left padding), as generate() gives them
+        pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
     is_img = (input_ids == model.config.image_token_id) & valid
     is_txt = valid & ~is_img
     causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T) query i sees key j <= i
-    h = merged_embeddings(model, input_ids, pixel_values)
     dt = h.dtype
     cos_sin = lm.rotary_emb(h, pos)
 

@@ -65,11 +65,17 @@ def backbone_of(model_or_config) -> Backbone:
     return BACKBONES[model_type]
 
 
-def image_features(model, backbone: Backbone, pixel_values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, int]:
+def image_features(model, backbone: Backbone, pixel_values, inputs: dict) -> tuple[torch.Tensor | None, int]:
     """(All images' features in prompt order (N_image_tokens, D), the number of images), from the stock
-    get_image_features."""
-    given = {k: inputs[k] for k in backbone.vision_inputs if inputs.get(k) is not None}
-    feats = model.model.get_image_features(pixel_values=pixel_values, **given, return_dict=True).pooler_output
+    get_image_features, or from `mm_encoder_outputs` (generate() encodes the images once, up front,
+    for models whose forward takes them); (None, 0) without images."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    if encoded is None and pixel_values is None:
+        return None, 0
+    if encoded is None:
+        given = {k: inputs[k] for k in backbone.vision_inputs if inputs.get(k) is not None}
+        encoded = model.model.get_image_features(pixel_values=pixel_values, **given, return_dict=True)
+    feats = encoded.pooler_output
     return torch.cat(list(feats), dim=0), len(feats)
 
 

@@ -15,6 +15,7 @@ checkpoint needs `import dpvr`. `DPVRForConditionalGeneration.from_pretrained` l
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import torch
@@ -82,13 +83,27 @@ def _family(backbone: Backbone) -> type:
         "base_model_name_or_path": None,
     }))  # fmt: skip
     model_cls = type(f"DPVR{stock.__name__}", (DPVRForConditionalGeneration, stock), {
-        "__module__": __name__, "config_class": config_cls, "backbone": backbone,
+        "__module__": __name__, "config_class": config_cls, "backbone": backbone, "forward": _stock_signature(stock),
         "__doc__": f"A stock {stock.__name__} whose language model routes vision tokens (see DPVRConfig).",
     })  # fmt: skip
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
     install_stock_guard(stock, config_cls.model_type)
     return model_cls
+
+
+def _stock_signature(stock: type):
+    """RoutedModel.forward under the stock forward's signature: positional arguments bind in the stock
+    order, and generate() sees the family's inputs (image_sizes, image_grid_thw, ...) as model inputs."""
+    signature = inspect.signature(stock.forward)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs).arguments
+        bound.pop("self")
+        return RoutedModel.forward(self, **bound.pop("kwargs", {}), **bound)
+
+    forward.__signature__, forward.__doc__ = signature, RoutedModel.forward.__doc__
+    return forward
 
 
 # stock model_type -> its DPVR class

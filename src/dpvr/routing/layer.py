@@ -54,10 +54,10 @@ def _eager_fallback(attn: nn.Module) -> Callable:
 
 # Text backbones whose decoder layer routed_layer reproduces exactly: each is verified in every mode by
 # tests/test_backbones.py (text-only outputs equal the stock model's, with biases, head_dim and sliding
-# windows off their defaults). Every other model type is refused by name: layers that merely look alike
+# windows off their defaults) and, for the Qwen2-VL text models, tests/test_families.py. Every other model type is refused by name: layers that merely look alike
 # convert silently and compute something else (gemma2's extra norms and soft-capping, granite's
 # multipliers, qwen2_moe's and smollm3's layers) or crash later (cohere, helium, stablelm).
-VERIFIED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+VERIFIED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 def check_backbone(text_config) -> None:

@@ -194,7 +194,8 @@ class RoutedModel:
         embeds = self.model.get_input_embeddings()(input_ids)
         is_img = input_ids == self.config.image_token_id  # (B, T)
         n_tokens = int(is_img.sum())
-        if pixel_values is None:
+        feats, n_images = bb.image_features(self, self.backbone, pixel_values, inputs)  # (N_image_tokens, D)
+        if feats is None:
             if n_tokens:
                 raise DPVRError(
                     f"the prompt has {n_tokens} image tokens (id {self.config.image_token_id}) but no pixel_values"
@@ -202,10 +203,9 @@ class RoutedModel:
             return embeds, is_img, None
         if n_tokens == 0:
             raise DPVRError(
-                f"pixel_values for {pixel_values.shape[0]} image(s) given but the prompt has no image token "
+                f"pixel_values for {n_images} image(s) given but the prompt has no image token "
                 f"(id {self.config.image_token_id})"
             )
-        feats, n_images = bb.image_features(self, self.backbone, pixel_values, inputs)  # (N_image_tokens, D)
         if feats.shape[0] != n_tokens:
             per_row = is_img.sum(1).tolist()
             raise DPVRError(
