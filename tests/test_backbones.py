@@ -14,7 +14,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from dpvr import DPVRConfig, DPVRError, convert
-from dpvr.routing.layer import VERIFIED_TEXT_MODELS
+from dpvr.routing.backbones import BACKBONES
+
+VERIFIED_TEXT_MODELS = BACKBONES["llava"].text_models  # the LLaVA family's (NeXT and OneVision share it)
 
 SMALL = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
              pad_token_id=0, max_position_embeddings=256)  # fmt: skip

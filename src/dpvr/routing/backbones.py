@@ -30,11 +30,19 @@ from transformers import (
 from dpvr.errors import DPVRError
 
 _LLAVA_VISION = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+# Text models whose decoder layer dpvr.routing.layer reproduces exactly, each verified in every mode by
+# tests/test_backbones.py (text-only outputs equal the stock model's, with biases, head_dim and sliding
+# windows off their defaults) or tests/test_families.py. Every other text model is refused by name:
+# layers that merely look alike convert silently and compute something else (gemma2's extra norms and
+# soft-capping, granite's multipliers, qwen2_moe's and smollm3's layers) or crash later (cohere,
+# helium, stablelm).
+_LLAVA_TEXT = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
 class Backbone:
     stock: type[PreTrainedModel]  # the stock ...ForConditionalGeneration class
+    text_models: tuple[str, ...]  # text_config.model_type values verified exact
     vision_inputs: tuple[str, ...]  # forward kwargs its get_image_features takes besides pixel_values
     mrope: bool = False  # Qwen2-VL's 3-axis rope positions (else 1-D)
     refused_inputs: tuple[str, ...] = ()  # forward kwargs routing does not handle (videos)
@@ -45,13 +53,13 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
-    Backbone(LlavaForConditionalGeneration, _LLAVA_VISION),
-    Backbone(LlavaNextForConditionalGeneration, _LLAVA_VISION),
-    Backbone(LlavaOnevisionForConditionalGeneration, (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images"),
-             refused_inputs=("pixel_values_videos",)),
-    Backbone(Qwen2VLForConditionalGeneration, ("image_grid_thw",), mrope=True,
+    Backbone(LlavaForConditionalGeneration, _LLAVA_TEXT, _LLAVA_VISION),
+    Backbone(LlavaNextForConditionalGeneration, _LLAVA_TEXT, _LLAVA_VISION),
+    Backbone(LlavaOnevisionForConditionalGeneration, _LLAVA_TEXT,
+             (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images"), refused_inputs=("pixel_values_videos",)),
+    Backbone(Qwen2VLForConditionalGeneration, ("qwen2_vl_text",), ("image_grid_thw",), mrope=True,
              refused_inputs=("pixel_values_videos", "video_grid_thw")),
-    Backbone(Qwen2_5_VLForConditionalGeneration, ("image_grid_thw",), mrope=True,
+    Backbone(Qwen2_5_VLForConditionalGeneration, ("qwen2_5_vl_text",), ("image_grid_thw",), mrope=True,
              refused_inputs=("pixel_values_videos", "video_grid_thw")),
 )}  # fmt: skip
 
@@ -63,6 +71,14 @@ def backbone_of(model_or_config) -> Backbone:
     if model_type not in BACKBONES:
         raise NotImplementedError(f"dpvr routes {', '.join(BACKBONES)} models; got model_type {model_type!r}")
     return BACKBONES[model_type]
+
+
+def check_text_model(backbone: Backbone, text_config) -> None:
+    """Refuse, by name, a text model type not verified exact for this family."""
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in backbone.text_models:
+        raise DPVRError(f"dpvr routing does not support text model type {model_type!r} in {backbone.model_type} "
+                        f"(verified exact: {', '.join(backbone.text_models)}): its decoder layer differs from the routed one")  # fmt: skip
 
 
 def image_features(model, backbone: Backbone, pixel_values, inputs: dict) -> tuple[torch.Tensor | None, int]:

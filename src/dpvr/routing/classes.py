@@ -26,8 +26,8 @@ from transformers.utils import cached_file
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_PREFIX, load_adapter, override_routing
-from dpvr.routing.backbones import BACKBONES, Backbone, backbone_of
-from dpvr.routing.layer import check_backbone, check_supported
+from dpvr.routing.backbones import BACKBONES, Backbone, backbone_of, check_text_model
+from dpvr.routing.layer import check_supported
 from dpvr.routing.model import RoutedModel
 from dpvr.routing.side import build_side_branch
 from dpvr.routing.stock_guard import install as install_stock_guard
@@ -125,7 +125,7 @@ def convert(base, config: DPVRConfig) -> DPVRForConditionalGeneration:
     if not isinstance(base, backbone.stock):
         raise NotImplementedError(f"dpvr routes {backbone.stock.__name__} for model_type {backbone.model_type!r}; "
                                   f"got {type(base).__name__}")  # fmt: skip
-    check_backbone(base.config.text_config)
+    check_text_model(backbone, base.config.text_config)
     layers = base.model.language_model.layers
     config.validate_for(len(layers))
     for layer in layers:

@@ -52,22 +52,6 @@ def _eager_fallback(attn: nn.Module) -> Callable:
     return sys.modules[type(attn).__module__].eager_attention_forward
 
 
-# Text backbones whose decoder layer routed_layer reproduces exactly: each is verified in every mode by
-# tests/test_backbones.py (text-only outputs equal the stock model's, with biases, head_dim and sliding
-# windows off their defaults) and, for the Qwen2-VL text models, tests/test_families.py. Every other model type is refused by name: layers that merely look alike
-# convert silently and compute something else (gemma2's extra norms and soft-capping, granite's
-# multipliers, qwen2_moe's and smollm3's layers) or crash later (cohere, helium, stablelm).
-VERIFIED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
-
-
-def check_backbone(text_config) -> None:
-    """Refuse, by name, a text model type not in VERIFIED_TEXT_MODELS."""
-    model_type = getattr(text_config, "model_type", None)
-    if model_type not in VERIFIED_TEXT_MODELS:
-        raise DPVRError(f"dpvr routing does not support text model type {model_type!r} (verified exact: "
-                        f"{', '.join(VERIFIED_TEXT_MODELS)}): its decoder layer differs from the routed one")  # fmt: skip
-
-
 def check_supported(layer: nn.Module) -> None:
     attn = getattr(layer, "self_attn", None)
     needed = ("q_proj", "k_proj", "v_proj", "o_proj")
