@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from transformers import LlavaConfig
-
+from dpvr.bench.vision_flops import default_image, image_tokens, linear, vision_flops
 from dpvr.config import DPVRConfig, add_routing_arguments
 from dpvr.config import MODES as ROUTING_MODES
 from dpvr.routing.schedule import ALL, IMAGE, TEXT, Step, compile_schedule
@@ -25,19 +24,15 @@ DEFAULTS = DPVRConfig()
 MODES = tuple(dict.fromkeys(("vanilla", "lf", "lf-ideal", *ROUTING_MODES)))
 
 
-def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
-    return 2 * tokens * fan_in * fan_out
-
-
 def decoder_layer(text, nq: int, nk: int, kv_tokens: int | None = None) -> int:
     """A Llama-style layer: nq query tokens attending over nk keys; k/v projected for kv_tokens (default nq)."""
     D, H = text.hidden_size, text.num_attention_heads
     hd = getattr(text, "head_dim", None) or D // H
     Hkv = getattr(text, "num_key_value_heads", None) or H
     kv_tokens = nq if kv_tokens is None else kv_tokens
-    proj = _linear(nq, D, H * hd) + _linear(nq, H * hd, D) + 2 * _linear(kv_tokens, D, Hkv * hd)
+    proj = linear(nq, D, H * hd) + linear(nq, H * hd, D) + 2 * linear(kv_tokens, D, Hkv * hd)
     attention = 4 * H * hd * nq * nk
-    mlp = 3 * _linear(nq, D, text.intermediate_size)
+    mlp = 3 * linear(nq, D, text.intermediate_size)
     return proj + attention + mlp
 
 
@@ -46,24 +41,11 @@ def kv_projection(text, tokens: int) -> int:
     D, H = text.hidden_size, text.num_attention_heads
     hd = getattr(text, "head_dim", None) or D // H
     Hkv = getattr(text, "num_key_value_heads", None) or H
-    return 2 * _linear(tokens, D, Hkv * hd)
-
-
-def vision_flops(config: LlavaConfig, n_images: int) -> int:
-    """CLIP tower (patch conv + every encoder layer on CLS + patches) and the 2-layer projector."""
-    v = config.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
-    S, D = patches + 1, v.hidden_size
-    conv = 2 * patches * D * 3 * v.patch_size**2
-    layer = 4 * _linear(S, D, D) + 4 * S * S * D + 2 * _linear(S, D, v.intermediate_size)
-    n_feat = patches if config.vision_feature_select_strategy == "default" else S
-    t = config.text_config.hidden_size
-    projector = _linear(n_feat, D, t) + _linear(n_feat, t, t)
-    return n_images * (conv + v.num_hidden_layers * layer + projector)
+    return 2 * linear(tokens, D, Hkv * hd)
 
 
 def forward_flops(
-    config: LlavaConfig,
+    config,  # a routed family's config (dpvr.routing.backbones)
     mode: str,
     split_layer: int,
     fusion_layers: int = DEFAULTS.fusion_layers,
@@ -72,6 +54,7 @@ def forward_flops(
     n_txt: int = 64,
     batch: int = 1,
     n_images: int = 1,
+    images: list | None = None,
     logits_tokens: int | None = None,
     fastv_layer: int = DEFAULTS.fastv_layer,
     fastv_ratio: float = DEFAULTS.fastv_ratio,
@@ -80,8 +63,10 @@ def forward_flops(
 ) -> dict[str, int]:
     """Forward FLOPs of one prefill, split into vision, lm_layers, side, lm_head and total.
 
-    `mode` is one of MODES ('lf' with fusion_layers=0 equals 'lf-ideal'); n_img is the image-token
-    count of the prompt (default: config.image_seq_length x n_images); logits_tokens the positions
+    `mode` is one of MODES ('lf' with fusion_layers=0 equals 'lf-ideal'); `images` the sizes of the
+    prompt's images (dpvr.bench.vision_flops: (h, w) px, or Qwen2-VL's (t, h, w) grid; default:
+    n_images of the preset's size); n_img the image-token count (default: what those images become,
+    e.g. config.image_seq_length each for LLaVA-1.5); logits_tokens the positions
     lm_head runs on (default: all, as HF's forward; 1 with logits_to_keep=1). `shallow_fastv` (lf, pc,
     kv, vtw): FastV pruning at `fastv_layer` inside the shared layers, so everything after it runs on
     the kept image tokens only."""
@@ -93,12 +78,13 @@ def forward_flops(
                      fastv_layer=fastv_layer, fastv_ratio=fastv_ratio, shallow_fastv=shallow_fastv,
                      fusion_at=tuple(fusion_at))  # fmt: skip
     text = config.text_config
-    n_img = config.image_seq_length * n_images if n_img is None else n_img
+    images = [default_image(config)] * n_images if images is None else list(images)
+    n_img = image_tokens(config, images) if n_img is None else n_img
     steps = compile_schedule(cfg, text.num_hidden_layers, has_images=n_img > 0)
     layers, side = schedule_flops(text, steps, n_img, n_txt, fastv_ratio)
     # lm_head runs on every position (HF's default forward), pruned ones included
-    head = _linear(n_img + n_txt if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
-    out = {"vision": vision_flops(config, n_images), "lm_layers": layers, "side": side, "lm_head": head}
+    head = linear(n_img + n_txt if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
+    out = {"vision": vision_flops(config, images), "lm_layers": layers, "side": side, "lm_head": head}
     out = {k: batch * v for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -155,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the table as JSON here")
 
 
-def table(config: LlavaConfig, split: int, K: int, D: int, n_img: int | None, text_lens: list[int]) -> dict:
+def table(config, split: int, K: int, D: int, n_img: int | None, text_lens: list[int]) -> dict:
     rows = {}
     for mode in MODES:
         rows[mode] = {n: forward_flops(config, mode, split, K, D, n_img=n_img, n_txt=n) for n in text_lens}
@@ -168,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     config = preset_config(args.arch)
     lens = [int(x) for x in args.text_lens.split(",")]
     rows = table(config, args.split_layer, args.fusion_layers, args.side_depth, args.n_img, lens)
-    n_img = args.n_img or config.image_seq_length
+    n_img = args.n_img or image_tokens(config, [default_image(config)])
     print(f"{args.arch}: forward TFLOPs of one prefill ({n_img} image tokens + text), "
           f"s={args.split_layer} K={args.fusion_layers} D={args.side_depth}; saving vs vanilla in brackets")  # fmt: skip
     print(f"{'mode':<10}" + "".join(f"{n:>18}" for n in lens))
