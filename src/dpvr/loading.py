@@ -3,8 +3,9 @@
     parser = argparse.ArgumentParser(); add_model_arguments(parser)
     model, processor = load_model(**model_kwargs(parser.parse_args()))
 
-`--model` is a stock llava checkpoint, a full DPVR checkpoint, or (with `--adapter DIR`) the base for
-a side-branch-only checkpoint; default: the embedded tiny LLaVA. `--mode` converts a stock model on
+`--model` is a stock checkpoint of a routed family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
+Qwen2.5-VL), a full DPVR checkpoint, or (with `--adapter DIR`) the base for a side-branch-only
+checkpoint; default: the embedded tiny LLaVA. `--mode` converts a stock model on
 the fly (FastV/VTW need no training; PC/KV/LF without an adapter get an untrained side branch).
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from dpvr.config import MODE_TRAITS, ROUTING_FLAGS, DPVRConfig, add_routing_arguments, routing_default
 from dpvr.errors import DPVRError
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_PREFIX
+from dpvr.routing.backbones import backbone_of
 from dpvr.routing.schedule import compile_schedule, summary
 
 # the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
@@ -69,7 +71,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     fusion_at: tuple[int, ...] = routing_default("fusion_at"),
-) -> tuple[LlavaForConditionalGeneration, object]:
+) -> tuple[PreTrainedModel, object]:
     """(model in eval mode on `device`, processor). A stock model without --mode stays stock."""
     path = resolve_model_path(model)
     load = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
@@ -80,7 +82,7 @@ def load_model(
         if not any((Path(adapter) / f).is_file() for f in ("dpvr_adapter.json", "adapter_config.json")):
             raise DPVRError(f"--adapter {adapter} holds neither dpvr_adapter.json (a DPVR side branch) nor "
                             "adapter_config.json (a PEFT LoRA); pass the folder a training run wrote (OUT/final)")  # fmt: skip
-        base = LlavaForConditionalGeneration.from_pretrained(path, **load)
+        base = load_stock(path, **load)
         if (Path(adapter) / "adapter_config.json").exists():  # a PEFT (LoRA) baseline: merge it in
             from peft import PeftModel
 
@@ -94,7 +96,7 @@ def load_model(
         net = DPVRForConditionalGeneration.from_pretrained(path, **load)
         processor_path = net.config.base_model_name_or_path or path
     else:
-        net = LlavaForConditionalGeneration.from_pretrained(path, **load)
+        net = load_stock(path, **load)
         if mode is not None:
             L = net.config.text_config.num_hidden_layers
             cfg = DPVRConfig(
@@ -118,6 +120,15 @@ def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForCon
     cfg.validate_for(net.config.text_config.num_hidden_layers)  # refuses fastv/vanilla routing, naming it
     net.config.dpvr = cfg.to_dict()
     return net
+
+
+def load_stock(path: str, **load) -> PreTrainedModel:
+    """A stock checkpoint of a routed family, with its own class (refusing other model types by name)."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DPVRError(f"--model {path}: cannot read its config ({str(exc).splitlines()[0]})") from None
+    return backbone_of(config).stock.from_pretrained(path, **load)
 
 
 def describe(model, plan: bool = False) -> str:
@@ -165,4 +176,4 @@ def _first_with_processor(*paths: str) -> str:
     return paths[0]
 
 
-__all__ = ["add_model_arguments", "default_split", "describe", "load_model", "model_kwargs"]
+__all__ = ["add_model_arguments", "default_split", "describe", "load_model", "load_stock", "model_kwargs"]

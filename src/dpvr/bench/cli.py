@@ -26,6 +26,7 @@ from dpvr.atomic import atomic_write_text
 from dpvr.bench import latency as lat
 from dpvr.bench.cpu_malloc import keep_freed_memory
 from dpvr.bench.flops import forward_flops
+from dpvr.bench.vision_flops import default_image, image_tokens
 from dpvr.bench.presets import PRESETS, build_random_model
 from dpvr.cli_types import at_least, int_list
 from dpvr.config import DPVRConfig
@@ -76,7 +77,7 @@ class Setup:
         """What every result file records about the run it comes from."""
         return {"preset": preset, "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "cpu_malloc": self.malloc, "routing": self.cfg.to_dict(),
-                "n_img": self.model.config.image_seq_length}  # fmt: skip
+                "n_img": image_tokens(self.model.config, [default_image(self.model.config)])}  # fmt: skip
 
 
 def setup(args: argparse.Namespace) -> Setup:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     setup_ = setup(args)
     model, cfg, modes, device, dtype = setup_.model, setup_.cfg, setup_.modes, setup_.device, setup_.dtype
     text_lens, batches = args.text_lens, args.batches
-    n_img = model.config.image_seq_length
+    n_img = image_tokens(model.config, [default_image(model.config)])
 
     steps = len(batches) * len(text_lens) * (args.repeats + 1) * len(modes)  # prefill
     steps += (args.repeats + 1) * max(args.new_tokens - 1, 0) * len(modes)  # cached decode steps

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from dpvr.bench.cpu_malloc import minor_faults
+from dpvr.bench.vision_flops import QWEN_VL, crops, default_image, family, image_tokens
 from dpvr.routing import DPVRForConditionalGeneration
 from dpvr.routing.cache import RoutedCache
 
@@ -38,25 +39,43 @@ MODE_ROUTING: dict[str, dict] = {
 @dataclass
 class Workload:
     input_ids: torch.Tensor  # (B, T)
-    pixel_values: torch.Tensor  # (B, 3, H, W)
+    vision: dict  # pixel_values and the family's image inputs (image_sizes, image_grid_thw)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)
 
+    @property
+    def inputs(self) -> dict:
+        return {"input_ids": self.input_ids, **self.vision}
+
+
+def _images(config, batch: int, g: torch.Generator) -> dict:
+    """One image of the preset's size per row, as the family's processor would hand it over."""
+    size, v = default_image(config), config.vision_config
+    if family(config) in QWEN_VL:
+        t, h, w = size
+        patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        return {"pixel_values": torch.randn(batch * t * h * w, patch, generator=g),
+                "image_grid_thw": torch.tensor([size] * batch)}  # fmt: skip
+    if family(config) == "llava":  # resized to the tower's square
+        return {"pixel_values": torch.randn(batch, 3, v.image_size, v.image_size, generator=g)}
+    px = torch.randn(batch, crops(config, size, 1), 3, v.image_size, v.image_size, generator=g)  # anyres tiles
+    return {"pixel_values": px, "image_sizes": torch.tensor([size] * batch)}
+
 
 def make_workload(config, n_text: int, batch: int, device, dtype, seed: int = 0) -> Workload:
     """One image per row at the front (after a BOS-like token), then n_text - 1 text tokens."""
     g = torch.Generator().manual_seed(seed)
-    n_img = config.image_seq_length
+    n_img = image_tokens(config, [default_image(config)])
     vocab = config.text_config.vocab_size
     text = torch.randint(3, min(vocab, 30000), (batch, n_text), generator=g)
     text[text == config.image_token_id] = 3
     img = torch.full((batch, n_img), config.image_token_id)
     ids = torch.cat([text[:, :1], img, text[:, 1:]], dim=1)
-    vision = config.vision_config
-    px = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g)
-    return Workload(ids.to(device), px.to(device=device, dtype=dtype))
+    vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+              for k, v in _images(config, batch, g).items()}  # fmt: skip
+    return Workload(ids.to(device), vision)
 
 
 def sync(device) -> None:
@@ -84,7 +103,7 @@ PREFILL_LOGITS = 1  # positions a timed prefill computes logits for: the next to
 
 @torch.inference_mode()
 def prefill(model, w: Workload, use_cache: bool = False):
-    return model(input_ids=w.input_ids, pixel_values=w.pixel_values, use_cache=use_cache, logits_to_keep=PREFILL_LOGITS)
+    return model(**w.inputs, use_cache=use_cache, logits_to_keep=PREFILL_LOGITS)
 
 
 @torch.inference_mode()
@@ -96,7 +115,7 @@ def decode(model, w: Workload, n_new: int, use_cache: bool = True) -> None:
         decode_steps(model, out, n_new - 1)
         return
     for _ in range(n_new):
-        out = model(input_ids=ids, pixel_values=w.pixel_values, use_cache=False, logits_to_keep=1)
+        out = model(input_ids=ids, **w.vision, use_cache=False, logits_to_keep=1)
         ids = torch.cat([ids, _greedy_text_token(model, out.logits)], dim=1)
 
 
@@ -287,7 +306,7 @@ def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats:
     model.train()
 
     def step():
-        model(input_ids=w.input_ids, pixel_values=w.pixel_values, labels=labels).loss.backward()
+        model(**w.inputs, labels=labels).loss.backward()
         model.zero_grad(set_to_none=True)
 
     try:

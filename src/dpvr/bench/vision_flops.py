@@ -48,7 +48,7 @@ def _tower_on_crop(config) -> tuple[int, int]:
     return conv + v.num_hidden_layers * _vit_layer(S, D, v.intermediate_size) + head + projector, n_feat
 
 
-def _crops(config, size, n_images: int) -> int:
+def crops(config, size, n_images: int) -> int:
     """Tower inputs an anyres image becomes: the base view plus its tiles (OneVision: base only when a
     prompt holds several images)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -88,7 +88,7 @@ def vision_flops(config, sizes: list) -> int:
     if family(config) in QWEN_VL:
         return sum(_qwen_vision(config, grid) for grid in sizes)
     per_crop, _ = _tower_on_crop(config)
-    return sum(per_crop * _crops(config, size, len(sizes)) for size in sizes)
+    return sum(per_crop * crops(config, size, len(sizes)) for size in sizes)
 
 
 def default_image(config):
@@ -130,8 +130,8 @@ def _anyres_tokens(geometry: tuple, sizes: tuple) -> list[int]:
         vision_feature_select_strategy=strategy, vision_feature_layer=-1, **extra,
     )  # fmt: skip
     model = AutoModelForImageTextToText.from_config(config).eval()
-    crops = max(_crops(config, s, len(sizes)) for s in sizes)
-    pixels = torch.zeros(len(sizes), crops, 3, image_size, image_size)
+    n_crops = max(crops(config, s, len(sizes)) for s in sizes)
+    pixels = torch.zeros(len(sizes), n_crops, 3, image_size, image_size)
     kw = {"batch_num_images": torch.tensor([len(sizes)])} if model_type == "llava_onevision" else {}
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor(sizes), **kw)

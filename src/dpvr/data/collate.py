@@ -19,6 +19,11 @@ import torch
 from dpvr.errors import DPVRError
 
 IGNORE = -100
+# what a family's processor returns per image (concatenated over the batch, in order) and per token
+# (padded like input_ids): LLaVA's pixel_values; anyres tiles with image_sizes; Qwen2-VL's patches with
+# image_grid_thw and mm_token_type_ids
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+TOKEN_KEYS = ("mm_token_type_ids",)
 
 
 @dataclass
@@ -51,11 +56,27 @@ class Collator:
             if it.get("labels") is not None:
                 labels[b, cols] = it["labels"]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pixels = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)  # (n_images, 3, H, W), in batch order
+        for key in TOKEN_KEYS:
+            if any(key in it for it in items):
+                batch[key] = torch.zeros((B, T), dtype=torch.long)
+                for b, it in enumerate(items):
+                    n = len(it["input_ids"])
+                    batch[key][b, slice(T - n, T) if self.padding_side == "left" else slice(0, n)] = it.get(key, 0)
+        with_image = [it for it in items if it.get("pixel_values") is not None]
+        for key in IMAGE_KEYS:
+            if with_image and key in with_image[0]:  # (n_images, ...), in batch order
+                batch[key] = _cat_padded([it[key] for it in with_image])
         if self.keep_ids:
             batch["ids"] = [it.get("id") for it in items]
         if skips:
             batch["skipped"] = skips  # (reason, id, index) of the samples dropped from this batch
         return batch
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0; anyres pixel_values (1, crops, 3, H, W) of different crop counts are
+    zero-padded to the most crops, as the processors do (the model reads each image's count from image_sizes)."""
+    if parts[0].dim() == 5:
+        most = max(p.shape[1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in parts]
+    return torch.cat(parts, dim=0)

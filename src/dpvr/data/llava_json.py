@@ -2,7 +2,8 @@
 
     samples = load_samples("llava_v1_5_mix665k.json")            # or digit scenes' train.json
     ds = LlavaJsonDataset(samples, images_dir, processor, template="vicuna_v1", max_length=2048, on_error="skip")
-    item = ds[0]   # {"id", "input_ids" (T,), "labels" (T,), "attention_mask" (T,), "pixel_values" (1, 3, H, W) | None}
+    item = ds[0]   # {"id", "input_ids" (T,), "labels" (T,), "attention_mask" (T,), "pixel_values" (1, 3, H, W) | None,
+                   #  and the family's other image inputs: image_sizes, image_grid_thw, mm_token_type_ids (T,)}
     ds.scan(); print(ds.skipped)   # eager pass: Counter of skipped samples by reason
 
 Sample format: `{"id", "image"?: path relative to images_dir, "conversations": [{"from": "human"|"gpt",
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dpvr.data.collate import IMAGE_KEYS, TOKEN_KEYS
 from dpvr.data.templates import IMAGE, render_conversation
 from dpvr.errors import DPVRError
 
@@ -144,22 +146,25 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         turns = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
         text, spans = render_conversation(self.processor, turns, has_image, self.template)
         tok = self.processor.tokenizer
-        pixel_values = None
+        images = {}
         if has_image:
             image = self.load_image(s)
             enc = self.processor(text=text, images=image, return_offsets_mapping=True, return_tensors="pt")
-            pixel_values = enc["pixel_values"]  # (1, 3, H, W)
+            # pixel_values (1, 3, H, W), or (1, crops, 3, H, W) with image_sizes (anyres), or Qwen2-VL's
+            # patches with image_grid_thw: whatever the family's processor hands its model
+            images = {k: enc[k] for k in (*IMAGE_KEYS, *TOKEN_KEYS) if k in enc}
             ids = enc["input_ids"][0]
-            # the processor expanded <image> into n copies before tokenizing: shift spans after it
+            # the processor expanded its image placeholder into n copies before tokenizing: shift spans after it
+            placeholder = getattr(self.processor, "image_token", IMAGE)
             n_img = int((ids == self.processor.image_token_id).sum())
-            at, grow = text.index(IMAGE), (n_img - 1) * len(IMAGE)
+            at, grow = text.index(placeholder), (n_img - 1) * len(placeholder)
             spans = [(a + grow, b + grow) if a > at else (a, b) for a, b in spans]
         else:
             enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
             ids = enc["input_ids"][0]
         offsets = enc["offset_mapping"][0].tolist()
         labels = self._labels(sid, ids, offsets, spans)
-        return self._truncate(sid, ids, labels, pixel_values)
+        return self._truncate(sid, ids, labels, images)
 
     def _labels(self, sid, ids: torch.Tensor, offsets: list, spans: list[tuple[int, int]]) -> torch.Tensor:
         """Copy ids onto tokens inside an answer span; a token crossing a span edge means the tokenizer
@@ -176,7 +181,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             labels[inside] = ids[inside]
         return labels
 
-    def _truncate(self, sid, ids: torch.Tensor, labels: torch.Tensor, pixel_values) -> dict:
+    def _truncate(self, sid, ids: torch.Tensor, labels: torch.Tensor, images: dict) -> dict:
         if self.max_length is not None and len(ids) > self.max_length:
             image_pos = (ids == self.processor.image_token_id).nonzero()
             if len(image_pos) and int(image_pos[-1]) >= self.max_length:
@@ -184,5 +189,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not (labels != IGNORE).any():
             raise SampleError(sid, "no_supervised_tokens", f"no answer token left within max_length {self.max_length}")
-        return {"id": sid, "input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-                "pixel_values": pixel_values}  # fmt: skip
+        item = {"id": sid, "input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pixel_values": None}
+        item.update({k: v for k, v in images.items() if k not in TOKEN_KEYS})
+        item.update({k: images[k][0][: len(ids)] for k in TOKEN_KEYS if k in images})  # per token, like input_ids
+        return item

@@ -222,7 +222,9 @@ class RoutedModel:
             rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
             raise DPVRError(f"rows {rows} are right-padded: generation continues after the last token, so pad "
                             "on the left (processor/tokenizer padding_side='left')")  # fmt: skip
-        return super().generate(*args, **kwargs)
+        # an explicit None is "not given": generate() would otherwise encode pixel_values=None up front
+        # (its pre-encoding of images for forwards that take mm_encoder_outputs) and crash in the tower
+        return super().generate(*args, **{k: v for k, v in kwargs.items() if v is not None})
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a RoutedCache in routed modes (use_cache=False recomputes every step, as the

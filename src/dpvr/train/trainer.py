@@ -18,14 +18,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from dpvr.atomic import atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
-from dpvr.loading import default_split, resolve_model_path
+from dpvr.loading import default_split, load_stock, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
 from dpvr.train.args import ModelArguments
@@ -40,7 +40,7 @@ def build_model(margs: ModelArguments):
     from transformers import AutoProcessor
 
     path = resolve_model_path(margs.model)
-    base = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=margs.attn)
+    base = load_stock(path, attn_implementation=margs.attn)
     processor = AutoProcessor.from_pretrained(path)
     if margs.method == "full":
         base.requires_grad_(True)
