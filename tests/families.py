@@ -139,3 +139,30 @@ def batch_of(family: str, singles: list[dict]) -> dict:
     if family == "llava_onevision":
         batch["batch_num_images"] = torch.tensor([len(s.get("image_sizes", ())) for s in singles])
     return batch
+
+
+def save_next_checkpoint(path, layers: int = 6, seed: int = 0):
+    """A tiny random LLaVA-NeXT checkpoint that reads the digit-scenes benchmark: the embedded word-level
+    tokenizer and chat template, an anyres processor (48-px scenes become a base view and four 16-px
+    tiles), saved like an llava-hf checkpoint (config, weights, processor)."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from dpvr.embedded.model import CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    pinpoints = [[16, 32], [32, 16], [32, 32]]
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": PX}, crop_size={"height": PX, "width": PX},
+                                        image_grid_pinpoints=pinpoints)  # fmt: skip
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=CHAT_TEMPLATE,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    config = _config("llava_next", layers)
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -61,7 +61,7 @@ def score_variants(
         where = (target != IGNORE).nonzero().flatten()  # predicting positions
         if len(where) == 0 or int(where[0]) < p:
             raise DPVRError(f"batch row {b}: the answer must come after the image and the question")
-        prefix = lm(inputs_embeds=embeds[b : b + 1, :p], position_ids=inputs["position_ids"][b : b + 1, :p],
+        prefix = lm(inputs_embeds=embeds[b : b + 1, :p], position_ids=inputs["position_ids"][..., b : b + 1, :p],
                     use_cache=True).past_key_values  # fmt: skip
         suffix = embeds[b : b + 1, p:n]  # (1, S, D)
         for rows in torch.arange(V).split(max_rows):
@@ -71,7 +71,7 @@ def score_variants(
             probe = ProbeState(image=state.image[b : b + 1, :n].expand(C, n), text=state.text[b : b + 1, :n].expand(C, n),
                                num_layers=L, blocked=blocked[rows].to(embeds.device), measure_mass=False)  # fmt: skip
             with probing(model, probe):
-                hidden = lm(inputs_embeds=suffix.expand(C, -1, -1), position_ids=inputs["position_ids"][b : b + 1, p:n],
+                hidden = lm(inputs_embeds=suffix.expand(C, -1, -1), position_ids=inputs["position_ids"][..., b : b + 1, p:n],
                             past_key_values=cache, use_cache=True).last_hidden_state  # (C, S, D), final norm applied  # fmt: skip
             logp = F.log_softmax(model.lm_head(hidden[:, where - p]).float(), dim=-1)  # (C, A, vocab)
             tok = target[where]  # (A,)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from dpvr.analysis.probe import ProbeState, probing
+from dpvr.data.collate import IMAGE_KEYS, TOKEN_KEYS
 from dpvr.errors import DPVRError
+from dpvr.routing.backbones import backbone_of, prefill_positions
 
 
 @dataclass
@@ -50,10 +52,11 @@ def inputs_to_device(model, batch: dict) -> dict:
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     if (am[:, 0] == 0).any():
         raise DPVRError("the analysis needs right-padded batches (attention_mask[:, 0] must be 1)")
-    pos = (am.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), equals arange for right padding
-    px = batch.get("pixel_values")
-    px = None if px is None else px.to(device, model.dtype)
-    return {"input_ids": ids, "attention_mask": am, "position_ids": pos, "pixel_values": px}
+    images = {k: v.to(device, model.dtype if v.is_floating_point() else v.dtype)
+              for k, v in batch.items() if k in (*IMAGE_KEYS, *TOKEN_KEYS)}  # fmt: skip
+    # (B, T), equal to arange for right padding, or Qwen2-VL's multimodal rope (3, B, T), as the model's own
+    pos, _ = prefill_positions(model, backbone_of(model), ids, am.bool(), None, images)
+    return {"input_ids": ids, "attention_mask": am, "position_ids": pos, "pixel_values": None, **images}
 
 
 @torch.no_grad()
