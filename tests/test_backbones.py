@@ -25,6 +25,7 @@ VARIANTS = {
     "llama": dict(attention_bias=True, mlp_bias=True, head_dim=16),
     "mistral": dict(sliding_window=8),
     "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    "qwen3": dict(head_dim=16, attention_bias=True, use_sliding_window=True, sliding_window=8, max_window_layers=2),
 }
 MODES = [
     DPVRConfig(mode="vanilla"),

@@ -105,10 +105,10 @@ def test_fastv_sdpa_keeps_the_same_tokens_as_eager():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backbone", ["mistral", "qwen2"])
-@pytest.mark.parametrize("mode", ["lf", "kv", "pc"])
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2", "qwen3"])  # qwen3: q/k norms
+@pytest.mark.parametrize("mode", ["lf", "kv", "pc", "fastv"])
 def test_other_text_backbones(backbone, mode):
-    cfg = DPVRConfig(mode=mode, split_layer=2, fusion_layers=1)
+    cfg = DPVRConfig(mode=mode, split_layer=2, fusion_layers=1, fastv_layer=1)
     model = converted(cfg, backbone=backbone)
     assert type(model.model.language_model).__name__.lower().startswith(backbone)
     ids, px = torch.tensor([prompt(3, 5, n_images=2)]), pixels(2)

@@ -20,8 +20,10 @@ def tiny_config(backbone: str = "llama", layers: int = 6, attn: str = "eager", k
         num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=VOCAB, pad_token_id=PAD,
         max_position_embeddings=256,
     )  # fmt: skip
-    if backbone in ("mistral", "qwen2"):
+    if backbone in ("mistral", "qwen2", "qwen3"):
         text["sliding_window"] = None
+    if backbone == "qwen3":
+        text["head_dim"] = 12
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=N_IMG,
         vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -36,7 +36,7 @@ _LLAVA_VISION = ("vision_feature_layer", "vision_feature_select_strategy", "imag
 # layers that merely look alike convert silently and compute something else (gemma2's extra norms and
 # soft-capping, granite's multipliers, qwen2_moe's and smollm3's layers) or crash later (cohere,
 # helium, stablelm).
-_LLAVA_TEXT = ("llama", "mistral", "qwen2")
+_LLAVA_TEXT = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)

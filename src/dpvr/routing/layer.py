@@ -1,27 +1,28 @@
 """One decoder layer run on a token set, optionally attending to extra key/value-only tokens.
 
-This is the single place where routed compute happens. It reuses the stock layer's own modules
-(norms, q/k/v/o projections, MLP) and transformers' attention interface, so `eager`, `sdpa` (and
-any registered implementation) behave exactly as in the stock model. What it adds over calling the
-layer directly:
+This is the single place where routed compute happens, and the attention in it is the backbone's own:
+the layer's `self_attn` module runs as in the stock model (its projections, q/k norms, rotary, and
+transformers' attention dispatch, so `eager`, `sdpa` and any registered implementation behave as
+stock), handed an explicit mask and a stand-in cache (`_Joined`) through the public Cache protocol:
+its `update()` returns the extra keys/values followed by the layer's own. What that adds over calling
+the layer directly:
   - an explicit bias built from sequence order, so any subset of positions attends causally;
   - `extra`: tokens that contribute keys/values but issue no query and get no MLP (DPVR-KV's fixed
     image states, or a routed KV cache's past keys);
   - returning this layer's new keys/values (for the routed cache) and, on request, the attention
     probabilities of one query row per batch row (for FastV's ranking), without the full map.
-Supported layer families: Llama, Mistral, Qwen2 (same block structure; biases/sliding windows vary).
+The decoder layer around the attention is the pre-norm residual block every verified family shares
+(`dpvr.routing.backbones`: others are refused by name). The decoder layer module itself is not called:
+under activation checkpointing transformers' layers drop any cache they are handed.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from dpvr.errors import DPVRError
 from dpvr.routing.tokens import attention_bias
 
 
@@ -44,38 +45,46 @@ class KV:
         )
 
 
-def _rotary_fn(attn: nn.Module) -> Callable:
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
-
-
-def _eager_fallback(attn: nn.Module) -> Callable:
-    return sys.modules[type(attn).__module__].eager_attention_forward
-
-
 def check_supported(layer: nn.Module) -> None:
     attn = getattr(layer, "self_attn", None)
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if attn is None or not all(hasattr(attn, n) for n in needed) or not hasattr(layer, "mlp"):
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+    parts = ("input_layernorm", "post_attention_layernorm", "mlp")
+    if attn is None or not all(hasattr(attn, n) for n in needed) or not all(hasattr(layer, n) for n in parts):
         raise NotImplementedError(f"dpvr routing does not support decoder layer {type(layer).__name__}")
-    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-        raise NotImplementedError(f"dpvr routing does not support q/k-norm attention ({type(attn).__name__}) yet")
-    try:
-        _rotary_fn(attn), _eager_fallback(attn)
-    except AttributeError as exc:
-        raise NotImplementedError(f"dpvr routing does not support {type(attn).__name__}: {exc}") from None
+
+
+class _Joined:
+    """The stand-in cache one routed attention call gets: `update()` (the Cache protocol's) returns the
+    extra keys/values followed by the layer's own, already rotated, and keeps what the layer attended over."""
+
+    def __init__(self, extra: KV | None, order: torch.Tensor, valid: torch.Tensor):
+        self.extra, self.order, self.valid = extra, order, valid
+        self.joined: KV | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        own = KV(key_states, value_states, self.order, self.valid)
+        self.joined = own if self.extra is None else self.extra.then(own)
+        return self.joined.key, self.joined.value
+
+
+def _keys(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-rotated keys and values (B, H_kv, N, hd) of normed states x (B, N, D), k-norm included."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):  # q/k-norm families normalise each head before rotary
+        k = attn.k_norm(k)
+    return k.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
 
 
 def project_kv(
     layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values (B, H_kv, N, hd) of states h (B, N, D) through this layer's norm, k/v proj and rotary."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    # rotary on keys only: apply_rotary_pos_emb rotates a (q, k) pair, so pass k twice and keep one
-    k, _ = _rotary_fn(attn)(k, k, cos, sin)
+    """Keys/values (B, H_kv, N, hd) of states h (B, N, D) through this layer's norm, k/v proj and rotary,
+    and nothing else (no query: DPVR-KV's fixed image states issue none)."""
+    k, v = _keys(layer.self_attn, layer.input_layernorm(h))
+    # rotary on keys only: apply_rotary_pos_emb rotates a (q, k) pair, so pass k twice and keep one.
+    # Every verified family rotates as Llama does (Qwen2-VL's mrope is folded into cos/sin by its rotary_emb).
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
     return k, v
 
 
@@ -99,58 +108,42 @@ def routed_layer(
     aligns top-left, correct only when queries and keys are the same tokens). This is what lets
     sdpa pick its flash/efficient kernels, as in the stock model.
     """
-    out, keys, probs = _attention(layer, h, order, valid, cos, sin, extra, probe_rows, dense)
-    h = h + out
-    del out
-    if not keep_keys:
-        # as in the stock layer, queries/keys/values are freed before the MLP allocates, so a routed
-        # prefill peaks no higher than the stock one (held across it, LF's peaked 1.25x vanilla's)
-        keys = None
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h, keys, probs
-
-
-def _attention(layer, h, order, valid, cos, sin, extra, probe_rows, dense):
-    """Self-attention of routed_layer: (o_proj output (B, N, D), keys/values attended over, probe probs)."""
     attn = layer.self_attn
-    B, N, _ = h.shape
     x = layer.input_layernorm(h)
-    shape = (B, N, -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, H, N, hd)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, H_kv, N, hd)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    q, k = _rotary_fn(attn)(q, k, cos, sin)
-    own = KV(k, v, order, valid)
-    # every key this call attends over: extra first (past/fixed context), then this call's tokens
-    keys = own if extra is None else extra.then(own)
-    k_all, v_all = keys.key, keys.value
-
+    k_order = order if extra is None else torch.cat([extra.order, order], dim=1)
+    k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-    implementation = attn.config._attn_implementation
     mask_free = dense and window is None and probe_rows is None and (
-        N == 1 or (extra is None and implementation == "sdpa")
+        h.shape[1] == 1 or (extra is None and attn.config._attn_implementation == "sdpa")
     )
-    bias = None if mask_free else attention_bias(order, valid, keys.order, keys.valid, q.dtype, sliding_window=window)
+    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, x.dtype, sliding_window=window)
+    keys = _Joined(extra, order, valid)
+    out, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=bias, past_key_values=keys)
+    probs = None if probe_rows is None else _probe(attn, x, cos, sin, keys.joined, bias, probe_rows)
+    joined = keys.joined if keep_keys else None
+    # as in the stock layer, queries/keys/values are freed before the MLP allocates, so a routed
+    # prefill peaks no higher than the stock one (held across it, LF's peaked 1.25x vanilla's)
+    del keys, x, bias
+    h = h + out
+    del out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, joined, probs
 
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_fallback(attn))
-    out, _ = interface(
-        attn,
-        q,
-        k_all,
-        v_all,
-        bias,
-        dropout=0.0 if not attn.training else attn.attention_dropout,
-        scaling=attn.scaling,
-    )
-    out = attn.o_proj(out.reshape(B, N, -1))
 
-    probs = None
-    if probe_rows is not None:  # one query row per batch row: O(H x N_keys) memory, any attention backend
-        rows = probe_rows.view(B, 1, 1, 1).expand(-1, q.shape[1], 1, q.shape[-1])
-        q_row = q.gather(2, rows)  # (B, H, 1, hd)
-        k_rep = k_all.repeat_interleave(q.shape[1] // k_all.shape[1], dim=1)  # (B, H, Nk, hd)
-        scores = (q_row @ k_rep.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
-        scores = scores + bias.gather(2, probe_rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
-        probs = scores.softmax(-1)[:, :, 0]  # (B, H, Nk)
-    return out, keys, probs
+def _probe(attn, x, cos, sin, keys: KV, bias, rows) -> torch.Tensor:
+    """Attention probabilities (B, H, N_keys) of one query row per batch row (FastV's ranking): that
+    row's query against the keys the layer attended over, O(H x N_keys) memory, any attention backend."""
+    B = x.shape[0]
+    pick = rows.view(B, 1, 1)
+    x_row = x.gather(1, pick.expand(-1, 1, x.shape[-1]))  # (B, 1, D)
+    q = attn.q_proj(x_row).view(B, 1, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)  # (B, H, 1, hd)
+    at = lambda t: t.gather(1, pick.expand(-1, 1, t.shape[-1]))  # noqa: E731 - the row's rotary angles
+    q, _ = apply_rotary_pos_emb(q, q, at(cos), at(sin))
+    k = keys.key.repeat_interleave(q.shape[1] // keys.key.shape[1], dim=1)  # (B, H, Nk, hd)
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
+    scores = scores + bias.gather(2, rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
+    return scores.softmax(-1)[:, :, 0]
