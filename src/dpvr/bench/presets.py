@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig
 
+from dpvr.errors import DPVRError
 from dpvr.routing.backbones import backbone_of
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -80,7 +81,7 @@ def preset_config(name: str):
         return PRESETS[name]()
     if Path(name, "config.json").exists():
         return AutoConfig.from_pretrained(name)
-    raise ValueError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)} or a checkpoint folder")
+    raise DPVRError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)} or a checkpoint folder")
 
 
 def build_random_model(name: str, dtype: torch.dtype = torch.float32, device="cpu", attn: str = "sdpa"):
