@@ -166,3 +166,52 @@ def save_next_checkpoint(path, layers: int = 6, seed: int = 0):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+QWEN_TEMPLATE = (  # the embedded chat template's form, with Qwen2-VL's image placeholder
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<|vision_start|><image><|vision_end|>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + '</s>' }}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def save_qwen_checkpoint(path, family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
+    """A tiny random Qwen2-VL / Qwen2.5-VL checkpoint that reads the digit-scenes benchmark: the embedded
+    word-level tokenizer with Qwen's vision tokens, a Qwen2-VL processor (48-px scenes are a 12x12 patch
+    grid of 4 px, 36 tokens after the 2x2 merge). Its video processor needs torchvision."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from dpvr.embedded.model import build_tokenizer
+
+    tokenizer = build_tokenizer()  # its image token, <image>, is the processor's image placeholder
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
+    tokenizer.add_tokens(specials, special_tokens=True)
+    size = {"shortest_edge": 48 * 48, "longest_edge": 48 * 48}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, size=size),
+        video_processor=Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, size=size),
+        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE,
+    )  # fmt: skip
+    config = _config(family, layers)
+    config.vision_config.patch_size = 4
+    ids = dict(zip(["image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id"],
+                   tokenizer.convert_tokens_to_ids([tokenizer.image_token, *specials])))  # fmt: skip
+    for key, value in ids.items():
+        setattr(config, key, value)
+    config.text_config.vocab_size, config.text_config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = STOCK[family](config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -122,9 +122,10 @@ def test_cached_generation_equals_recompute(family, mode):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "fastv"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_beam_search_and_sampling_with_the_cache(family):
-    model = converted(family, MODES["lf"])
+def test_beam_search_and_sampling_with_the_cache(family, mode):
+    model = converted(family, MODES[mode])
     batch, _ = sample(family, model, ROWS[:2], seed=4)
     beams = [generate(model, c, batch, n=8, num_beams=3).sequences for c in (True, False)]
     assert torch.equal(beams[0], beams[1]), f"{family} beam search cached vs recompute"
@@ -136,7 +137,7 @@ def test_beam_search_and_sampling_with_the_cache(family):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["lf", "lf-K0", "kv", "vtw", "fastv", "sparse"])
+@pytest.mark.parametrize("mode", ["lf", "lf-K0", "pc", "kv", "vtw", "fastv", "sparse"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_holds_what_the_schedule_says(family, mode):
     cfg = MODES[mode]
@@ -173,6 +174,20 @@ def test_save_and_load_round_trip(family, tmp_path):
         for other in (again, onto):
             diff = (other(**batch).logits - want).abs().max().item()
             assert diff <= 1e-6, f"{family} reloaded model differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_stock_checkpoint_converts_without_random_weights(family, tmp_path):
+    stock = tiny_vlm(family, L)
+    stock.save_pretrained(tmp_path)  # the stock class's own checkpoint layout
+    model = DPVRForConditionalGeneration.from_pretrained(tmp_path, dpvr_config=MODES["lf"])
+    assert type(model).__name__ == f"DPVR{type(stock).__name__}" and isinstance(model, type(stock))
+    got = model.state_dict()
+    for key, value in stock.state_dict().items():
+        assert torch.equal(got[key], value), f"{family}: {key} differs from the checkpoint (randomly initialised?)"
+    split = MODES["lf"].split_layer
+    for key, value in model.side_branch[0].state_dict().items():
+        assert torch.equal(value, model.model.language_model.layers[split].state_dict()[key]), key
 
 
 @pytest.mark.parametrize("family", QWEN)

@@ -1,7 +1,6 @@
 """The commands on a routed family beyond LLaVA-1.5: a tiny LLaVA-NeXT checkpoint (anyres processor,
 image_sizes, newline tokens) through `dpvr generate`, `eval`, `analyze`, `train` and `bench`.
-(Qwen2-VL's processor needs torchvision for its video half, which a CPU install here leaves out; its
-model path is covered by tests/test_families.py.)"""
+(Qwen2-VL / Qwen2.5-VL: tests/test_qwen_commands.py, where torchvision is installed.)"""
 from __future__ import annotations
 
 import json
