@@ -219,6 +219,18 @@ def stage_bench(args, work: Path, out: Path) -> dict:
     return run
 
 
+def stage_bench_qwen(args, work: Path, out: Path) -> dict:
+    """The non-LLaVA row: Qwen2.5-VL-7B's shape (256 image tokens: a 448x448 image), random weights."""
+    if args.quick:
+        return {"skipped": "a 7B shape; the dry run stays on the smallest LLaVA shapes"}
+    argv = ["bench", "--preset", "qwen2.5-vl-7b", "--device", args.device, "--dtype", "bfloat16",
+            "--modes", "vanilla,lf,kv,fastv", "--text-lens", "64,256", "--batches", "1,8", "--repeats", "3",
+            "--new-tokens", "32", "--recompute-text-len", "64", "--no-train-step", "--out", str(work / "bench-qwen")]  # fmt: skip
+    run = _dpvr(argv, args.stage_limit, out / "bench-qwen.log")
+    _copy(work / "bench-qwen" / "bench.json", out / "bench-qwen.json")
+    return run
+
+
 def stage_breakdown(args, work: Path, out: Path) -> list[dict]:
     runs = []
     for batch in ("1",) if args.quick else ("1", "8"):
@@ -259,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer configs and the smallest shapes (the CPU dry run)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu-check"))
     p.add_argument("--stage-limit", type=int, default=240, help="seconds allowed to the bench and each breakdown")
-    p.add_argument("--stages", default="equivalence,bench,breakdown")
+    p.add_argument("--stages", default="equivalence,bench,breakdown",
+                   help="comma-separated, from equivalence, bench, breakdown, bench-qwen (Qwen2.5-VL-7B's shape)")  # fmt: skip
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda but torch sees no GPU; use --device cpu --quick for the dry run", file=sys.stderr)
@@ -270,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"environment": environment(args.device), "quick": args.quick, "stages": {}}
     stages = {"equivalence": lambda: stage_equivalence(args, out),
               "bench": lambda: stage_bench(args, work, out),
-              "breakdown": lambda: stage_breakdown(args, work, out)}  # fmt: skip
+              "breakdown": lambda: stage_breakdown(args, work, out),
+              "bench-qwen": lambda: stage_bench_qwen(args, work, out)}  # fmt: skip
     for name in args.stages.split(","):
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)
