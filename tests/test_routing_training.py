@@ -84,7 +84,7 @@ def test_checkpointing_keeps_the_frozen_shared_stack_out_of_backward(mode):
             model.activation_checkpointing_enable()
         model.train()
         seen = []
-        for layer in model.model.language_model.layers[:2]:  # routed layers call their submodules, not forward
+        for layer in model.model.language_model.layers[:2]:
             layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out))
         model(**llava_batch()).loss.backward()
         assert seen and not any(t.requires_grad for t in seen), f"{mode} checkpointing={checkpointing}: shared stack in backward"

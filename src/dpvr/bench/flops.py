@@ -132,9 +132,9 @@ def flop_counter():
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dpvr.bench.presets import PRESETS
+    from dpvr.bench.presets import PRESETS, preset_arg
 
-    p.add_argument("--arch", default="llava-1.5-7b",
+    p.add_argument("--arch", default="llava-1.5-7b", type=preset_arg,
                    help=f"architecture: one of {sorted(PRESETS)} or a routed family's checkpoint folder")  # fmt: skip
     add_routing_arguments(p, ("split_layer", "fusion_layers", "side_depth"))
     p.add_argument("--n-img", type=int, default=None, help="image tokens (default: the preset's, 576 for LLaVA-1.5)")

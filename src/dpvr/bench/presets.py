@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -82,6 +83,14 @@ def preset_config(name: str):
     if Path(name, "config.json").exists():
         return AutoConfig.from_pretrained(name)
     raise DPVRError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)} or a checkpoint folder")
+
+
+def preset_arg(text: str) -> str:
+    """argparse type of an architecture option: a preset name or a checkpoint folder, else a usage error."""
+    if text in PRESETS or Path(text, "config.json").exists():
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(PRESETS))} or a "
+                                     "checkpoint folder)")  # fmt: skip
 
 
 def build_random_model(name: str, dtype: torch.dtype = torch.float32, device="cpu", attn: str = "sdpa"):

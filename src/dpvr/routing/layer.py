@@ -1,23 +1,24 @@
 """One decoder layer run on a token set, optionally attending to extra key/value-only tokens.
 
-This is the single place where routed compute happens, and the attention in it is the backbone's own:
-the layer's `self_attn` module runs as in the stock model (its projections, q/k norms, rotary, and
+This is the single place where routed compute happens, and it is the backbone's own decoder layer:
+the stock layer module runs (its norms, projections, q/k norms, rotary, residuals, MLP, and
 transformers' attention dispatch, so `eager`, `sdpa` and any registered implementation behave as
 stock), handed an explicit mask and a stand-in cache (`_Joined`) through the public Cache protocol:
-its `update()` returns the extra keys/values followed by the layer's own. What that adds over calling
-the layer directly:
+its `update()` returns the extra keys/values followed by the layer's own. What that adds over the
+stock call:
   - an explicit bias built from sequence order, so any subset of positions attends causally;
   - `extra`: tokens that contribute keys/values but issue no query and get no MLP (DPVR-KV's fixed
     image states, or a routed KV cache's past keys);
   - returning this layer's new keys/values (for the routed cache) and, on request, the attention
     probabilities of one query row per batch row (for FastV's ranking), without the full map.
-The decoder layer around the attention is the pre-norm residual block every verified family shares
-(`dpvr.routing.backbones`: others are refused by name). The decoder layer module itself is not called:
-under activation checkpointing transformers' layers drop any cache they are handed.
+Two small pieces are dpvr's own, for every verified family (`dpvr.routing.backbones`; others are
+refused by name): keys/values of tokens that issue no query (`project_kv`) and FastV's one-row probe.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import contextlib
 
 import torch
 from torch import nn
@@ -57,14 +58,31 @@ class _Joined:
     """The stand-in cache one routed attention call gets: `update()` (the Cache protocol's) returns the
     extra keys/values followed by the layer's own, already rotated, and keeps what the layer attended over."""
 
-    def __init__(self, extra: KV | None, order: torch.Tensor, valid: torch.Tensor):
-        self.extra, self.order, self.valid = extra, order, valid
+    def __init__(self, extra: KV | None, order: torch.Tensor, valid: torch.Tensor, keep: bool):
+        self.extra, self.order, self.valid, self.keep = extra, order, valid, keep
         self.joined: KV | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         own = KV(key_states, value_states, self.order, self.valid)
-        self.joined = own if self.extra is None else self.extra.then(own)
-        return self.joined.key, self.joined.value
+        joined = own if self.extra is None else self.extra.then(own)
+        if self.keep:  # else freed with the layer's own locals, before its MLP, as in a stock forward
+            self.joined = joined
+        return joined.key, joined.value
+
+
+@contextlib.contextmanager
+def _unchecked(layer: nn.Module):
+    """transformers' layers checkpoint themselves when `gradient_checkpointing` is on, and then drop any
+    cache they are handed; routing checkpoints its own stages (dpvr.routing.forward), so inside a routed
+    call the layer's switch is off."""
+    on = getattr(layer, "gradient_checkpointing", False)
+    if on:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        if on:
+            layer.gradient_checkpointing = True
 
 
 def _keys(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +127,6 @@ def routed_layer(
     sdpa pick its flash/efficient kernels, as in the stock model.
     """
     attn = layer.self_attn
-    x = layer.input_layernorm(h)
     k_order = order if extra is None else torch.cat([extra.order, order], dim=1)
     k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
@@ -117,26 +134,20 @@ def routed_layer(
     mask_free = dense and window is None and probe_rows is None and (
         h.shape[1] == 1 or (extra is None and attn.config._attn_implementation == "sdpa")
     )
-    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, x.dtype, sliding_window=window)
-    keys = _Joined(extra, order, valid)
-    out, _ = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=bias, past_key_values=keys)
-    probs = None if probe_rows is None else _probe(attn, x, cos, sin, keys.joined, bias, probe_rows)
-    joined = keys.joined if keep_keys else None
-    # as in the stock layer, queries/keys/values are freed before the MLP allocates, so a routed
-    # prefill peaks no higher than the stock one (held across it, LF's peaked 1.25x vanilla's)
-    del keys, x, bias
-    h = h + out
-    del out
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h, joined, probs
+    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, h.dtype, sliding_window=window)
+    keys = _Joined(extra, order, valid, keep=keep_keys or probe_rows is not None)
+    with _unchecked(layer):
+        out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
+    probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, bias, probe_rows)
+    return out, (keys.joined if keep_keys else None), probs
 
 
-def _probe(attn, x, cos, sin, keys: KV, bias, rows) -> torch.Tensor:
+def _probe(layer, h, cos, sin, keys: KV, bias, rows) -> torch.Tensor:
     """Attention probabilities (B, H, N_keys) of one query row per batch row (FastV's ranking): that
     row's query against the keys the layer attended over, O(H x N_keys) memory, any attention backend."""
-    B = x.shape[0]
+    attn, B = layer.self_attn, h.shape[0]
     pick = rows.view(B, 1, 1)
-    x_row = x.gather(1, pick.expand(-1, 1, x.shape[-1]))  # (B, 1, D)
+    x_row = layer.input_layernorm(h.gather(1, pick.expand(-1, 1, h.shape[-1])))  # (B, 1, D)
     q = attn.q_proj(x_row).view(B, 1, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
