@@ -75,14 +75,11 @@ def _unchecked(layer: nn.Module):
     """transformers' layers checkpoint themselves when `gradient_checkpointing` is on, and then drop any
     cache they are handed; routing checkpoints its own stages (dpvr.routing.forward), so inside a routed
     call the layer's switch is off."""
-    on = getattr(layer, "gradient_checkpointing", False)
-    if on:
-        layer.gradient_checkpointing = False
+    layer.gradient_checkpointing = False
     try:
         yield
     finally:
-        if on:
-            layer.gradient_checkpointing = True
+        layer.gradient_checkpointing = True
 
 
 def _keys(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +124,21 @@ def routed_layer(
     sdpa pick its flash/efficient kernels, as in the stock model.
     """
     attn = layer.self_attn
-    k_order = order if extra is None else torch.cat([extra.order, order], dim=1)
-    k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
     mask_free = dense and window is None and probe_rows is None and (
         h.shape[1] == 1 or (extra is None and attn.config._attn_implementation == "sdpa")
     )
-    bias = None if mask_free else attention_bias(order, valid, k_order, k_valid, h.dtype, sliding_window=window)
+    bias = None
+    if not mask_free:  # keys: extra's, then this call's own
+        k_order = order if extra is None else torch.cat([extra.order, order], dim=1)
+        k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
+        bias = attention_bias(order, valid, k_order, k_valid, h.dtype, sliding_window=window)
     keys = _Joined(extra, order, valid, keep=keep_keys or probe_rows is not None)
-    with _unchecked(layer):
+    if getattr(layer, "gradient_checkpointing", False):
+        with _unchecked(layer):
+            out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
+    else:
         out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
     probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, bias, probe_rows)
     return out, (keys.joined if keep_keys else None), probs
