@@ -168,19 +168,13 @@ def save_next_checkpoint(path, layers: int = 6, seed: int = 0):
     return path
 
 
-QWEN_TEMPLATE = (  # the embedded chat template's form, with Qwen2-VL's image placeholder
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<|vision_start|><image><|vision_end|>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + '</s>' }}{% endgeneration %}{% endfor %}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+def _qwen_template() -> str:
+    """The embedded chat template with Qwen2-VL's image placeholder (the image token between its vision marks)."""
+    from dpvr.embedded.model import CHAT_TEMPLATE
+
+    template = CHAT_TEMPLATE.replace("{{ '<image>\n' }}", "{{ '<|vision_start|><image><|vision_end|>\n' }}")
+    assert template != CHAT_TEMPLATE, "the embedded chat template no longer writes the image as expected"
+    return template
 
 
 def save_qwen_checkpoint(path, family: str = "qwen2_vl", layers: int = 6, seed: int = 0):
@@ -200,7 +194,7 @@ def save_qwen_checkpoint(path, family: str = "qwen2_vl", layers: int = 6, seed: 
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, size=size),
         video_processor=Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, size=size),
-        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE,
+        tokenizer=tokenizer, chat_template=_qwen_template(),
     )  # fmt: skip
     config = _config(family, layers)
     config.vision_config.patch_size = 4
