@@ -196,3 +196,10 @@ def test_video_input_is_refused_by_name(family):
     batch, _ = sample(family, model, ROWS[:1])
     with pytest.raises(DPVRError, match="pixel_values_videos: video input is not routed yet"):
         model(**batch, pixel_values_videos=torch.zeros(4, 24), video_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
+def test_a_family_class_refuses_another_familys_checkpoint(tmp_path):
+    tiny_vlm("llava_next", L).save_pretrained(tmp_path)
+    qwen_class = type(converted("qwen2_vl", MODES["lf"]))
+    with pytest.raises(DPVRError, match="holds a llava_next model, which DPVRQwen2VLForConditionalGeneration cannot"):
+        qwen_class.from_pretrained(tmp_path, dpvr_config=MODES["lf"])

@@ -50,16 +50,19 @@ class DPVRForConditionalGeneration(RoutedModel):
             raise DPVRError(f"{path} has no {ADAPTER_CONFIG}: not {what}")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        if model_type in BACKBONES:
-            if dpvr_config is None:
-                raise DPVRError(f"{path} is a stock {BACKBONES[model_type].stock.__name__} checkpoint: pass dpvr_config=DPVRConfig(...) to convert it")
-            return convert(BACKBONES[model_type].stock.from_pretrained(path, *args, **kwargs), dpvr_config)
-        family = DPVR_CLASSES.get(str(model_type).removeprefix(DPVR_PREFIX))
-        if family is None or not str(model_type).startswith(DPVR_PREFIX):
+        stock = model_type in BACKBONES
+        family = DPVR_CLASSES.get(str(model_type).removeprefix("" if stock else DPVR_PREFIX))
+        if family is None or not (stock or str(model_type).startswith(DPVR_PREFIX)):
             raise NotImplementedError(f"{path} has model_type {model_type!r}; dpvr supports {', '.join(BACKBONES)} "
                                       "checkpoints and their DPVR conversions")  # fmt: skip
         if not issubclass(family, cls):
-            raise DPVRError(f"{path} is a {family.__name__} checkpoint, not a {cls.__name__}")
+            raise DPVRError(f"{path} holds a {model_type} model, which {cls.__name__} cannot load; "
+                            "use DPVRForConditionalGeneration.from_pretrained")  # fmt: skip
+        if stock:
+            if dpvr_config is None:
+                raise DPVRError(f"{path} is a stock {family.backbone.stock.__name__} checkpoint: pass "
+                                "dpvr_config=DPVRConfig(...) to convert it")  # fmt: skip
+            return convert(family.backbone.stock.from_pretrained(path, *args, **kwargs), dpvr_config)
         kwargs.pop("output_loading_info", None)
         model, info = super(DPVRForConditionalGeneration, family).from_pretrained(
             path, *args, output_loading_info=True, **kwargs
