@@ -48,6 +48,7 @@ class Collator:
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        per_token = {k: torch.zeros((B, T), dtype=torch.long) for k in TOKEN_KEYS if any(k in it for it in items)}
         for b, it in enumerate(items):
             n = len(it["input_ids"])
             cols = slice(T - n, T) if self.padding_side == "left" else slice(0, n)
@@ -55,13 +56,9 @@ class Collator:
             attention_mask[b, cols] = it["attention_mask"]
             if it.get("labels") is not None:
                 labels[b, cols] = it["labels"]
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key in TOKEN_KEYS:
-            if any(key in it for it in items):
-                batch[key] = torch.zeros((B, T), dtype=torch.long)
-                for b, it in enumerate(items):
-                    n = len(it["input_ids"])
-                    batch[key][b, slice(T - n, T) if self.padding_side == "left" else slice(0, n)] = it.get(key, 0)
+            for key, values in per_token.items():  # padded with 0 (text), like the processors
+                values[b, cols] = it.get(key, 0)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **per_token}
         with_image = [it for it in items if it.get("pixel_values") is not None]
         for key in IMAGE_KEYS:
             if with_image and key in with_image[0]:  # (n_images, ...), in batch order

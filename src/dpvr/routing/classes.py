@@ -101,6 +101,8 @@ def _stock_signature(stock: type):
     signature = inspect.signature(stock.forward)
 
     def forward(self, *args, **kwargs):
+        if not args:  # by keyword, as generate() and the Trainer call it: the names are the stock ones already
+            return RoutedModel.forward(self, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         bound.pop("self")
         return RoutedModel.forward(self, **bound.pop("kwargs", {}), **bound)

@@ -235,7 +235,7 @@ class RoutedModel:
         if given is not None and not isinstance(given, RoutedCache):
             raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
         if given is None and generation_config.use_cache:
-            model_kwargs["past_key_values"] = RoutedCache(len(self.model.language_model.layers), self.dpvr_config)
+            model_kwargs["past_key_values"] = RoutedCache(self.num_text_layers, self.dpvr_config)
 
     # ------------------------------------------------------------------ training helpers
     def _activation_checkpointing_enable(self, *args, **kwargs):
