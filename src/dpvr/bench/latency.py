@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from dpvr.bench.cpu_malloc import minor_faults
-from dpvr.bench.vision_flops import QWEN_VL, crops, default_image, family, image_tokens
+from dpvr.bench.vision_flops import crops, default_image, family, image_tokens, patch_grids
 from dpvr.routing import DPVRForConditionalGeneration
 from dpvr.routing.cache import RoutedCache
 
@@ -53,7 +53,7 @@ class Workload:
 def _images(config, batch: int, g: torch.Generator) -> dict:
     """One image of the preset's size per row, as the family's processor would hand it over."""
     size, v = default_image(config), config.vision_config
-    if family(config) in QWEN_VL:
+    if patch_grids(config):
         t, h, w = size
         patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
         return {"pixel_values": torch.randn(batch * t * h * w, patch, generator=g),

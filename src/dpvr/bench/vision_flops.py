@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from dpvr.routing.backbones import backbone_of
+
 
 def linear(tokens: int, fan_in: int, fan_out: int) -> int:
     return 2 * tokens * fan_in * fan_out
@@ -22,10 +24,12 @@ def linear(tokens: int, fan_in: int, fan_out: int) -> int:
 
 def family(config) -> str:
     """The stock model_type of a config, a converted (dpvr_...) one included."""
-    return config.model_type.removeprefix("dpvr_")
+    return backbone_of(config).model_type
 
 
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl")
+def patch_grids(config) -> bool:
+    """Qwen2-VL / Qwen2.5-VL: an image is a (t, h, w) patch grid, not a crop."""
+    return backbone_of(config).patch_grids
 
 
 def _vit_layer(S: int, D: int, intermediate: int, mlp_mats: int = 2) -> int:
@@ -85,7 +89,7 @@ def _qwen_vision(config, grid) -> int:
 
 def vision_flops(config, sizes: list) -> int:
     """Vision tower + projector FLOPs for the images of one prompt (see the module docstring for sizes)."""
-    if family(config) in QWEN_VL:
+    if patch_grids(config):
         return sum(_qwen_vision(config, grid) for grid in sizes)
     per_crop, _ = _tower_on_crop(config)
     return sum(per_crop * crops(config, size, len(sizes)) for size in sizes)
@@ -93,7 +97,7 @@ def vision_flops(config, sizes: list) -> int:
 
 def default_image(config):
     """The image size the presets assume: the tower's own square, or 448x448 for Qwen2-VL / Qwen2.5-VL."""
-    if family(config) in QWEN_VL:
+    if patch_grids(config):
         side = 448 // config.vision_config.patch_size
         return (1, side, side)
     side = config.vision_config.image_size
@@ -102,7 +106,7 @@ def default_image(config):
 
 def image_tokens(config, sizes: list) -> int:
     """Language-model tokens the images of one prompt become."""
-    if family(config) in QWEN_VL:
+    if patch_grids(config):
         m = config.vision_config.spatial_merge_size
         return sum(math.prod(grid) // (m * m) for grid in sizes)
     if family(config) == "llava":

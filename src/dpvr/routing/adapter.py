@@ -18,13 +18,11 @@ from transformers.utils import cached_file
 from dpvr.atomic import atomic_write, atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
+from dpvr.routing.backbones import DPVR_PREFIX
 
 WEIGHTS = "side_branch.safetensors"
 ADAPTER_CONFIG = "dpvr_adapter.json"
 FORMAT_VERSION = 1
-# a converted model's config has model_type DPVR_PREFIX + the stock one (e.g. dpvr_llava): its own, so
-# a stock loader never silently drops the side branch
-DPVR_PREFIX = "dpvr_"
 
 
 def base_fingerprint(config) -> dict:

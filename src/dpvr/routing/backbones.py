@@ -29,6 +29,9 @@ from transformers import (
 
 from dpvr.errors import DPVRError
 
+# a converted model's config has model_type DPVR_PREFIX + the stock one (e.g. dpvr_llava): its own, so
+# a stock loader never silently drops the side branch
+DPVR_PREFIX = "dpvr_"
 _LLAVA_VISION = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 # Text models whose decoder layer dpvr.routing.layer reproduces exactly, each verified in every mode by
 # tests/test_backbones.py (text-only outputs equal the stock model's, with biases, head_dim and sliding
@@ -51,6 +54,11 @@ class Backbone:
     def model_type(self) -> str:
         return self.stock.config_class.model_type
 
+    @property
+    def patch_grids(self) -> bool:
+        """Images arrive as flattened patches with a (t, h, w) grid each (Qwen2-VL), not as crops."""
+        return "image_grid_thw" in self.vision_inputs
+
 
 BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
     Backbone(LlavaForConditionalGeneration, _LLAVA_TEXT, _LLAVA_VISION),
@@ -65,11 +73,13 @@ BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
 
 
 def backbone_of(model_or_config) -> Backbone:
-    """The table entry for a stock model (or its config), or a one-line refusal naming the type."""
+    """The table entry for a stock or converted (dpvr_...) model or config, or a one-line refusal
+    naming the type."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    given = getattr(config, "model_type", None)
+    model_type = str(given).removeprefix(DPVR_PREFIX)
     if model_type not in BACKBONES:
-        raise NotImplementedError(f"dpvr routes {', '.join(BACKBONES)} models; got model_type {model_type!r}")
+        raise NotImplementedError(f"dpvr routes {', '.join(BACKBONES)} models; got model_type {given!r}")
     return BACKBONES[model_type]
 
 

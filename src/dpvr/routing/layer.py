@@ -126,7 +126,7 @@ def routed_layer(
     attn = layer.self_attn
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-    mask_free = dense and window is None and probe_rows is None and (
+    mask_free = dense and window is None and (
         h.shape[1] == 1 or (extra is None and attn.config._attn_implementation == "sdpa")
     )
     bias = None
@@ -140,13 +140,17 @@ def routed_layer(
             out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
     else:
         out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
-    probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, bias, probe_rows)
+    probs = None
+    if probe_rows is not None:
+        probs = _probe(layer, h, cos, sin, keys.joined, order.gather(1, probe_rows[:, None]),
+                       valid.gather(1, probe_rows[:, None]), probe_rows, window)  # fmt: skip
     return out, (keys.joined if keep_keys else None), probs
 
 
-def _probe(layer, h, cos, sin, keys: KV, bias, rows) -> torch.Tensor:
+def _probe(layer, h, cos, sin, keys: KV, row_order, row_valid, rows, window) -> torch.Tensor:
     """Attention probabilities (B, H, N_keys) of one query row per batch row (FastV's ranking): that
-    row's query against the keys the layer attended over, O(H x N_keys) memory, any attention backend."""
+    row's query against the keys the layer attended over, with its own one-row bias: O(H x N_keys)
+    memory, any attention backend, and the layer itself may still run mask-free."""
     attn, B = layer.self_attn, h.shape[0]
     pick = rows.view(B, 1, 1)
     x_row = layer.input_layernorm(h.gather(1, pick.expand(-1, 1, h.shape[-1])))  # (B, 1, D)
@@ -158,5 +162,5 @@ def _probe(layer, h, cos, sin, keys: KV, bias, rows) -> torch.Tensor:
     q, _ = apply_rotary_pos_emb(q, q, at(cos), at(sin))
     k = keys.key.repeat_interleave(q.shape[1] // keys.key.shape[1], dim=1)  # (B, H, Nk, hd)
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, 1, Nk)
-    scores = scores + bias.gather(2, rows.view(B, 1, 1, 1).expand(-1, 1, 1, bias.shape[-1])).float()
+    scores = scores + attention_bias(row_order, row_valid, keys.order, keys.valid, scores.dtype, sliding_window=window)
     return scores.softmax(-1)[:, :, 0]
