@@ -231,3 +231,27 @@ def test_routed_layer_equals_the_stock_layer_in_output_and_peak_memory():
     assert keys is None, "keep_keys=False must not return keys/values"
     peak_stock, peak_routed = peak_memory(stock, "cpu"), peak_memory(routed, "cpu")
     assert peak_routed <= peak_stock, f"routed layer peak {peak_routed} B > stock layer's {peak_stock} B"
+
+
+@torch.inference_mode()
+def test_fastv_probe_costs_one_row_of_attention_not_a_dense_mask():
+    """FastV's ranking reads one query row's attention: its layer still runs mask-free and the probe
+    adds O(N) memory. A dense (1, 1, N, N) bias at the probe layer made FastV's prefill peak 8.8x
+    vanilla's at 12,544 image tokens."""
+    from dpvr.bench.latency import peak_memory
+    from dpvr.routing.layer import routed_layer
+
+    lm = tiny_llava(attn="sdpa").model.language_model
+    layer, T = lm.layers[0], 1024
+    h = torch.randn(1, T, lm.config.hidden_size)
+    pos = torch.arange(T)[None]
+    cos, sin = lm.rotary_emb(h, pos)
+    valid = torch.ones(1, T, dtype=torch.bool)
+    plain = lambda: routed_layer(layer, h, pos, valid, cos, sin, dense=True)  # noqa: E731
+    probed = lambda: routed_layer(layer, h, pos, valid, cos, sin, dense=True, probe_rows=torch.tensor([T - 1]))  # noqa: E731
+    out, _, probs = probed()
+    torch.testing.assert_close(out, plain()[0], rtol=0, atol=0)
+    assert probs.shape == (1, layer.self_attn.config.num_attention_heads, T)
+    dense_bias = T * T * h.element_size()
+    extra = peak_memory(probed, "cpu") - peak_memory(plain, "cpu")
+    assert extra < dense_bias / 8, f"the probe added {extra} B at {T} tokens (a dense bias is {dense_bias} B)"
