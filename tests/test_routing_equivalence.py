@@ -206,6 +206,15 @@ def test_output_hidden_states_per_layer(cfg):
     assert_text_close(logits, out.logits, ids.masked_fill(~real, IMAGE_TOKEN), 1e-5, f"{IDS(cfg)} last hidden state")
 
 
+def _one_layer(T: int):
+    """A tiny sdpa decoder layer and one row of T tokens: (layer, h, pos, valid, cos, sin)."""
+    lm = tiny_llava(attn="sdpa").model.language_model
+    h = torch.randn(1, T, lm.config.hidden_size)
+    pos = torch.arange(T)[None]
+    cos, sin = lm.rotary_emb(h, pos)
+    return lm.layers[0], h, pos, torch.ones(1, T, dtype=torch.bool), cos, sin
+
+
 @torch.inference_mode()
 def test_routed_layer_equals_the_stock_layer_in_output_and_peak_memory():
     """Without a cache to fill, a routed layer frees its queries/keys/values before the MLP, as the stock
@@ -213,12 +222,7 @@ def test_routed_layer_equals_the_stock_layer_in_output_and_peak_memory():
     from dpvr.bench.latency import peak_memory
     from dpvr.routing.layer import routed_layer
 
-    lm = tiny_llava(attn="sdpa").model.language_model
-    layer, T = lm.layers[0], 512
-    h = torch.randn(1, T, lm.config.hidden_size)
-    pos = torch.arange(T)[None]
-    cos, sin = lm.rotary_emb(h, pos)
-    valid = torch.ones(1, T, dtype=torch.bool)
+    layer, h, pos, valid, cos, sin = _one_layer(512)
 
     def stock():
         out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
@@ -241,12 +245,8 @@ def test_fastv_probe_costs_one_row_of_attention_not_a_dense_mask():
     from dpvr.bench.latency import peak_memory
     from dpvr.routing.layer import routed_layer
 
-    lm = tiny_llava(attn="sdpa").model.language_model
-    layer, T = lm.layers[0], 1024
-    h = torch.randn(1, T, lm.config.hidden_size)
-    pos = torch.arange(T)[None]
-    cos, sin = lm.rotary_emb(h, pos)
-    valid = torch.ones(1, T, dtype=torch.bool)
+    T = 1024
+    layer, h, pos, valid, cos, sin = _one_layer(T)
     plain = lambda: routed_layer(layer, h, pos, valid, cos, sin, dense=True)  # noqa: E731
     probed = lambda: routed_layer(layer, h, pos, valid, cos, sin, dense=True, probe_rows=torch.tensor([T - 1]))  # noqa: E731
     out, _, probs = probed()
