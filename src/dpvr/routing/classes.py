@@ -50,9 +50,9 @@ class DPVRForConditionalGeneration(RoutedModel):
             raise DPVRError(f"{path} has no {ADAPTER_CONFIG}: not {what}")
         with open(config_file) as f:
             model_type = json.load(f).get("model_type")
-        stock = model_type in BACKBONES
-        family = DPVR_CLASSES.get(str(model_type).removeprefix("" if stock else DPVR_PREFIX))
-        if family is None or not (stock or str(model_type).startswith(DPVR_PREFIX)):
+        base_type = str(model_type).removeprefix(DPVR_PREFIX)
+        stock, family = base_type == model_type, DPVR_CLASSES.get(base_type)
+        if family is None:
             raise NotImplementedError(f"{path} has model_type {model_type!r}; dpvr supports {', '.join(BACKBONES)} "
                                       "checkpoints and their DPVR conversions")  # fmt: skip
         if not issubclass(family, cls):

@@ -16,9 +16,8 @@ refused by name): keys/values of tokens that issue no query (`project_kv`) and F
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -135,24 +134,21 @@ def routed_layer(
         k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
         bias = attention_bias(order, valid, k_order, k_valid, h.dtype, sliding_window=window)
     keys = _Joined(extra, order, valid, keep=keep_keys or probe_rows is not None)
-    if getattr(layer, "gradient_checkpointing", False):
-        with _unchecked(layer):
-            out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
-    else:
+    # the switch is touched only when on: a generator context per layer call costs decode time
+    checkpointed = getattr(layer, "gradient_checkpointing", False)
+    with _unchecked(layer) if checkpointed else contextlib.nullcontext():
         out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), past_key_values=keys)
-    probs = None
-    if probe_rows is not None:
-        probs = _probe(layer, h, cos, sin, keys.joined, order.gather(1, probe_rows[:, None]),
-                       valid.gather(1, probe_rows[:, None]), probe_rows, window)  # fmt: skip
+    probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, order, valid, probe_rows, window)
     return out, (keys.joined if keep_keys else None), probs
 
 
-def _probe(layer, h, cos, sin, keys: KV, row_order, row_valid, rows, window) -> torch.Tensor:
+def _probe(layer, h, cos, sin, keys: KV, order, valid, rows, window) -> torch.Tensor:
     """Attention probabilities (B, H, N_keys) of one query row per batch row (FastV's ranking): that
     row's query against the keys the layer attended over, with its own one-row bias: O(H x N_keys)
     memory, any attention backend, and the layer itself may still run mask-free."""
     attn, B = layer.self_attn, h.shape[0]
     pick = rows.view(B, 1, 1)
+    row_order, row_valid = order.gather(1, rows[:, None]), valid.gather(1, rows[:, None])  # (B, 1)
     x_row = layer.input_layernorm(h.gather(1, pick.expand(-1, 1, h.shape[-1])))  # (B, 1, D)
     q = attn.q_proj(x_row).view(B, 1, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):
