@@ -115,11 +115,12 @@ def test_text_corpus_writes_the_scene_and_its_answers(bench):
         assert "image" not in s and len(turns) == 2 * ds.TRAIN_TURNS
         words = turns[0]["value"].split()
         grid = [words[y * side : (y + 1) * side] for y in range(side)]
-        for i, d in enumerate(m["cells"]):  # every word of cell i's block names its digit
+        for i, d in enumerate(m["cells"]):  # cell i's block: its name, then its digit in every other word
             r, c = divmod(i, ds.GRID)
             k = ds.WORDS_PER_CELL_SIDE
-            block = {w for row in grid[r * k : (r + 1) * k] for w in row[c * k : (c + 1) * k]}
-            assert block == {"none" if d < 0 else str(d)}, (s["id"], i, block)
+            block = [w for row in grid[r * k : (r + 1) * k] for w in row[c * k : (c + 1) * k]]
+            assert " ".join(block[:2]) == POSITIONS[i], (s["id"], i, block)
+            assert set(block[2:]) == {"none" if d < 0 else str(d)}, (s["id"], i, block)
         assert " ".join(words[side * side :]) == m["turns"][0]["question"]
         for k, qa in enumerate(m["turns"]):
             assert turns[2 * k + 1]["value"] == qa["answer"]
@@ -127,7 +128,7 @@ def test_text_corpus_writes_the_scene_and_its_answers(bench):
                 assert qa["answer"] == ("yes" if int(qa["question"].split()[3]) in m["cells"] else "no")
             parts[m["part"]].add(qa["family"])
     assert parts["existence"] == {"pope"}
-    assert parts["all"] >= {"pope", "mme", "mmbench", "count", "spatial", "caption"}
+    assert parts["all"] >= {"pope", "mme", "mmbench", "count", "spatial", "caption", "text"}
 
 
 def test_reuse_and_refuse_incomplete(bench, tmp_path):

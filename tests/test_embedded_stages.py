@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpvr.data.digit_scenes import GRID, WORDS_PER_CELL_SIDE
-from dpvr.data.scene_questions import scene_words
+from dpvr.data.scene_questions import PATCH_WORDS, POSITIONS, scene_words
 from dpvr.embedded import build_tiny_model
 from dpvr.embedded.model import N_IMAGE_TOKENS, PATCH, TEXT_LAYERS
 from dpvr.embedded.stages import patch_targets, grow
@@ -28,9 +28,14 @@ def test_worded_scene_and_patch_targets_share_the_image_token_layout():
     words = scene_words(cells, WORDS_PER_CELL_SIDE).split()
     side = GRID * WORDS_PER_CELL_SIDE
     assert len(words) == side * side == N_IMAGE_TOKENS
-    targets = patch_targets(torch.tensor([cells]), side)[0]
-    assert [int(w) for w in words] == targets.tolist()
-    # patch (y, x) of a 48-px image lies in cell (y*PATCH // 16, x*PATCH // 16)
+    targets = patch_targets([cells], side)[0]
+    assert words == [PATCH_WORDS[t] for t in targets.tolist()]
+    # patch (y, x) of a 48-px image lies in cell (y*PATCH // 16, x*PATCH // 16); the cell's first two
+    # patches hold its name ("top left"), the others its digit
+    per_cell = 16 // PATCH
     for y in range(side):
         for x in range(side):
-            assert targets[y * side + x] == (y * PATCH // 16) * GRID + (x * PATCH // 16)
+            cell = (y * PATCH // 16) * GRID + (x * PATCH // 16)
+            place = (y % per_cell) * per_cell + x % per_cell
+            want = POSITIONS[cell].split()[place] if place < 2 else str(cell)
+            assert words[y * side + x] == want, (y, x)

@@ -29,7 +29,7 @@ from PIL import Image
 from dpvr.data.scene_questions import TEXT_WEIGHTS, SceneQuestions, caption, scene_words, text_only_question
 from dpvr.errors import DPVRError
 
-VERSION = "digit-scenes-v3"  # v3: 3x3 grid (48 px), text-only corpus; v2: captions in random order
+VERSION = "digit-scenes-v4"  # v4: worded cells named, arithmetic in text.json; v3: 3x3 grid, text corpus
 GRID = 3  # cells per side
 CELL = 16  # pixels per cell (8x8 scan upscaled 2x)
 IMAGE_SIZE = GRID * CELL

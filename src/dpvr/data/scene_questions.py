@@ -11,9 +11,11 @@
 | text      | text-only     | what is 3 plus 4 ?                                          | number / yes/no |
 | caption   | LLaVA-558k    | describe the image .                                        | every cell, named |
 
-A *worded scene* (`scene_words`) writes a scene's cells as words in the layout of the image's patch
-tokens (each cell a `side` x `side` block of its digit word, in raster order): the text-only stage
-of training reads scenes in this form, so image tokens later take exactly the words' places.
+A *worded scene* (`scene_tokens`) writes a scene's cells as words in the layout of the image's patch
+tokens (each cell a `side` x `side` block of its digit word, in raster order, whose first two words
+name the cell: `top left 3 3 / 3 3 3 3 / ...`): the text-only stage of training reads scenes in this
+form, and the vision tower learns to say the same word at every patch, so image tokens later take
+exactly the words' places.
 
 Questions are space-separated words so the tiny model's word-level tokenizer covers them
 (`vocabulary()` lists every word that can appear; a test checks the generated data against it).
@@ -51,7 +53,8 @@ ROLE_WORDS = ["USER:", "ASSISTANT:"]
 TRAIN_WEIGHTS = {"pope": 1.5, "mme": 1.0, "mmbench": 1.0, "count": 1.0, "spatial": 2.0, "reasoning": 1.5}
 # the text-only corpus: an existence-only part first (the lookup is learnt alone, diluted it is not:
 # docs/embedded.md), then every family, captions included (dense: every cell named)
-TEXT_WEIGHTS = {"existence": {"pope": 1.0}, "all": {**TRAIN_WEIGHTS, "caption": 1.0}}
+# (the language model learns its arithmetic there too: text-only questions are part of the mix)
+TEXT_WEIGHTS = {"existence": {"pope": 1.0}, "all": {**TRAIN_WEIGHTS, "caption": 1.0, "text": 1.0}}
 
 
 def vocabulary() -> list[str]:
@@ -85,10 +88,26 @@ def patch_cells(grid: int, side: int) -> list[int]:
     return [(y // side) * grid + x // side for y in range(n) for x in range(n)]
 
 
-def scene_words(cells: list[int], side: int) -> str:
-    """The scene as words in its image-token layout (`patch_cells`): each cell a side x side block."""
+# the words a worded scene (and so an image patch) can hold: digits, none and the cells' names
+PATCH_WORDS = list(dict.fromkeys([*map(str, range(10)), NONE, *ROWS, *COLUMNS]))
+
+
+def scene_tokens(cells: list[int], side: int) -> list[str]:
+    """The scene as words in its image-token layout (`patch_cells`): each cell a side x side block of
+    its digit word whose first two words are the cell's row and column. Without the names a cell can
+    be found only by its distance in the sequence, which the question's place changes in every turn
+    (v3 never learnt spatial questions in text: docs/embedded.md)."""
     grid = int(round(len(cells) ** 0.5))
-    return " ".join(_cell(cells[i]) for i in patch_cells(grid, side))
+    out = []
+    for p, i in enumerate(patch_cells(grid, side)):
+        y, x = divmod(p, grid * side)
+        place = (y % side) * side + x % side  # raster index inside the cell
+        out.append(POSITIONS[i].split()[place] if place < 2 else _cell(cells[i]))
+    return out
+
+
+def scene_words(cells: list[int], side: int) -> str:
+    return " ".join(scene_tokens(cells, side))
 
 
 def text_only_question(rng: np.random.Generator) -> dict:
@@ -186,6 +205,8 @@ class SceneQuestions:
                 qa = self.count(cells)
             elif name == "caption":
                 qa = caption(rng, cells)
+            elif name == "text":
+                qa = text_only_question(rng)
             elif name == "reasoning":
                 qa = self.reasoning(rng, cells, str(rng.choice(["sum", "compare"]))) or self.spatial(rng, cells)
             else:

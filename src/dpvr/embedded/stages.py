@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from dpvr.data.collate import Collator
-from dpvr.data.scene_questions import patch_cells
-
-EMPTY_CLASS = 10  # the 11th class of a cell: no digit
+from dpvr.data.scene_questions import PATCH_WORDS, scene_tokens
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -43,18 +41,19 @@ def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def patch_targets(cells: torch.Tensor, patches_per_side: int) -> torch.Tensor:
-    """(B, N): the class of the cell each patch lies in (raster order), from (B, G*G) cell classes."""
-    grid = int(round(cells.shape[1] ** 0.5))
-    return cells[:, patch_cells(grid, patches_per_side // grid)]
+def patch_targets(scenes: list[list[int]], patches_per_side: int) -> torch.Tensor:
+    """(B, N): for each scene's cells (-1 empty), the worded scene's word at each patch (raster
+    order) as an index into PATCH_WORDS: its cell's digit, or the cell's name at its first two."""
+    grid = int(round(len(scenes[0]) ** 0.5))
+    words = [scene_tokens(cells, patches_per_side // grid) for cells in scenes]
+    return torch.tensor([[PATCH_WORDS.index(w) for w in row] for row in words])
 
 
-def stage_vision(model, pixels: torch.Tensor, cells: torch.Tensor, steps: int, seed: int, bar, log: dict) -> None:
+def stage_vision(model, pixels: torch.Tensor, targets: torch.Tensor, steps: int, seed: int, bar, log: dict) -> None:
     """The stand-in for LLaVA's pretrained CLIP: the tower alone learns to tell, at every patch token,
-    which digit (or none) its cell holds. pixels (N, 3, H, W), cells (N, G*G) in 0..10."""
-    side = int(round(model.config.image_seq_length**0.5))
-    targets = patch_targets(cells, side)  # (N, side*side)
-    head = nn.Linear(model.config.vision_config.hidden_size, EMPTY_CLASS + 1)
+    the word a worded scene holds there (its cell's digit or none, or the cell's name).
+    pixels (N, 3, H, W), targets (N, side*side) from `patch_targets`."""
+    head = nn.Linear(model.config.vision_config.hidden_size, len(PATCH_WORDS))
     params = list(model.model.vision_tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +62,7 @@ def stage_vision(model, pixels: torch.Tensor, cells: torch.Tensor, steps: int, s
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, 1e-3, warmup=min(50, steps // 10 + 1))
         idx = torch.randint(0, len(pixels) - n_val, (64,), generator=g)
-        logits = head(patch_features(model, pixels[idx]))  # (64, N, 11)
+        logits = head(patch_features(model, pixels[idx]))  # (64, N, len(PATCH_WORDS))
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,6 +115,15 @@ def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log:
     log.setdefault("stage_minutes", {})[name] = round((time.monotonic() - t0) / 60, 2)
     model.eval()
     return taken
+
+
+def new_layer_params(model, shallow_layers: int) -> list:
+    """The parameters a grown model's new layers own, with the final norm and the output head: the
+    `deep` stage trains only these, so the depth added must carry what the shallow stack has not
+    learnt (trained together, the grown layers stayed the identity: docs/embedded.md)."""
+    lm = model.model.language_model
+    layers = [p for layer in lm.layers[shallow_layers:] for p in layer.parameters()]
+    return layers + list(lm.norm.parameters()) + list(model.lm_head.parameters())
 
 
 def grow(model, deep):

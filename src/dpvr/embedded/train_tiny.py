@@ -14,7 +14,8 @@ what each stage measured):
             the held-out check reaches `--existence-target` (the lookup is learnt alone; mixed in
             from the start it is not), then every family.
   deep      the language model grows to its full depth (new layers on top, starting as the
-            identity) and continues on every family.
+            identity) and only the new layers (with the output head) continue on every family, so
+            the added depth must carry what the shallow stack has not learnt.
   align     tower and language model frozen, the projector learns to put image tokens where the
             words were (captions and QA turns: the LLaVA-558k stage).
   tune      projector + language model on the multi-turn instruction data (the LLaVA-665k
@@ -39,7 +40,7 @@ from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.data.scene_questions import TEXT_WEIGHTS
 from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
 from dpvr.embedded.score import format_table, score
-from dpvr.embedded.stages import EMPTY_CLASS, grow, loader, stage_lm, stage_vision
+from dpvr.embedded.stages import grow, loader, new_layer_params, patch_targets, stage_lm, stage_vision
 
 STAGES = ("vision", "existence", "text", "deep", "align", "tune")
 
@@ -53,13 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-steps", type=int, default=1000)
     parser.add_argument("--existence-steps", type=int, default=1200, help="at most; ends at --existence-target")
     parser.add_argument("--existence-target", type=float, default=0.95, help="held-out existence accuracy that ends it")
-    parser.add_argument("--text-steps", type=int, default=800)
-    parser.add_argument("--deep-steps", type=int, default=150)
+    parser.add_argument("--text-steps", type=int, default=400)
+    parser.add_argument("--deep-steps", type=int, default=350)
     parser.add_argument("--align-steps", type=int, default=150)
     parser.add_argument("--tune-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the shallow text stages and of align")
-    parser.add_argument("--tune-lr", type=float, default=3e-4, help="peak lr of deep and tune (they start trained)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the text stages, deep (its layers are new) and align")
+    parser.add_argument("--tune-lr", type=float, default=3e-4, help="peak lr of tune (it starts trained)")
     parser.add_argument("--caption-every", type=int, default=3,
                         help="tune mixes in every N-th caption (0: none)")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=50, help="steps between held-out checks")
@@ -93,8 +94,8 @@ def _vision_data(processor, train: list[dict], root: Path):
     scenes = [s for s in train if "image" in s]
     images = [Image.open(root / "images" / s["image"]).convert("RGB") for s in scenes]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, 48, 48)
-    cells = torch.tensor([[EMPTY_CLASS if d < 0 else d for d in s["meta"]["cells"]] for s in scenes])  # (N, 9)
-    return pixels, cells
+    side = int(round(pixels.shape[-1] / processor.patch_size))  # patches per image side
+    return pixels, patch_targets([s["meta"]["cells"] for s in scenes], side)  # (N, side*side)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
                  deadline, check_text, args.eval_every)  # fmt: skip
         model = grow(model, build_tiny_model(args.seed, text_layers=TEXT_LAYERS)[0])
         model.model.vision_tower.requires_grad_(False)
-        stage_lm(model, lm_loader(text_train["all"], 3), _lm_params(model), steps["deep"], args.tune_lr, bar, "deep",
-                 log, deadline, check_text, args.eval_every)  # fmt: skip
+        stage_lm(model, lm_loader(text_train["all"], 3), new_layer_params(model, args.shallow_layers), steps["deep"],
+                 args.lr, bar, "deep", log, deadline, check_text, args.eval_every)  # fmt: skip
         model.model.language_model.requires_grad_(False), model.lm_head.requires_grad_(False)
         pretrain = load_split(root, "pretrain")
         projector = list(model.model.multi_modal_projector.parameters())
