@@ -117,25 +117,17 @@ def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log:
     return taken
 
 
-def new_layer_params(model, shallow_layers: int) -> list:
-    """The parameters a grown model's new layers own, with the final norm and the output head: the
-    `deep` stage trains only these, so the depth added must carry what the shallow stack has not
-    learnt (trained together, the grown layers stayed the identity: docs/embedded.md)."""
-    lm = model.model.language_model
-    layers = [p for layer in lm.layers[shallow_layers:] for p in layer.parameters()]
-    return layers + list(lm.norm.parameters()) + list(model.lm_head.parameters())
-
-
 def grow(model, deep):
-    """Copy `model` into `deep` (same config, more text layers) so that `deep` computes the same
-    function: the extra layers are appended on top with their output projections (attention
-    `o_proj`, MLP `down_proj`) zeroed, so each starts as the identity on the residual stream."""
+    """Copy `model` into `deep` (same config, more text layers) by stacking: text layer i of `deep`
+    starts as layer i mod n of `model` (n its depth), so every added layer starts as a trained
+    layer doing real work. (Added as identity maps, the grown layers stayed the identity however
+    they were trained afterwards: docs/embedded.md.)"""
     missing, unexpected = deep.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected, unexpected
     n = model.config.text_config.num_hidden_layers
-    for layer in deep.model.language_model.layers[n:]:
-        nn.init.zeros_(layer.self_attn.o_proj.weight)
-        nn.init.zeros_(layer.mlp.down_proj.weight)
+    layers = deep.model.language_model.layers
+    for i in range(n, len(layers)):
+        layers[i].load_state_dict(layers[i % n].state_dict())
     new = {k for k in missing if ".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= n}
     assert set(missing) == new, set(missing) - new
     return deep
