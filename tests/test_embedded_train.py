@@ -26,7 +26,7 @@ def _args(out, data, **kw):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = ["--out", str(out), "--data", str(data), "--seed", "1", "--vision-steps", "3", "--existence-steps", "3",
-            "--text-steps", "2", "--deep-steps", "2", "--align-steps", "2", "--tune-steps", "3", "--batch-size", "4",
+            "--text-steps", "2", "--align-steps", "2", "--tune-steps", "3", "--batch-size", "4",
             "--eval-every", "3", "--eval-n", "6"]  # fmt: skip
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -49,7 +49,7 @@ def test_train_tiny_is_reproducible_and_loads(bench, tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "a")
     assert processor.image_token_id == model.config.image_token_index
     log = json.loads((tmp_path / "a" / "training_log.json").read_text())
-    assert log["steps"] == {"vision": 3, "existence": 3, "text": 2, "deep": 2, "align": 2, "tune": 3}
+    assert log["steps"] == {"vision": 3, "existence": 3, "text": 2, "align": 2, "tune": 3}
     assert log["val"] and "stopped_early" not in log
     assert model.config.text_config.num_hidden_layers == TEXT_LAYERS  # grown from --shallow-layers
     assert (tmp_path / "a" / "training_curve.png").stat().st_size > 1000
