@@ -8,6 +8,7 @@ import pytest
 
 from dpvr.cli import main
 from dpvr.demo.browser import render_check
+from dpvr.demo.steps import Step, model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,21 @@ def test_demo_rerun_reuses_finished_steps(demo, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.count("reusing") == 7
     assert {p: p.stat().st_mtime for p in (root / "out").glob("*/step.json")} == before
+
+
+def test_a_step_is_redone_when_the_checkpoint_it_reads_changes(tmp_path):
+    """A rerun must not reuse results of another model: the default checkpoint is not on the command
+    line, so a retrained or upgraded default would otherwise be served the old model's tables."""
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    ck.mkdir(), out.mkdir()
+    (ck / "config.json").write_text("{}")
+    (ck / "model.safetensors").write_bytes(b"v1")
+    step = lambda: Step("eval", ["eval", "--out", str(out)], out, model=model_fingerprint(ck))  # noqa: E731
+    (out / "step.json").write_text(json.dumps({"argv": step().argv, "model": step().model}))
+    assert step().done()
+    (ck / "README.md").write_text("notes")  # not weights: still the same model
+    assert step().done()
+    (ck / "model.safetensors").write_bytes(b"v2, retrained in place")
+    assert not step().done()
+    (out / "step.json").write_text(json.dumps({"argv": step().argv}))  # a stamp from before fingerprints
+    assert not step().done()

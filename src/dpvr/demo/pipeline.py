@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 from dpvr.cli_types import at_least
-from dpvr.demo.steps import Step
+from dpvr.demo.steps import Step, model_fingerprint
 
 METHODS = ("vanilla", "fastv", "vtw", "lf")
 
@@ -37,16 +38,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dpvr.loading import resolve_model_path
+
     out = Path(args.out)
     model = [] if args.model is None else ["--model", args.model]
-    analyze = Step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
+    base = resolve_model_path(args.model)
+    new_step = partial(Step, model=model_fingerprint(base))  # every step reads this checkpoint
+    analyze = new_step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
                                "--mask-samples", "16", "--batch-size", "8"], out / "analyze")  # fmt: skip
     analyze.run(args.fresh)
     rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
     split = int(rec["split"])
     print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
 
-    train = Step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
+    train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
                            "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
                            "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)
@@ -57,14 +62,12 @@ def run(args: argparse.Namespace) -> int:
                "lf": ["--adapter", str(adapter)]}  # fmt: skip
     evals = {}
     for name in METHODS:
-        step = Step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
+        step = new_step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
                     out / f"eval-{name}")  # fmt: skip
         step.run(args.fresh)
         evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
 
-    from dpvr.loading import resolve_model_path
-
-    bench = Step("bench", ["bench", "--preset", resolve_model_path(args.model), "--split-layer", str(split), "--modes", ",".join(METHODS),
+    bench = new_step("bench", ["bench", "--preset", base, "--split-layer", str(split), "--modes", ",".join(METHODS),
                            "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
                            "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
                  out / "bench")  # fmt: skip

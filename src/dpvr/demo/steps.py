@@ -1,7 +1,9 @@
 """Resumable pipeline steps: each step is a dpvr command run in-process into its own folder.
 
 A step is done when its folder holds `step.json` (written last, atomically) recording the exact
-command line; a rerun with the same command line reuses it, a changed one reruns it. So `dpvr demo`
+command line and the fingerprint of the model it read; a rerun with the same command line on the same
+model reuses it, a changed command or a changed checkpoint (a retrained or upgraded default, which the
+command line does not name) reruns it. So `dpvr demo`
 can be interrupted anywhere and rerun, and every intermediate result is also something a user can
 reproduce by hand with the printed command.
 """
@@ -18,6 +20,14 @@ from dpvr.cli import main as dpvr_main
 from dpvr.errors import DPVRError
 
 STAMP = "step.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")  # what a checkpoint's function depends on
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Names, sizes and modification times of a checkpoint folder's weight and config files: cheap at
+    any checkpoint size (no hashing of gigabytes), and changed by any rewrite of the weights."""
+    files = sorted(f for f in Path(path).iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
 @dataclass
@@ -26,6 +36,7 @@ class Step:
     argv: list[str]  # dpvr command line, e.g. ["analyze", "--out", "...", ...]
     out: Path
     pipeline: str = "demo"  # the command running the step, for its log lines
+    model: str = ""  # `model_fingerprint` of the checkpoint the step reads
 
     @property
     def command(self) -> str:
@@ -33,7 +44,10 @@ class Step:
 
     def done(self) -> bool:
         stamp = self.out / STAMP
-        return stamp.exists() and json.loads(stamp.read_text()).get("argv") == self.argv
+        if not stamp.exists():
+            return False
+        record = json.loads(stamp.read_text())
+        return record.get("argv") == self.argv and record.get("model", "") == self.model
 
     def run(self, fresh: bool = False) -> float:
         """Run (or reuse) the step; returns the seconds it took (0 when reused)."""
@@ -50,5 +64,5 @@ class Step:
         if rc != 0:
             raise DPVRError(f"{self.pipeline} step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
         seconds = time.perf_counter() - start
-        atomic_write_text(self.out / STAMP, json.dumps({"argv": self.argv, "seconds": seconds}, indent=2) + "\n")
+        atomic_write_text(self.out / STAMP, json.dumps({"argv": self.argv, "model": self.model, "seconds": seconds}, indent=2) + "\n")
         return seconds

@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from dpvr.demo.steps import Step
+from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, learning_rates, plan, sweep_rows
 
 
@@ -55,6 +55,7 @@ class Reproduction:
         from dpvr.loading import resolve_model_path
 
         self.quick, self.out, self.base = args.quick, Path(args.out), resolve_model_path(args.model)
+        self.fingerprint = model_fingerprint(self.base)  # a retrained base reruns every step
         n_train = len(load_samples(open_benchmark(None, 0) / "train.json"))
         epoch = math.ceil(n_train / args.batch_size)
         self.batch = args.batch_size
@@ -69,7 +70,7 @@ class Reproduction:
 
     def step(self, name: str, argv: list[str], folder: str) -> Path:
         out = self.out / folder
-        Step(name, argv, out, "reproduce").run()
+        Step(name, argv, out, "reproduce", self.fingerprint).run()
         self.log.append(f"dpvr {' '.join(argv)}")
         return out
 
