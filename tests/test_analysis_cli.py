@@ -39,6 +39,23 @@ def test_split_rule_falls_back_when_attention_never_collapses():
     assert rec.split == 7 and "never collapses" in rec.reason  # 18/32 of 12 layers
 
 
+def test_without_collapse_the_split_comes_from_the_masking_curve():
+    """v5 of the embedded default: attention never collapses, but blocking every layer from 11 on costs
+    nothing; the split goes there, not to the depth-ratio fallback (9), where blocking costs 0.39 nats."""
+    c = paper_like_curves(16)
+    c["mass"] = [0.91, 0.68, 0.76, 0.69, 0.82, 0.73, 0.72, 0.79, 0.88, 0.79, 0.73, 0.79, 0.84, 0.65, 0.77, 0.82]
+    c["dll_onward"] = [-2.17, -1.0, -0.93, -0.87, -0.72, -0.69, -0.57, -0.58, -0.48, -0.39, -0.16, -0.015,
+                       -0.01, -0.021, -0.01, -0.006]  # fmt: skip
+    rec = recommend_split(c)
+    assert not rec.in_window and rec.split == 11 and "masking curve" in rec.reason and "never collapses" in rec.reason
+    assert recommend_split(c, mask_tol=0.2).split == 10
+    c["dll_onward"][14] = -0.3  # a late layer that still reads the image: no split before it qualifies
+    assert recommend_split(c).split == 15
+    c["dll_onward"][15] = -0.3  # not even the last layer: the depth-ratio fallback, said so
+    rec = recommend_split(c)
+    assert rec.split == 9 and "fallback" in rec.reason
+
+
 def test_transition_needs_the_curve_to_stay_low():
     kl = [1.0, 0.2, 0.9, 0.8, 0.3, 0.1, 0.0]  # dips at 1, but only stays below 0.5 from 4 on
     assert transition_layer(kl, 0.5) == 4

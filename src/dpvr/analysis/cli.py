@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dpvr.analysis.summary import MASK_TOL
 from dpvr.cli_types import at_least
 from dpvr.errors import DPVRError
 
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--kl-frac", type=float, default=0.5,
                    help="logit-lens transition: first layer from which KL stays <= this fraction of its max")  # fmt: skip
     a.add_argument("--margin", type=int, default=2, help="split at least this many layers before the vision transition")
+    a.add_argument("--mask-tol", type=float, default=MASK_TOL,
+                   help="without attention collapse: split where blocking every deeper layer costs at most this many nats")
     a.add_argument("--out", default="dpvr-analysis", help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--threads", type=int, default=None,
@@ -61,6 +64,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise DPVRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.margin < 0 or (args.mask_samples is not None and args.mask_samples < 0):
         raise DPVRError("--margin and --mask-samples must be >= 0")
+    if not args.mask_tol >= 0:
+        raise DPVRError(f"--mask-tol {args.mask_tol} must be >= 0 (nats)")
 
 
 def resolve_data(data: str | None, images: str | None) -> tuple[Path, Path]:
@@ -132,7 +137,8 @@ def _analyze(args: argparse.Namespace) -> int:
     curves = acc.curves()
     if all(m != m for m in curves["mass"]):  # all NaN
         raise DPVRError("no sample has text after its image: the text-to-image attention mass is undefined")
-    rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin)
+    rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin,
+                          mask_tol=args.mask_tol)  # fmt: skip
     meta = {
         "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
         "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,

@@ -113,7 +113,7 @@ def transition_layer(kl: list[float], frac: float) -> int:
 @dataclass
 class Recommendation:
     split: int
-    in_window: bool  # False: the window was empty and `split` is the depth-ratio fallback
+    in_window: bool  # False: the attention window was empty; `split` is the masking curve's or the depth-ratio fallback
     collapse_layer: int | None
     vision_transition: int
     text_transition: int
@@ -125,7 +125,25 @@ class Recommendation:
     fusion_reason: str = ""
 
 
-def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0.5, margin: int = 2) -> Recommendation:
+MASK_TOL = 0.05  # nats: blocking every layer from the split on may cost at most this much likelihood
+
+
+def masking_split(curves: dict, tol: float = MASK_TOL) -> int | None:
+    """The shallowest layer s such that blocking text-to-image attention in every layer from l on costs
+    at most `tol` nats of the answer's log-likelihood for every l >= s: where what the text takes from
+    the image has saturated (the paper's masking view). None without the masking analysis, or when
+    even the last layer alone costs more."""
+    if "dll_onward" not in curves:
+        return None
+    drop = -np.nan_to_num(np.asarray(curves["dll_onward"], dtype=float), nan=np.inf)  # > 0: blocking hurts
+    s = len(drop)
+    while s > 1 and drop[s - 1] <= tol:
+        s -= 1
+    return s if s < len(drop) else None
+
+
+def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0.5, margin: int = 2,
+                    mask_tol: float = MASK_TOL) -> Recommendation:  # fmt: skip
     from dpvr.loading import default_split
 
     L = curves["num_layers"]
@@ -145,14 +163,19 @@ def recommend_split(curves: dict, collapse_frac: float = 0.2, kl_frac: float = 0
                   f"{collapse_frac:g} x peak {mass[peak]:.3f} at layer {peak}; {mass[s]:.3f} at {s}), and the vision "
                   f"logit-lens transition (KL <= {kl_frac:g} x max from layer {t_v} on) is {t_v - s} layers later")  # fmt: skip
         return Recommendation(split=s, in_window=True, reason=reason, **common, **suggest_fusion_at(curves, s))
-    s = default_split(L)
     if c is None:
         why = (f"text-to-image attention never collapses (min {np.nanmin(mass):.3f} > {collapse_frac:g} x peak "
                f"{mass[peak]:.3f}): no visual saturation by this criterion")  # fmt: skip
     else:
         why = (f"no collapsed layer before the vision transition: collapse at {c}, vision logit-lens transition at "
                f"{t_v} (margin {margin})")  # fmt: skip
-    reason = f"split {s} (fallback: 18/32 of depth): {why}"
+    s = masking_split(curves, mask_tol)
+    if s is not None:
+        reason = (f"split {s} (masking curve): blocking text-to-image attention in every layer from {s} on costs "
+                  f"{-curves['dll_onward'][s]:.3f} nats (<= {mask_tol:g}); {why}")  # fmt: skip
+    else:
+        s = default_split(L)
+        reason = f"split {s} (fallback: 18/32 of depth): {why}"
     return Recommendation(split=s, in_window=False, reason=reason, **common, **suggest_fusion_at(curves, s))
 
 
