@@ -133,3 +133,15 @@ def test_keep_freed_memory_stops_page_faults_from_freed_and_reused_tensor_memory
     assert runs["keep"][0].startswith("glibc"), f"keep_freed_memory() did not apply: {runs['keep']}"
     assert runs["default"][1] > 1000, f"expected glibc's default to fault on reuse, got {runs['default'][1]} per round"
     assert runs["keep"][1] == 0, f"{runs['keep'][1]} page faults per round with freed memory kept"
+
+
+def test_bench_at_a_split_where_lf_saves_nothing_still_writes_its_plot(tmp_path):
+    """A split at the last layer: LF's side branch costs about what its one text-only layer saves (FLOP
+    ratio >= 1), so its saving share is undefined; the plot says so instead of failing on empty data."""
+    out = tmp_path / "bench"
+    rc = dpvr_main(["bench", "--preset", "tiny", "--split-layer", "15", "--text-lens", "16", "--batches", "1",
+                    "--repeats", "1", "--modes", "vanilla,lf", "--new-tokens", "2", "--recompute-text-len", "0",
+                    "--no-train-step", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    assert json.loads((out / "bench.json").read_text())["prefill"][0]["flop_ratio"]["lf"] >= 1
+    assert (out / "bench.png").stat().st_size > 10_000

@@ -74,6 +74,10 @@ def _plot_lf_share(ax, result: dict) -> None:
     if "lf" not in result["modes"]:
         ax.text(0.5, 0.5, "lf not benchmarked", ha="center", transform=ax.transAxes)
         return
+    flops = min(r["flop_ratio"]["lf"] for r in result["prefill"])
+    if flops >= 1:  # a split so deep that the side branch costs what the text-only layers save
+        ax.text(0.5, 0.5, f"LF saves no FLOPs here (FLOP ratio >= {flops:.3f})", ha="center", transform=ax.transAxes)
+        return
     for batch in sorted({r["batch"] for r in result["prefill"]}):
         rows = [r for r in result["prefill"] if r["batch"] == batch]
         xs = [r["n_txt"] for r in rows]

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_model_path(args.model)
     new_step = partial(Step, model=model_fingerprint(base))  # every step reads this checkpoint
     analyze = new_step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
-                               "--mask-samples", "16", "--batch-size", "8"], out / "analyze")  # fmt: skip
+                               "--batch-size", "8"], out / "analyze")  # fmt: skip
     analyze.run(args.fresh)
     rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
     split = int(rec["split"])
