@@ -12,7 +12,10 @@ from dpvr.demo.reproduce.claims import plateau, verdicts
 def test_reproduce_quick(tiny_checkpoint, tmp_path):
     start = time.perf_counter()
     out = tmp_path / "out"
-    assert main(["reproduce", "--quick", "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    # an untrained model's masking curve puts the split at 1 (blocking costs nothing anywhere); the rows
+    # are checked at a split with room for every one of them
+    argv = ["reproduce", "--quick", "--model", str(tiny_checkpoint), "--split-layer", "9", "--out", str(out)]
+    assert main(argv) == 0
     assert time.perf_counter() - start < 300, "--quick must finish in under 5 minutes"
     record = json.loads((out / "results.json").read_text())
     results = {r["name"]: r for r in record["rows"]}
@@ -70,3 +73,14 @@ def test_plan_adds_sparse_fusion_rows_from_the_analysis_with_as_many_last_layers
     assert sparse.routing["fusion_at"] == (8, 10) and "--fusion_at" in sparse.train
     assert last.routing["fusion_layers"] == 2 and "fusion_at" not in last.routing
     assert not any("fusion_at" in n for n in (r.name for r in plan(False, 12, 7)))
+
+
+def test_lf_plus_fastv_needs_room_for_fastv_before_the_split():
+    """FastV prunes at layer 2 inside LF's shared stack [0, split): a split at or before it (the masking
+    curve puts an untrained model's at 1) leaves no such row, and the claim says "rows not run"."""
+    from dpvr.demo.reproduce.plan import plan
+
+    names = lambda split: {r.name for r in plan(True, 16, split)}  # noqa: E731
+    assert "DPVR-LF + FastV" in names(3)
+    assert "DPVR-LF + FastV" not in names(2) and "DPVR-LF + FastV" not in names(1)
+    assert "FastV (K=2, R=50%)" in names(1)

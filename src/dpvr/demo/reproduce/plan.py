@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dpvr.config import DPVRConfig
 from dpvr.train.args import DEFAULT_LR
+
+FASTV = {"fastv_layer": DPVRConfig.fastv_layer, "fastv_ratio": DPVRConfig.fastv_ratio}  # the paper's K=2, R=50%
 
 # learning-rate families swept on the validation split; each trained row uses its family's pick
 FAMILY_OF = {"full": "full", "lora": "lora", "lf": "lf", "pc": "pc", "kv": "pc"}  # PC and KV share one
@@ -61,11 +64,12 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         dpvr_row("DPVR-LF", "lf", split),
         Row("DPVR-LF-ideal", routing={"mode": "lf", "split_layer": split, "fusion_layers": 0}, sweep=("fusion", 0)),
         Row("VTW", routing={"mode": "vtw", "split_layer": split}),
-        Row("FastV (K=2, R=50%)", routing={"mode": "fastv", "fastv_layer": 2, "fastv_ratio": 0.5}),
-        Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1, "side_depth": 1,
-                                        "shallow_fastv": True, "fastv_layer": 2, "fastv_ratio": 0.5},
-            adapter_of="DPVR-LF"),  # fmt: skip
+        Row("FastV (K=2, R=50%)", routing={"mode": "fastv", **FASTV}),
     ]
+    if FASTV["fastv_layer"] < split:  # FastV prunes inside the shared stack [0, split): it needs room there
+        rows.append(Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1,
+                                                    "side_depth": 1, "shallow_fastv": True, **FASTV},
+                        adapter_of="DPVR-LF"))  # fmt: skip
     splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     rows += [dpvr_row(f"LF K={k}", "lf", split, K=k, sweep=("fusion", k)) for k in ((2,) if quick else (2, 3, 4))]
