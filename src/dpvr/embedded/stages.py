@@ -75,11 +75,9 @@ def stage_vision(model, pixels: torch.Tensor, targets: torch.Tensor, steps: int,
 
 
 def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log: dict, deadline: float,
-             eval_fn: Callable[[], dict] | None = None, eval_every: int = 0,
-             stop: Callable[[dict], bool] | None = None) -> int:  # fmt: skip
+             eval_fn: Callable[[], dict] | None = None, eval_every: int = 0) -> int:
     """AdamW on `params` for up to `steps` batches (cosine schedule), checking `eval_fn` (held-out
-    accuracy per family) every `eval_every` steps; ends early when `stop(accuracies)` says so or at
-    the run's deadline. Returns the steps taken."""
+    accuracy per family) every `eval_every` steps; ends early at the run's deadline. Returns the steps taken."""
     t0 = time.monotonic()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     batches = _forever(batches)
@@ -107,9 +105,6 @@ def stage_lm(model, batches, params, steps: int, lr: float, bar, name: str, log:
             model.train()
             log["val"].append({"stage": name, "step": taken, **{f: round(a, 4) for f, a in acc.items()}})
             bar.write(f"{name} step {taken}: " + " ".join(f"{f} {a:.2f}" for f, a in acc.items()))
-            if stop is not None and stop(acc):
-                bar.write(f"{name}: held-out target reached at step {taken}")
-                break
     bar.update(steps - taken)  # a stage that ends early leaves no gap in the bar
     log["steps_taken"][name] = taken
     log.setdefault("stage_minutes", {})[name] = round((time.monotonic() - t0) / 60, 2)
