@@ -45,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_model_path(args.model)
     new_step = partial(Step, model=model_fingerprint(base))  # every step reads this checkpoint
     analyze = new_step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
-                               "--batch-size", "8"], out / "analyze")  # fmt: skip
+                                   "--batch-size", "8"], out / "analyze")  # fmt: skip
     analyze.run(args.fresh)
     rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
     split = int(rec["split"])
     print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
 
     train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
-                           "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
-                           "--output_dir", str(out / "train")], out / "train")  # fmt: skip
+                               "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
+                               "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)
     adapter = out / "train" / "final"
 
@@ -63,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
     evals = {}
     for name in METHODS:
         step = new_step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
-                    out / f"eval-{name}")  # fmt: skip
+                        out / f"eval-{name}")  # fmt: skip
         step.run(args.fresh)
         evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
 
     bench = new_step("bench", ["bench", "--preset", base, "--split-layer", str(split), "--modes", ",".join(METHODS),
-                           "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
-                           "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
-                 out / "bench")  # fmt: skip
+                               "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
+                               "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
+                     out / "bench")  # fmt: skip
     bench.run(args.fresh)
     bench_result = json.loads((out / "bench" / "bench.json").read_text())
 

@@ -3,9 +3,8 @@
 A step is done when its folder holds `step.json` (written last, atomically) recording the exact
 command line and the fingerprint of the model it read; a rerun with the same command line on the same
 model reuses it, a changed command or a changed checkpoint (a retrained or upgraded default, which the
-command line does not name) reruns it. So `dpvr demo`
-can be interrupted anywhere and rerun, and every intermediate result is also something a user can
-reproduce by hand with the printed command.
+command line does not name) reruns it. So `dpvr demo` can be interrupted anywhere and rerun, and every
+intermediate result is also something a user can reproduce by hand with the printed command.
 """
 from __future__ import annotations
 

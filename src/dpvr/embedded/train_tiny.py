@@ -6,8 +6,8 @@
 
 Stages (a model trained end to end from random init stays at chance here; docs/embedded.md has
 what each stage measured):
-  vision    the CLIP tower alone learns, at every patch token, which digit (or none) its cell holds:
-            the stand-in for LLaVA's pretrained CLIP.
+  vision    the CLIP tower alone learns, at every patch token, the word the worded scene has there
+            (its cell's digit or none, or the cell's name): the stand-in for LLaVA's pretrained CLIP.
   existence the language model (shallow: `--shallow-layers`) is pretrained on text only, as LLaVA's
             was, on `text.json`'s worded scenes (each cell's name and digit word laid out where its
             image tokens will be): first the existence questions alone ("is there a 7 in the image
