@@ -6,7 +6,8 @@ import json
 import time
 
 from dpvr.cli import main
-from dpvr.demo.reproduce.claims import plateau, verdicts
+from dpvr.demo.reproduce.claims import verdicts
+from dpvr.train.plateau import plateau
 
 
 def test_reproduce_quick(tiny_checkpoint, tmp_path):

@@ -36,12 +36,15 @@ class ModeTraits:
     side_branch: bool  # owns a trainable side branch (side_depth, side_init)
     fusion: bool  # fuses the side branch back (fusion_layers / fusion_at)
     fastv: bool  # prunes image tokens FastV-style on its own (fastv_layer, fastv_ratio)
+    # the mode whose text outputs equal this one's with the same side branch, so a side branch trained in
+    # one runs in the other (PC's reset image states are what KV's keys/values read; tests/test_routing_equivalence.py)
+    twin: str | None = None
 
 
 MODE_TRAITS = {
     "vanilla": ModeTraits(split=False, side_branch=False, fusion=False, fastv=False),
-    "pc": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
-    "kv": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False),
+    "pc": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False, twin="kv"),
+    "kv": ModeTraits(split=True, side_branch=True, fusion=False, fastv=False, twin="pc"),
     "lf": ModeTraits(split=True, side_branch=True, fusion=True, fastv=False),
     "vtw": ModeTraits(split=True, side_branch=False, fusion=False, fastv=False),
     "fastv": ModeTraits(split=False, side_branch=False, fusion=False, fastv=True),

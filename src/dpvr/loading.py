@@ -76,8 +76,6 @@ def load_model(
     path = resolve_model_path(model)
     load = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
     if adapter is not None:
-        if mode is not None:
-            raise DPVRError(f"--mode {mode} conflicts with --adapter (the adapter records its own routing)")
         _check_local_path("--adapter", adapter)
         if not any((Path(adapter) / f).is_file() for f in ("dpvr_adapter.json", "adapter_config.json")):
             raise DPVRError(f"--adapter {adapter} holds neither dpvr_adapter.json (a DPVR side branch) nor "
@@ -86,9 +84,11 @@ def load_model(
         if (Path(adapter) / "adapter_config.json").exists():  # a PEFT (LoRA) baseline: merge it in
             from peft import PeftModel
 
+            if mode is not None:
+                raise DPVRError(f"--mode {mode} conflicts with --adapter {adapter}, a LoRA baseline (no routing)")
             net = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         else:
-            net = DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base)
+            net = _in_mode(DPVRForConditionalGeneration.from_pretrained(adapter, base_model=base), mode)
         processor_path = path
     elif str(_model_type(path)).startswith(DPVR_PREFIX):
         if mode is not None:
@@ -110,6 +110,18 @@ def load_model(
         net = _with_shallow_fastv(net, fastv_layer, fastv_ratio)
     processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
     return net.to(device).eval(), processor
+
+
+def _in_mode(net: DPVRForConditionalGeneration, mode: str | None) -> DPVRForConditionalGeneration:
+    """A loaded side branch run in its own mode, or (`mode`) in its twin's (PC <-> KV: same text outputs)."""
+    own = net.dpvr_config.mode
+    if mode is None or mode == own:
+        return net
+    if MODE_TRAITS[own].twin != mode:
+        raise DPVRError(f"--mode {mode} conflicts with --adapter, a {own} side branch (it records its own routing; "
+                        "only pc and kv exchange side branches)")  # fmt: skip
+    net.config.dpvr = net.dpvr_config.with_routing(mode=mode).to_dict()
+    return net
 
 
 def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForConditionalGeneration:

@@ -60,3 +60,7 @@ class DataArguments:
         default=None, metadata={"help": "LLaVA JSON whose loss is the held-out curve, scored when --eval_strategy is "
                                 "not 'no' (default: the digit scenes' val.json; images from --images or beside it)"})
     eval_limit: int | None = field(default=None, metadata={"help": "held-out loss on the first N samples only"})
+    stop_at_plateau: bool = field(
+        default=False, metadata={"help": "end training once the held-out loss has plateaued (dpvr.train.plateau: at most "
+                                 "2%% lower over the last third of the steps, from the 4th evaluation on); needs "
+                                 "--eval_strategy steps"})

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
 from dpvr.cli_types import one_line_errors
-from dpvr.errors import DPVRError
+from dpvr.errors import DPVRError, UsageError
 
 from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
 from dpvr.train.launch import check_launch, launched_world
@@ -45,6 +45,8 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
             raise
         parser.error(f"unrecognized arguments: {' '.join(str(exc).split(': ', 1)[1:])}")
     check_launch(targs.world_size, targs.parallel_mode == ParallelMode.DISTRIBUTED)
+    if dargs.stop_at_plateau and targs.eval_strategy == "no":
+        raise UsageError("--stop_at_plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
     return margs, dargs, targs
@@ -75,6 +77,7 @@ def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
 def train(argv: list[str]) -> dict:
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
+    from dpvr.train.plateau import PlateauStop
     from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, write_run_record
 
     margs, dargs, targs = parse(argv)
@@ -85,8 +88,9 @@ def train(argv: list[str]) -> dict:
     dataset = build_dataset(dargs, processor)
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
     held_out = build_dataset(dargs, processor, held_out=True) if targs.eval_strategy != "no" else None
+    stop = PlateauStop() if dargs.stop_at_plateau else None
     trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
-                          callbacks=[DigestCallback()])  # fmt: skip
+                          callbacks=[DigestCallback(), *filter(None, [stop])])  # fmt: skip
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     resume = targs.resume_from_checkpoint
@@ -101,6 +105,7 @@ def train(argv: list[str]) -> dict:
         write_run_record(str(final), trainer.model, trainer.state.log_history,
                          {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                           "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
+                          "max_steps": targs.max_steps, "stopped_at_plateau": stop is not None and stop.stopped,
                           "base_model": resolve_model_path(margs.model)})  # fmt: skip
     return {"final": str(final), "train_loss": result.training_loss}
 

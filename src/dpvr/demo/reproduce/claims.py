@@ -1,5 +1,5 @@
-"""Did a run converge, and does each of the paper's claims hold at this scale? Pure functions of the
-rows `dpvr reproduce` summarised, so the rules are written once and tested on their own.
+"""Does each of the paper's claims hold at this scale? Pure functions of the rows `dpvr reproduce`
+summarised, so the rules are written once and tested on their own.
 
 A claim's verdict is "holds", "does not hold", or "undecided" when a row it rests on is missing or its
 held-out loss was still falling at the end of training: no verdict rests on an unconverged run.
@@ -7,20 +7,6 @@ held-out loss was still falling at the end of training: no verdict rests on an u
 from __future__ import annotations
 
 POINT = 0.01  # one point of mean score: the "matches" / "at most 1 point lost" margin
-PLATEAU_TAIL = 1 / 3  # the last third of training ...
-PLATEAU_DROP = 0.02  # ... may lower the held-out loss by at most 2% for a run to count as converged
-
-
-def plateau(curve: list[tuple[int, float]], tail: float = PLATEAU_TAIL, tol: float = PLATEAU_DROP) -> dict:
-    """curve: (step, held-out loss) in step order. Converged when the loss fell by at most `tol` (relative)
-    over the last `tail` of the steps."""
-    if len(curve) < 3:
-        return {"plateaued": False, "drop": None, "why": f"{len(curve)} held-out points (need 3)"}
-    last_step = curve[-1][0]
-    start = next(loss for step, loss in curve if step >= last_step * (1 - tail))
-    drop = (start - curve[-1][1]) / start
-    return {"plateaued": drop <= tol, "drop": drop,
-            "why": f"held-out loss fell {100 * drop:.1f}% over the last {tail:.0%} of training (limit {100 * tol:.0f}%)"}  # fmt: skip
 
 
 def _score(rows: dict, name: str) -> float:

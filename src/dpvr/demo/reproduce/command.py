@@ -1,6 +1,7 @@
 """`dpvr reproduce`: the paper's tables, sweeps and claims, re-run on the embedded default.
 
     dpvr reproduce                 # analysis, LR sweep, every row x 3 seeds to a held-out plateau, verdicts
+    dpvr reproduce --minutes 100   # stop starting rows after 100 minutes; the same command later goes on
     dpvr reproduce --quick         # the same code paths at toy sizes, < 5 minutes (a test runs it)
 
 1. `dpvr analyze` (Figure 2's three saturation views) recommends the split;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 from dpvr.demo.steps import Step, model_fingerprint
@@ -37,9 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_float, default=1.0, help="training budget of every row, in epochs of train.json")
     p.add_argument("--steps", type=at_least(1), default=None, help="training steps per run instead of --epochs (quick: 6)")
     p.add_argument("--seeds", type=at_least(1), default=None, help="seeds per trained row (default 3; quick 1)")
+    p.add_argument("--sweep-seeds", type=at_least(1), default=None, help="seeds per ablation-sweep row (default: --seeds)")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="start no row after this many minutes; the report covers the finished rows (rerun to go on)")
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
-    p.add_argument("--held-out-points", type=at_least(1), default=None, help="held-out loss evaluations per run (default 8; quick 3)")
+    p.add_argument("--held-out-points", type=at_least(1), default=None,
+                   help="held-out loss evaluations over the budget (default 12; quick 3); a run ends early at a plateau")
     p.add_argument("--held-out-limit", type=at_least(1), default=None, help="val samples scored for the held-out loss (default 256)")
     p.add_argument("--eval-per-family", type=at_least(1), default=None, help="test questions per family (default all; quick 4)")
     p.add_argument("--bench-repeats", type=at_least(1), default=None, help="paired timing rounds (default 5; quick 1)")
@@ -62,7 +68,9 @@ class Reproduction:
         self.steps = args.steps or (6 if args.quick else math.ceil(epoch * args.epochs))
         self.sweep_steps = args.lr_sweep_steps or (3 if args.quick else max(1, epoch // 4))
         self.seeds = range(args.seeds or (1 if args.quick else 3))
-        self.points = args.held_out_points or (3 if args.quick else 8)
+        self.sweep_seeds = range(args.sweep_seeds or len(self.seeds))
+        self.deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+        self.points = args.held_out_points or (3 if args.quick else 12)
         self.held_out = args.held_out_limit or (8 if args.quick else 256)
         self.limit = args.eval_per_family or (4 if args.quick else None)
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
@@ -74,13 +82,22 @@ class Reproduction:
         self.log.append(f"dpvr {' '.join(argv)}")
         return out
 
-    def train(self, row: Row, seed: int, lr: float, steps: int, tag: str) -> Path:
+    def seeds_of(self, row: Row) -> list[int | None]:
+        if not (row.trains or row.adapter_of):
+            return [None]
+        return list(self.sweep_seeds if row.sweep else self.seeds)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True) -> Path:
+        """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
         every = max(1, steps // self.points)
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
                 "--learning_rate", str(lr), "--per_device_train_batch_size", str(self.batch),
                 "--save_steps", str(10**9), "--logging_steps", str(max(1, every // 2)), "--eval_strategy", "steps",
                 "--eval_steps", str(every), "--eval_limit", str(self.held_out), "--disable_tqdm", "true",
-                "--output_dir", str(self.out / tag)]  # fmt: skip
+                *(["--stop_at_plateau", "true"] if until_plateau else []), "--output_dir", str(self.out / tag)]  # fmt: skip
         return self.step(f"train {tag}", argv, tag)
 
     def evaluate(self, model_args: list[str], tag: str) -> dict:
@@ -106,10 +123,13 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     finals: dict[tuple[str, int], Path] = {}
     for row in tqdm(rows, desc="reproduce rows", unit="row"):
-        runs = []
-        for seed in rep.seeds if (row.trains or row.adapter_of) else [None]:
-            runs.append(_run_row(rep, row, seed, lrs, finals))
+        if rep.out_of_time():
+            print(f"[reproduce] --minutes {args.minutes:g} reached: rows from {row.name!r} on are not run "
+                  "(rerun the same command to go on; finished runs are reused)", flush=True)  # fmt: skip
+            break
+        runs = [_run_row(rep, row, seed, lrs, finals) for seed in rep.seeds_of(row)]
         results[row.name] = {"row": row, "runs": runs}
+    rows = [row for row in rows if row.name in results]
     ratios = bench_ratios(rep, rows, split)
     zero_grad = side_branch_gradients(rep.base, split)
     summaries = summarise(results, ratios, lrs)

@@ -10,7 +10,10 @@ BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test s
 
 
 def held_out_curve(record: dict) -> list[tuple[int, float]]:
-    return [(h["step"], h["eval_loss"]) for h in record["log_history"] if "eval_loss" in h]
+    """A finished run's (step, held-out loss) pairs, from its run.json."""
+    from dpvr.train.plateau import held_out_curve as from_log
+
+    return from_log(record["log_history"])
 
 
 def lr_sweep(rep, reps: dict, learning_rates) -> dict:
@@ -20,7 +23,7 @@ def lr_sweep(rep, reps: dict, learning_rates) -> dict:
         losses = {}
         for lr in learning_rates(family, rep.quick):
             tag = f"lr-sweep-{family}-{lr:g}"
-            final = rep.train(row, 0, lr, rep.sweep_steps, tag) / "final"
+            final = rep.train(row, 0, lr, rep.sweep_steps, tag, until_plateau=False) / "final"  # equal steps each
             curve = held_out_curve(json.loads((final / "run.json").read_text()))
             losses[lr] = curve[-1][1] if curve else float("inf")
         out[family] = {"losses": losses, "chosen": min(losses, key=losses.get), "row": row.name}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpvr.config import DPVRConfig
+from dpvr.config import MODE_TRAITS, DPVRConfig
 from dpvr.train.args import DEFAULT_LR
 
 FASTV = {"fastv_layer": DPVRConfig.fastv_layer, "fastv_ratio": DPVRConfig.fastv_ratio}  # the paper's K=2, R=50%
@@ -54,14 +54,13 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
     """`fusion_at`: the sparse fusion layers `dpvr analyze` suggests; with them come two rows, LF fused there
     and LF fused at as many last layers (the same number of fusion layers)."""
     baseline = {"mode": "vanilla"}
-    rows = [
+    rows = [  # the side-branch rows before the costlier baselines: a run cut short by --minutes has them
         Row("vanilla", routing=baseline),
-        Row("full fine-tune", ("--method", "full"), baseline),
-        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
-        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
-        dpvr_row("DPVR-PC", "pc", split),
-        dpvr_row("DPVR-KV", "kv", split),
         dpvr_row("DPVR-LF", "lf", split),
+        dpvr_row("DPVR-PC", "pc", split),
+        # KV trains PC's side branch (same text outputs, hence the same loss and gradients): its row runs
+        # each seed's PC branch as KV instead of training it again
+        Row("DPVR-KV", routing={"mode": "kv", "split_layer": split, "fusion_layers": 1, "side_depth": 1}, adapter_of="DPVR-PC"),
         Row("DPVR-LF-ideal", routing={"mode": "lf", "split_layer": split, "fusion_layers": 0}, sweep=("fusion", 0)),
         Row("VTW", routing={"mode": "vtw", "split_layer": split}),
         Row("FastV (K=2, R=50%)", routing={"mode": "fastv", **FASTV}),
@@ -70,6 +69,11 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         rows.append(Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1,
                                                     "side_depth": 1, "shallow_fastv": True, **FASTV},
                         adapter_of="DPVR-LF"))  # fmt: skip
+    rows += [
+        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
+        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
+        Row("full fine-tune", ("--method", "full"), baseline),
+    ]
     splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     rows += [dpvr_row(f"LF K={k}", "lf", split, K=k, sweep=("fusion", k)) for k in ((2,) if quick else (2, 3, 4))]
@@ -105,6 +109,7 @@ def eval_arguments(row: Row) -> list[str]:
              "fastv_layer": "--fastv-layer", "fastv_ratio": "--fastv-ratio"}  # fmt: skip
     out = [] if row.adapter_of else ["--mode", r["mode"]]
     out += [x for k, flag in flags.items() if k in r and not row.adapter_of for x in (flag, str(r[k]))]
-    if row.adapter_of:  # the adapter carries its routing; only the composition's own knobs are added
-        out += ["--fastv-layer", str(r["fastv_layer"]), "--fastv-ratio", str(r["fastv_ratio"])]
+    if row.adapter_of:  # the adapter carries its routing; only a twin mode or a composition is added
+        out += ["--mode", r["mode"]] if MODE_TRAITS[r["mode"]].twin else []
+        out += ["--fastv-layer", str(r["fastv_layer"]), "--fastv-ratio", str(r["fastv_ratio"])] if "fastv_layer" in r else []
     return out + (["--shallow-fastv"] if r.get("shallow_fastv") else [])

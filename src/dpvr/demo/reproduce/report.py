@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dpvr.atomic import atomic_write_text  # noqa: E402
-from dpvr.demo.reproduce.claims import plateau, verdicts  # noqa: E402
+from dpvr.demo.reproduce.claims import verdicts  # noqa: E402
 from dpvr.demo.reproduce.measure import held_out_curve  # noqa: E402
+from dpvr.train.plateau import plateau  # noqa: E402
 
 
 def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
@@ -40,9 +41,9 @@ def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
             "held_out_curves": curves,
             **{k: v for k, v in ratios[name].items()},
         }  # fmt: skip
-    for name, res in results.items():  # a composition on another row's side branch is as converged as that row
+    for name, res in results.items():  # a row run on another row's side branch is as converged as that row
         if src := res["row"].adapter_of:
-            out[name]["converged"], out[name]["trainable_params"] = out[src]["converged"], out[src]["trainable_params"]
+            out[name].update({k: out[src][k] for k in ("converged", "trainable_params", "learning_rate")})
     return out
 
 
@@ -101,7 +102,9 @@ def _plot_curves(out: Path, summaries: dict) -> None:
 
 
 def _plot_sweeps(out: Path, summaries: dict, split: int) -> None:
-    main = summaries["DPVR-LF"]
+    main = summaries.get("DPVR-LF")
+    if main is None:  # a run cut short before its main row: nothing to place the sweeps against
+        return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)  # one scale: a flat sweep looks flat
     at = {"split": split, "fusion": 1, "depth": 1}  # where the main DPVR-LF row sits on each sweep
     for ax, (kind, label) in zip(axes, [("split", "split layer s"), ("fusion", "fusion layers K"),
