@@ -125,3 +125,23 @@ def test_llava_1_5_7b_side_branch_budget():
     assert trainable == 202_383_360, trainable
     assert total == base_total + trainable
     assert round(100 * trainable / base_total, 1) == 2.9, 100 * trainable / base_total
+
+
+def test_a_pc_side_branch_runs_as_kv_and_no_other_mode(tiny_checkpoint, tmp_path):
+    """PC and KV are twins (the same text outputs from the same side branch, test_routing_equivalence.py):
+    `--mode kv` runs a trained PC side branch as KV; any other switch is refused by name."""
+    from dpvr.loading import load_model
+
+    for mode in ("pc", "lf"):
+        model = convert(LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint), DPVRConfig(mode=mode, split_layer=2))
+        with torch.no_grad():
+            for p in model.side_branch.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(tmp_path / mode, side_branch_only=True)
+    pc = load_model(model=str(tiny_checkpoint), adapter=str(tmp_path / "pc"))[0]
+    kv = load_model(model=str(tiny_checkpoint), adapter=str(tmp_path / "pc"), mode="kv")[0]
+    assert (pc.dpvr_config.mode, kv.dpvr_config.mode) == ("pc", "kv")
+    assert kv.dpvr_config.with_routing(mode="pc") == pc.dpvr_config
+    assert_same_weights(kv.side_branch, pc.side_branch)
+    with pytest.raises(DPVRError, match="--mode kv conflicts with --adapter, a lf side branch"):
+        load_model(model=str(tiny_checkpoint), adapter=str(tmp_path / "lf"), mode="kv")

@@ -1,6 +1,7 @@
 """dpvr train: exact resume after kill -9, atomic checkpoints, refusals, DDP consistency, baselines."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpvr.data.digit_scenes import ensure_benchmark
-from dpvr.errors import DPVRError
+from dpvr.errors import DPVRError, UsageError
 from dpvr.train.args import ModelArguments
 from dpvr.train.cli import train
 from dpvr.train.trainer import build_model
@@ -68,6 +69,21 @@ def test_lf_ideal_and_inference_only_modes_refuse_to_train(world):
         build_model(ModelArguments(model=str(root), mode="lf", fusion_layers=0))
     with pytest.raises(DPVRError, match="inference-only"):
         build_model(ModelArguments(model=str(root), mode="fastv"))
+
+
+def test_stop_at_plateau_ends_the_run_once_the_held_out_loss_stops_falling(world, tmp_path):
+    """Learning rate 0: the held-out loss never moves, so the run ends at the MIN_POINTS-th evaluation
+    instead of running its 30 steps; without the flag it runs them all."""
+    from dpvr.train.plateau import MIN_POINTS
+
+    _, data = world
+    held_out = ["--learning_rate", "0", "--eval_strategy", "steps", "--eval_steps", "1",
+                "--eval_data", str(data / "val.json"), "--max_steps", "30", "--save_steps", "1000"]  # fmt: skip
+    stopped = json.loads(Path(train(args(world, tmp_path / "a", *held_out, "--stop_at_plateau", "true"))["final"],
+                              "run.json").read_text())  # fmt: skip
+    assert stopped["steps"] == MIN_POINTS and stopped["stopped_at_plateau"] and stopped["max_steps"] == 30
+    with pytest.raises(UsageError, match="--stop_at_plateau watches the held-out loss"):
+        train(args(world, tmp_path / "b", "--max_steps", "3", "--stop_at_plateau", "true"))
 
 
 @pytest.mark.parametrize("method,extra", [("lora", ["--lora_r", "4"]), ("full", [])])
