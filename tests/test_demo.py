@@ -15,7 +15,7 @@ from dpvr.demo.steps import Step, model_fingerprint
 def demo(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     argv = ["demo", "--model", str(tiny_checkpoint), "--out", str(root / "out"), "--analyze-samples", "8",
-            "--train-steps", "3", "--eval-per-family", "4", "--threads", "1"]  # fmt: skip
+            "--train-steps", "4", "--held-out", "8", "--eval-per-family", "4", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     return root, argv
 
@@ -26,7 +26,9 @@ def test_demo_writes_every_step_and_a_report_that_renders(demo):
     for step in ("analyze", "train", "eval-vanilla", "eval-fastv", "eval-vtw", "eval-lf", "bench"):
         assert json.loads((out / step / "step.json").read_text())["argv"], step
     check = render_check(out / "report.html")
-    assert check == {"images": 3, "broken": 0, "tables": 3, "empty": 0}, check
+    assert check == {"images": 4, "broken": 0, "tables": 3, "empty": 0}, check
+    record = json.loads((out / "train" / "final" / "run.json").read_text())
+    assert [h["step"] for h in record["log_history"] if "eval_loss" in h] == [1, 2, 3, 4], "the held-out curve"
 
 
 def test_demo_rerun_reuses_finished_steps(demo, capsys):

@@ -1,10 +1,11 @@
 """`dpvr demo`: the whole idea on the embedded default, in minutes on a laptop CPU.
 
     dpvr demo                     # -> runs/demo/report.html and a summary table
-    dpvr demo --train-steps 600   # a longer side-branch training
+    dpvr demo --train-steps 100   # a shorter side-branch training budget
 
 1. analyze the tiny LLaVA's visual saturation and pick the split (`dpvr analyze`);
-2. convert to DPVR-LF at that split and train the side branch briefly (`dpvr train`);
+2. convert to DPVR-LF at that split and train the side branch with the reproduction's recipe (`dpvr train`:
+   one epoch at most, ending at the held-out loss's plateau; dpvr.demo.recipe);
 3. evaluate vanilla, FastV, VTW and DPVR-LF side by side (`dpvr eval`);
 4. benchmark prefill and cached decode for the same modes (`dpvr bench --preset tiny`);
 5. write a summary table and a self-contained HTML report with the plots.
@@ -18,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from dpvr.cli_types import at_least
+from dpvr.demo.recipe import HELD_OUT_LIMIT, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
 
 METHODS = ("vanilla", "fastv", "vtw", "lf")
@@ -27,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (steps inside it are reused on reruns)")
     p.add_argument("--model", default=None, help="stock llava checkpoint (default: the embedded tiny LLaVA)")
     p.add_argument("--analyze-samples", type=at_least(1), default=64)
-    p.add_argument("--train-steps", type=at_least(1), default=300)
+    p.add_argument("--train-steps", type=at_least(1), default=None,
+                   help="side-branch training budget (default: one epoch); it ends earlier at its held-out plateau")
+    p.add_argument("--held-out", type=at_least(1), default=HELD_OUT_LIMIT, help="val samples in the held-out loss")
     p.add_argument("--eval-per-family", type=at_least(1), default=60, help="questions per family (None: all)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -51,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     split = int(rec["split"])
     print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
 
-    train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(args.train_steps),
-                               "--per_device_train_batch_size", "16", "--save_steps", str(10**9), "--logging_steps", "10",
-                               "--output_dir", str(out / "train")], out / "train")  # fmt: skip
+    steps = args.train_steps or epoch_steps()  # the reproduction's budget; the run ends at its held-out plateau
+    train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(steps),
+                               *training_flags(steps, held_out=args.held_out), "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)
     adapter = out / "train" / "final"
 

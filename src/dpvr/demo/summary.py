@@ -64,6 +64,23 @@ def plot_accuracy_vs_flops(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def plot_training(run_json: Path, path: Path) -> Path:
+    """The side branch's training and held-out loss against steps, with where the plateau stopped it."""
+    from dpvr.train.plateau import held_out_curve
+
+    record = json.loads(Path(run_json).read_text())
+    train = [(h["step"], h["loss"]) for h in record["log_history"] if "loss" in h]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for curve, label in ((train, "training loss"), (held_out_curve(record["log_history"]), "held-out (val) loss")):
+        if curve:
+            ax.plot(*zip(*curve), marker=".", label=label)
+    if record.get("stopped_at_plateau"):
+        ax.axvline(record["steps"], color="grey", ls="--", label=f"held-out plateau: stopped at {record['steps']}")
+    ax.set_xlabel(f"step (budget {record.get('max_steps', record['steps'])})"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
+    ax.legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    return path
+
+
 def build_report(out: Path, rows: list[dict], evals: dict, bench: dict, rec: dict) -> Path:
     fams = list(rows[0]["families"])
     summary = table(
@@ -83,6 +100,8 @@ def build_report(out: Path, rows: list[dict], evals: dict, bench: dict, rec: dic
         ("Visual saturation (dpvr analyze)", figure(out / "analyze" / "analysis.png", "per-layer statistics")
          + f"<p>Recommended split: <b>{rec['split']}</b>. {html.escape(rec['reason'])}</p>"),  # fmt: skip
         ("Accuracy vs FLOPs", figure(acc_png, "mean score against analytic prefill FLOPs")),
+        ("Side-branch training (dpvr train)", figure(plot_training(out / "train" / "final" / "run.json",
+                                                                    out / "training.png"), "DPVR-LF's loss curves")),  # fmt: skip
         ("Latency (dpvr bench: random weights of the same shape)", figure(out / "bench" / "bench.png", "prefill, decode, KV cache")),
         ("POPE by negative type", pope),
         ("How each number was made", commands),

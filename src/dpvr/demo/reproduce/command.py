@@ -26,6 +26,7 @@ import math
 import time
 from pathlib import Path
 
+from dpvr.demo.recipe import BATCH, HELD_OUT_LIMIT, HELD_OUT_POINTS, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, learning_rates, plan, sweep_rows
 
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-seeds", type=at_least(1), default=None, help="seeds per ablation-sweep row (default: --seeds)")
     p.add_argument("--minutes", type=positive_float, default=None,
                    help="start no row after this many minutes; the report covers the finished rows (rerun to go on)")
-    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--batch-size", type=at_least(1), default=BATCH)
     p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
     p.add_argument("--held-out-points", type=at_least(1), default=None,
                    help="held-out loss evaluations over the budget (default 12; quick 3); a run ends early at a plateau")
@@ -56,22 +57,19 @@ class Reproduction:
     """One reproduction's settings and step runner; every artefact lives under `out`."""
 
     def __init__(self, args: argparse.Namespace):
-        from dpvr.data.digit_scenes import open_benchmark
-        from dpvr.data.llava_json import load_samples
         from dpvr.loading import resolve_model_path
 
         self.quick, self.out, self.base = args.quick, Path(args.out), resolve_model_path(args.model)
         self.fingerprint = model_fingerprint(self.base)  # a retrained base reruns every step
-        n_train = len(load_samples(open_benchmark(None, 0) / "train.json"))
-        epoch = math.ceil(n_train / args.batch_size)
+        epoch = epoch_steps(args.batch_size)
         self.batch = args.batch_size
         self.steps = args.steps or (6 if args.quick else math.ceil(epoch * args.epochs))
         self.sweep_steps = args.lr_sweep_steps or (3 if args.quick else max(1, epoch // 4))
         self.seeds = range(args.seeds or (1 if args.quick else 3))
         self.sweep_seeds = range(args.sweep_seeds or len(self.seeds))
         self.deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
-        self.points = args.held_out_points or (3 if args.quick else 12)
-        self.held_out = args.held_out_limit or (8 if args.quick else 256)
+        self.points = args.held_out_points or (3 if args.quick else HELD_OUT_POINTS)
+        self.held_out = args.held_out_limit or (8 if args.quick else HELD_OUT_LIMIT)
         self.limit = args.eval_per_family or (4 if args.quick else None)
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
         self.log: list[str] = []  # every command run or reused, for the record
@@ -92,12 +90,10 @@ class Reproduction:
 
     def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True) -> Path:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
-        every = max(1, steps // (self.points if until_plateau else 2))  # a sweep run needs its last loss only
+        points = self.points if until_plateau else 2  # a sweep run needs its last loss only
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
-                "--learning_rate", str(lr), "--per_device_train_batch_size", str(self.batch),
-                "--save_steps", str(10**9), "--logging_steps", str(max(1, every // 2)), "--eval_strategy", "steps",
-                "--eval_steps", str(every), "--eval_limit", str(self.held_out), "--disable_tqdm", "true",
-                *(["--stop_at_plateau", "true"] if until_plateau else []), "--output_dir", str(self.out / tag)]  # fmt: skip
+                "--learning_rate", str(lr), *training_flags(steps, self.batch, points, self.held_out, until_plateau),
+                "--output_dir", str(self.out / tag)]  # fmt: skip
         return self.step(f"train {tag}", argv, tag)
 
     def evaluate(self, model_args: list[str], tag: str) -> dict:
