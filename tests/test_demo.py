@@ -28,7 +28,8 @@ def test_demo_writes_every_step_and_a_report_that_renders(demo):
     check = render_check(out / "report.html")
     assert check == {"images": 4, "broken": 0, "tables": 3, "empty": 0}, check
     record = json.loads((out / "train" / "final" / "run.json").read_text())
-    assert [h["step"] for h in record["log_history"] if "eval_loss" in h] == [1, 2, 3, 4], "the held-out curve"
+    steps = [h["step"] for h in record["log_history"] if "eval_loss" in h]
+    assert steps == list(range(len(steps))) and len(steps) >= 4, f"the held-out curve, from step 0: {steps}"
 
 
 def test_demo_rerun_reuses_finished_steps(demo, capsys):

@@ -21,8 +21,10 @@ def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
 
 def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS, held_out: int = HELD_OUT_LIMIT,
                    until_plateau: bool = True) -> list[str]:  # fmt: skip
-    """`dpvr train` flags after `--max_steps`/`--learning_rate`: batch, logging, the held-out curve, the stop."""
+    """`dpvr train` flags after `--max_steps`/`--learning_rate`: batch, logging, the held-out curve (from the
+    untrained side branch on, when `until_plateau`) and the stop."""
     every = max(1, steps // points)
     return ["--per_device_train_batch_size", str(batch), "--save_steps", str(10**9), "--logging_steps",
             str(max(1, every // 2)), "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_limit", str(held_out),
-            "--disable_tqdm", "true", *(["--stop_at_plateau", "true"] if until_plateau else [])]  # fmt: skip
+            "--disable_tqdm", "true",
+            *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else [])]  # fmt: skip
