@@ -126,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         runs = [_run_row(rep, row, seed, lrs, finals) for seed in rep.seeds_of(row)]
         results[row.name] = {"row": row, "runs": runs}
     rows = [row for row in rows if row.name in results]
-    ratios = bench_ratios(rep, rows, split)
+    ratios, table8 = bench_ratios(rep, rows, split)
     zero_grad = side_branch_gradients(rep.base, split)
     summaries = summarise(results, ratios, lrs)
-    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log)
+    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8)
     print((rep.out / "table.md").read_text())
     print((rep.out / "claims.md").read_text())
     return 0

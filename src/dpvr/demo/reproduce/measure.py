@@ -42,9 +42,9 @@ def bench_key(routing: dict, split: int) -> tuple[tuple, str]:
     return variant, mode
 
 
-def bench_ratios(rep, rows, split: int) -> dict:
-    """{row name: {"flop_ratio", "time_ratio", "time_iqr"}} at the typical prompt, batch 1; the main variant's
-    bench also runs the text-length sweep (the paper's Table 8 analogue)."""
+def bench_ratios(rep, rows, split: int) -> tuple[dict, list[dict]]:
+    """({row name: {"flop_ratio", "time_ratio", "time_iqr"}} at the typical prompt, batch 1; the main
+    variant's prefill rows over text lengths, the paper's Table 8 analogue, which its bench also runs)."""
     keys = {row.name: bench_key(row.routing, split) for row in rows}
     variants: dict[tuple, set] = {}
     for variant, mode in keys.values():
@@ -66,8 +66,7 @@ def bench_ratios(rep, rows, split: int) -> dict:
         row = next(r for r in benches[variant]["prefill"] if r["n_txt"] == BENCH_TEXT_LEN)
         out[name] = {"flop_ratio": row["flop_ratio"][mode], "time_ratio": row["ratio"][mode],
                      "time_iqr": row["ratio_iqr"][mode]}  # fmt: skip
-    out["_table8"] = benches[main]["prefill"]
-    return out
+    return out, benches[main]["prefill"] if main in benches else []
 
 
 def side_branch_gradients(base: str, split: int, n: int = 4) -> dict:

@@ -76,13 +76,17 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
     ]
     splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
-    rows += [dpvr_row(f"LF K={k}", "lf", split, K=k, sweep=("fusion", k)) for k in ((2,) if quick else (2, 3, 4))]
-    rows += [dpvr_row(f"LF D={d}", "lf", split, D=d, sweep=("depth", d)) for d in ((2,) if quick else (2, 3))]
     fusion_at = tuple(i for i in fusion_at if split <= i < L)
+    n_at = len(fusion_at)  # the sparse row's match, the last n_at layers, is also the fusion sweep's K = n_at
+    rows += [dpvr_row(f"LF last {k} (same count)" if k == n_at else f"LF K={k}", "lf", split, K=k, sweep=("fusion", k))
+             for k in ((2,) if quick else (2, 3, 4))]  # fmt: skip
+    rows += [dpvr_row(f"LF D={d}", "lf", split, D=d, sweep=("depth", d)) for d in ((2,) if quick else (2, 3))]
     if fusion_at:
         at = ",".join(map(str, fusion_at))
-        rows += [dpvr_row(f"LF fusion_at={at} (analyze)", "lf", split, K=len(fusion_at), fusion_at=fusion_at),
-                 dpvr_row(f"LF last {len(fusion_at)} (same count)", "lf", split, K=len(fusion_at))]  # fmt: skip
+        rows.append(dpvr_row(f"LF fusion_at={at} (analyze)", "lf", split, K=n_at, fusion_at=fusion_at,
+                             sweep=("placement", n_at)))  # fmt: skip
+        if n_at not in ((2,) if quick else (2, 3, 4)):
+            rows.append(dpvr_row(f"LF last {n_at} (same count)", "lf", split, K=n_at, sweep=("fusion", n_at)))
     return rows
 
 

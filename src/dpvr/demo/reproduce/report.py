@@ -38,12 +38,13 @@ def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
             "trainable_params": runs[0]["record"]["trainable_params"] if row.trains else 0,
             "learning_rate": lrs[row.family]["chosen"] if row.trains else None,
             "converged": all(c["plateaued"] for c in conv) if row.trains else None, "convergence": conv,
+            "steps": [r["record"]["steps"] for r in runs] if row.trains else None,
             "held_out_curves": curves,
             **{k: v for k, v in ratios[name].items()},
         }  # fmt: skip
     for name, res in results.items():  # a row run on another row's side branch is as converged as that row
         if src := res["row"].adapter_of:
-            out[name].update({k: out[src][k] for k in ("converged", "trainable_params", "learning_rate")})
+            out[name].update({k: out[src][k] for k in ("converged", "trainable_params", "learning_rate", "steps")})
     return out
 
 
@@ -54,18 +55,33 @@ def _cell(s: dict, k: str) -> str:
 
 def table(summaries: dict) -> str:
     fams = [k for k in next(iter(summaries.values()))["mean"] if k != "mean"]
-    head = ["method", *fams, "mean", "trainable", "FLOPs", "time", "LR", "converged"]
+    head = ["method", *fams, "mean", "trainable", "FLOPs", "time", "LR", "steps", "converged"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for s in summaries.values():
         conv = {True: "yes", False: "**still falling**", None: "—"}[s["converged"]]
         lr = f"{s['learning_rate']:g}" if s["learning_rate"] else "—"
+        steps = "/".join(map(str, s["steps"])) if s["steps"] else "—"
         lines.append(f"| {s['name']} | " + " | ".join(_cell(s, f) for f in fams)
                      + f" | {_cell(s, 'mean')} | {s['trainable_params']:,d} | {s['flop_ratio']:.2f} | {s['time_ratio']:.2f}"
-                     f" | {lr} | {conv} |")  # fmt: skip
+                     f" | {lr} | {steps} | {conv} |")  # fmt: skip
     lines.append("\npope: F1 (yes positive); mme: accuracy+; mmbench: circular accuracy; others: accuracy. FLOPs and "
                  "time: analytic prefill FLOPs and measured prefill time against vanilla (batch 1, median of paired "
-                 "rounds; full fine-tune and LoRA run the stock forward).")  # fmt: skip
+                 "rounds; full fine-tune and LoRA run the stock forward). steps: where each seed's run ended (at its "
+                 "held-out plateau, or at the budget).")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def table8(prefill: list[dict]) -> str:
+    """The paper's Table 8 analogue: prefill cost against vanilla by text length, at the main split."""
+    if not prefill:
+        return "(not measured: the main DPVR-LF row was not run)\n"
+    modes = [m for m in prefill[0]["ratio"] if m != "vanilla"]
+    head = ["text tokens", *(f"{m} FLOPs" for m in modes), *(f"{m} time" for m in modes)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in sorted(prefill, key=lambda r: r["n_txt"]):
+        cells = [f"{r['flop_ratio'][m]:.2f}" for m in modes] + [f"{r['ratio'][m]:.2f}" for m in modes]
+        lines.append(f"| {r['n_txt']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nAnalytic prefill FLOPs and measured prefill time against vanilla, batch 1.\n"
 
 
 def claims_markdown(claims: list[dict]) -> str:
@@ -74,14 +90,16 @@ def claims_markdown(claims: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: dict, analysis: dict, log: list[str]) -> None:
+def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: dict, analysis: dict, log: list[str],
+                 prefill: list[dict]) -> None:  # fmt: skip
+    """prefill: the main split's `dpvr bench` rows over text lengths (Table 8)."""
     claims = verdicts(summaries, zero_grad)
-    atomic_write_text(out / "table.md", table(summaries))
+    atomic_write_text(out / "table.md", table(summaries) + "\n## Prefill cost by text length (Table 8)\n\n" + table8(prefill))
     atomic_write_text(out / "claims.md", claims_markdown(claims))
     record = {"split": split, "lr_sweep": {f: {**v, "losses": {str(k): x for k, x in v["losses"].items()}}
                                            for f, v in lrs.items()},
               "side_branch_gradient": zero_grad, "claims": claims, "rows": list(summaries.values()),
-              "recommendation": analysis.get("recommendation"), "commands": log}  # fmt: skip
+              "recommendation": analysis.get("recommendation"), "table8": prefill, "commands": log}  # fmt: skip
     atomic_write_text(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
     _plot_curves(out, summaries)
     _plot_sweeps(out, summaries, split)
