@@ -60,6 +60,9 @@ def test_verdicts_follow_the_numbers_and_refuse_unconverged_rows():
     rows["DPVR-LF"]["flop_ratio"] = 0.7
     first = verdicts(rows, None)[0]
     assert first["verdict"] == "holds", first
+    by_claim = {c["claim"]: c for c in verdicts(rows, None)}
+    for claim in ("K = 1 fusion layer suffices", "D = 1 side layer suffices"):  # no sweep rows: nothing to compare
+        assert by_claim[claim]["verdict"] == "undecided" and "sweep" in by_claim[claim]["evidence"], by_claim[claim]
     rows["DPVR-PC"]["mean"]["mean"] = 0.85
     assert verdicts(rows, None)[0]["verdict"] == "does not hold"
     rows["DPVR-KV"]["converged"] = False

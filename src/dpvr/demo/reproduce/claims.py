@@ -43,7 +43,7 @@ def verdicts(rows: dict[str, dict], zero_grad: dict | None) -> list[dict]:
         lambda: _fmt(rows, pckv) + "; FLOPs " + ", ".join(f"{rows[n]['flop_ratio']:.2f}" for n in pckv)))  # fmt: skip
     for kind, main, claim in (("fusion", 1, "K = 1 fusion layer suffices"), ("depth", 1, "D = 1 side layer suffices")):
         others = [n for n, r in rows.items() if r.get("sweep") and r["sweep"][0] == kind and r["sweep"][1] > main]
-        names = ["DPVR-LF", *others]
+        names = ["DPVR-LF", *(others or [f"(a {kind} sweep)"])]  # without the sweep there is nothing to compare
         out.append(_verdict(claim, names, rows,
                             lambda names=names: _score(rows, "DPVR-LF") >= max(_score(rows, n) for n in names) - POINT,
                             lambda names=names: _fmt(rows, names)))  # fmt: skip
