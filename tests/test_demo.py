@@ -56,3 +56,16 @@ def test_a_step_is_redone_when_the_checkpoint_it_reads_changes(tmp_path):
     assert not step().done()
     (out / "step.json").write_text(json.dumps({"argv": step().argv}))  # a stamp from before fingerprints
     assert not step().done()
+
+
+def test_an_evaluation_is_redone_when_the_adapter_it_reads_was_retrained(tmp_path):
+    """The demo's LF evaluation names the same adapter folder whatever the training did: after a retraining
+    (a new recipe, more steps) it served the old side branch's scores until steps recorded what they read."""
+    adapter, out = tmp_path / "train" / "final", tmp_path / "eval"
+    adapter.mkdir(parents=True), out.mkdir()
+    (adapter / "side_branch.safetensors").write_bytes(b"300 steps")
+    step = lambda: Step("eval lf", ["eval", "--adapter", str(adapter)], out, reads=(adapter,))  # noqa: E731
+    (out / "step.json").write_text(json.dumps({"argv": step().argv, "model": "", "reads": step().inputs()}))
+    assert step().done()
+    (adapter / "side_branch.safetensors").write_bytes(b"retrained to its plateau")
+    assert not step().done()

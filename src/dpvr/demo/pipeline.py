@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     evals = {}
     for name in METHODS:
         step = new_step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
-                        out / f"eval-{name}")  # fmt: skip
+                        out / f"eval-{name}", reads=(adapter,) if name == "lf" else ())  # fmt: skip
         step.run(args.fresh)
         evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
 

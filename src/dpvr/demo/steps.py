@@ -36,6 +36,10 @@ class Step:
     out: Path
     pipeline: str = "demo"  # the command running the step, for its log lines
     model: str = ""  # `model_fingerprint` of the checkpoint the step reads
+    reads: tuple[Path, ...] = ()  # other steps' outputs it reads (a trained adapter): retrained, the step reruns
+
+    def inputs(self) -> str:
+        return json.dumps([model_fingerprint(p) if Path(p).is_dir() else None for p in self.reads])
 
     @property
     def command(self) -> str:
@@ -46,7 +50,8 @@ class Step:
         if not stamp.exists():
             return False
         record = json.loads(stamp.read_text())
-        return record.get("argv") == self.argv and record.get("model", "") == self.model
+        same_inputs = not self.reads or record.get("reads") == self.inputs()
+        return record.get("argv") == self.argv and record.get("model", "") == self.model and same_inputs
 
     def run(self, fresh: bool = False) -> float:
         """Run (or reuse) the step; returns the seconds it took (0 when reused)."""
@@ -63,5 +68,6 @@ class Step:
         if rc != 0:
             raise DPVRError(f"{self.pipeline} step {self.name!r} failed (exit {rc}); rerun it alone: {self.command} --debug")
         seconds = time.perf_counter() - start
-        atomic_write_text(self.out / STAMP, json.dumps({"argv": self.argv, "model": self.model, "seconds": seconds}, indent=2) + "\n")
+        record = {"argv": self.argv, "model": self.model, "reads": self.inputs(), "seconds": seconds}
+        atomic_write_text(self.out / STAMP, json.dumps(record, indent=2) + "\n")
         return seconds

@@ -74,9 +74,9 @@ class Reproduction:
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
         self.log: list[str] = []  # every command run or reused, for the record
 
-    def step(self, name: str, argv: list[str], folder: str) -> Path:
+    def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = ()) -> Path:
         out = self.out / folder
-        Step(name, argv, out, "reproduce", self.fingerprint).run()
+        Step(name, argv, out, "reproduce", self.fingerprint, reads).run()
         self.log.append(f"dpvr {' '.join(argv)}")
         return out
 
@@ -96,10 +96,11 @@ class Reproduction:
                 "--output_dir", str(self.out / tag)]  # fmt: skip
         return self.step(f"train {tag}", argv, tag)
 
-    def evaluate(self, model_args: list[str], tag: str) -> dict:
+    def evaluate(self, model_args: list[str], tag: str, trained: Path | None = None) -> dict:
+        """`trained`: the run's weights the evaluation reads (rerun when they were retrained)."""
         limit = [] if self.limit is None else ["--limit-per-family", str(self.limit)]
         folder = self.step(f"eval {tag}", ["eval", *model_args, *limit, "--out", str(self.out / f"{tag}-eval")],
-                           f"{tag}-eval")  # fmt: skip
+                           f"{tag}-eval", reads=(trained,) if trained else ())  # fmt: skip
         return json.loads((folder / "eval.json").read_text())["scores"]
 
 
@@ -150,9 +151,10 @@ def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: d
         method = row.train[row.train.index("--method") + 1]
         model = ["--model", str(final)] if method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
-        return {"seed": seed, "scores": rep.evaluate(model, tag), "record": record}
-    model = ["--model", rep.base] + (["--adapter", str(finals[(row.adapter_of, seed)])] if row.adapter_of else [])
-    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag), "record": None}
+        return {"seed": seed, "scores": rep.evaluate(model, tag, final), "record": record}
+    final = finals[(row.adapter_of, seed)] if row.adapter_of else None
+    model = ["--model", rep.base] + (["--adapter", str(final)] if final else [])
+    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, final), "record": None}
 
 
 def _slug(name: str) -> str:
