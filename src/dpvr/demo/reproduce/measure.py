@@ -6,14 +6,9 @@ import json
 
 import torch
 
+from dpvr.train.plateau import held_out_curve
+
 BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test split's median is 14-20)
-
-
-def held_out_curve(record: dict) -> list[tuple[int, float]]:
-    """A finished run's (step, held-out loss) pairs, from its run.json."""
-    from dpvr.train.plateau import held_out_curve as from_log
-
-    return from_log(record["log_history"])
 
 
 def lr_sweep(rep, reps: dict, learning_rates) -> dict:
@@ -24,7 +19,7 @@ def lr_sweep(rep, reps: dict, learning_rates) -> dict:
         for lr in learning_rates(family, rep.quick):
             tag = f"lr-sweep-{family}-{lr:g}"
             final = rep.train(row, 0, lr, rep.sweep_steps, tag, until_plateau=False) / "final"  # equal steps each
-            curve = held_out_curve(json.loads((final / "run.json").read_text()))
+            curve = held_out_curve(json.loads((final / "run.json").read_text())["log_history"])
             losses[lr] = curve[-1][1] if curve else float("inf")
         out[family] = {"losses": losses, "chosen": min(losses, key=losses.get), "row": row.name}
     return out

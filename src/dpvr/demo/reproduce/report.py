@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dpvr.atomic import atomic_write_text  # noqa: E402
 from dpvr.demo.reproduce.claims import verdicts  # noqa: E402
-from dpvr.demo.reproduce.measure import held_out_curve  # noqa: E402
-from dpvr.train.plateau import plateau  # noqa: E402
+from dpvr.train.plateau import held_out_curve, plateau  # noqa: E402
 
 
 def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
@@ -28,7 +27,7 @@ def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
         per = {f: [headline(f, r["scores"][f]) for r in runs] for f in families}
         per["mean"] = [r["scores"]["mean"] for r in runs]
         pope = runs[0]["scores"].get("pope", {}).get("subsets", {})
-        curves = [held_out_curve(r["record"]) if r["record"] else [] for r in runs]
+        curves = [held_out_curve(r["record"]["log_history"]) if r["record"] else [] for r in runs]
         conv = [plateau(c) for c in curves] if row.trains else []
         out[name] = {
             "name": name, "sweep": row.sweep, "routing": row.routing, "seeds": [r["seed"] for r in runs],
