@@ -33,6 +33,9 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     # every family's LR came from the sweep, and each trained row used its family's pick
     assert set(record["lr_sweep"]) == {"full", "lora", "pc", "lf"}
     assert results["DPVR-KV"]["learning_rate"] == results["DPVR-PC"]["learning_rate"] == record["lr_sweep"]["pc"]["chosen"]
+    # two candidates: the best is at an edge, so each family tried one more beyond it
+    assert all(len(v["losses"]) == 3 for v in record["lr_sweep"].values()), record["lr_sweep"]
+    assert "Learning-rate sweep" in (out / "table.md").read_text()
     assert all(len(c) >= 3 for c in results["DPVR-LF"]["held_out_curves"]), "held-out loss logged along the way"
     g = record["side_branch_gradient"]
     assert g["lf_ideal"] == 0.0 < g["lf"], g
@@ -48,6 +51,15 @@ def test_plateau_rule():
     falling = [(s, 2.0 - 0.01 * s) for s in range(0, 90, 10)]
     assert plateau(flat)["plateaued"] and not plateau(falling)["plateaued"]
     assert not plateau(flat[:2])["plateaued"], "two points cannot show a plateau"
+
+
+def test_lr_sweep_goes_on_past_an_edge_until_the_best_is_interior():
+    from dpvr.demo.reproduce.plan import LR_STEP, beyond_edge
+
+    assert beyond_edge({1e-4: 0.5, 3e-4: 0.4, 1e-3: 0.45}) is None, "interior minimum: done"
+    assert beyond_edge({1e-4: 0.3, 3e-4: 0.4, 1e-3: 0.45}) == float(f"{1e-4 / LR_STEP:.2g}"), "low edge: go lower"
+    assert beyond_edge({1e-4: 0.5, 3e-4: 0.4, 1e-3: 0.35}) == float(f"{1e-3 * LR_STEP:.2g}"), "high edge: go higher"
+    assert beyond_edge({1e-4: 0.5}) is None, "one candidate has no edge to go past"
 
 
 def _rows(**means):

@@ -12,17 +12,28 @@ BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test s
 
 
 def lr_sweep(rep, reps: dict, learning_rates) -> dict:
-    """{family: {"losses": {lr: final held-out loss}, "chosen": lr, "row": name}} from short seed-0 runs."""
+    """{family: {"losses": {lr: final held-out loss}, "chosen": lr, "row": name, "at_edge": bool}} from
+    short seed-0 runs: the family's grid, then further candidates while the best sits at an edge."""
+    from dpvr.demo.reproduce.plan import LR_EXTENSIONS, beyond_edge
+
     out = {}
     for family, row in reps.items():
-        losses = {}
-        for lr in learning_rates(family, rep.quick):
-            tag = f"lr-sweep-{family}-{lr:g}"
-            final = rep.train(row, 0, lr, rep.sweep_steps, tag, until_plateau=False) / "final"  # equal steps each
-            curve = held_out_curve(json.loads((final / "run.json").read_text())["log_history"])
-            losses[lr] = curve[-1][1] if curve else float("inf")
-        out[family] = {"losses": losses, "chosen": min(losses, key=losses.get), "row": row.name}
+        losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
+        for _ in range(1 if rep.quick else LR_EXTENSIONS):
+            lr = beyond_edge(losses)
+            if lr is None:
+                break
+            losses[lr] = _sweep_loss(rep, row, family, lr)
+        out[family] = {"losses": dict(sorted(losses.items())), "chosen": min(losses, key=losses.get),
+                       "row": row.name, "at_edge": beyond_edge(losses) is not None}  # fmt: skip
     return out
+
+
+def _sweep_loss(rep, row, family: str, lr: float) -> float:
+    """The held-out loss at the end of a seed-0 run of `rep.sweep_steps` (the same steps for every candidate)."""
+    final = rep.train(row, 0, lr, rep.sweep_steps, f"lr-sweep-{family}-{lr:g}", until_plateau=False) / "final"
+    curve = held_out_curve(json.loads((final / "run.json").read_text())["log_history"])
+    return curve[-1][1] if curve else float("inf")
 
 
 def bench_key(routing: dict, split: int) -> tuple[tuple, str]:

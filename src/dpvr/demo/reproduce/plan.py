@@ -18,6 +18,8 @@ FASTV = {"fastv_layer": DPVRConfig.fastv_layer, "fastv_ratio": DPVRConfig.fastv_
 FAMILY_OF = {"full": "full", "lora": "lora", "lf": "lf", "pc": "pc", "kv": "pc"}  # PC and KV share one
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # around the tiny model's defaults (dpvr.train.args.DEFAULT_LR)
 QUICK_LR_FACTORS = (1.0, 3.0)  # --quick: the same sweep, two candidates
+LR_STEP = 3.0  # a pick at the grid's edge adds the next candidate out by this factor ...
+LR_EXTENSIONS = 2  # ... at most this many times per family (quick: once), so the pick is an interior minimum
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,16 @@ def sweep_rows(rows: list[Row]) -> dict[str, Row]:
 def learning_rates(family: str, quick: bool = False) -> list[float]:
     centre = DEFAULT_LR[family]
     return [float(f"{centre * f:.2g}") for f in (QUICK_LR_FACTORS if quick else LR_FACTORS)]
+
+
+def beyond_edge(losses: dict[float, float]) -> float | None:
+    """The next learning rate to try when the lowest loss sits at the edge of those tried: one LR_STEP
+    beyond it (toward lower losses); None when the minimum is interior."""
+    lrs = sorted(losses)
+    best = min(lrs, key=losses.get)
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    return float(f"{best / LR_STEP if best == lrs[0] else best * LR_STEP:.2g}")
 
 
 def eval_arguments(row: Row) -> list[str]:

@@ -70,6 +70,16 @@ def table(summaries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lr_table(lrs: dict) -> str:
+    """Each family's sweep: the held-out loss of every candidate, the pick, and whether it is still at an edge."""
+    lines = ["| family | held-out loss by learning rate | pick |", "|---|---|---|"]
+    for family, v in lrs.items():
+        cells = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in v["losses"].items())
+        edge = " (**at the edge**: a better one may lie beyond)" if v.get("at_edge") else ""
+        lines.append(f"| {family} ({v['row']}) | {cells} | {v['chosen']:g}{edge} |")
+    return "\n".join(lines) + "\n"
+
+
 def table8(prefill: list[dict]) -> str:
     """The paper's Table 8 analogue: prefill cost against vanilla by text length, at the main split."""
     if not prefill:
@@ -93,7 +103,8 @@ def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: d
                  prefill: list[dict]) -> None:  # fmt: skip
     """prefill: the main split's `dpvr bench` rows over text lengths (Table 8)."""
     claims = verdicts(summaries, zero_grad)
-    atomic_write_text(out / "table.md", table(summaries) + "\n## Prefill cost by text length (Table 8)\n\n" + table8(prefill))
+    atomic_write_text(out / "table.md", table(summaries) + "\n## Learning-rate sweep (seed 0, the same steps each)\n\n"
+                      + lr_table(lrs) + "\n## Prefill cost by text length (Table 8)\n\n" + table8(prefill))  # fmt: skip
     atomic_write_text(out / "claims.md", claims_markdown(claims))
     record = {"split": split, "lr_sweep": {f: {**v, "losses": {str(k): x for k, x in v["losses"].items()}}
                                            for f, v in lrs.items()},
