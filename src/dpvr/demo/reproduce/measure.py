@@ -19,7 +19,7 @@ def lr_sweep(rep, reps: dict, learning_rates) -> dict:
     out = {}
     for family, row in reps.items():
         losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
-        for _ in range(1 if rep.quick else LR_EXTENSIONS):
+        for _ in range(LR_EXTENSIONS):
             lr = beyond_edge(losses)
             if lr is None:
                 break

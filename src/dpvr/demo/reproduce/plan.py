@@ -19,7 +19,7 @@ FAMILY_OF = {"full": "full", "lora": "lora", "lf": "lf", "pc": "pc", "kv": "pc"}
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # around the tiny model's defaults (dpvr.train.args.DEFAULT_LR)
 QUICK_LR_FACTORS = (1.0, 3.0)  # --quick: the same sweep, two candidates
 LR_STEP = 3.0  # a pick at the grid's edge adds the next candidate out by this factor ...
-LR_EXTENSIONS = 2  # ... at most this many times per family (quick: once), so the pick is an interior minimum
+LR_EXTENSIONS = 1  # ... this many times at most (each is a quarter-epoch run; a pick still at an edge is flagged)
 
 
 @dataclass(frozen=True)
