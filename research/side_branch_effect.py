@@ -17,10 +17,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dpvr import DPVRConfig, convert
 from dpvr.atomic import atomic_write_text
-from dpvr.data.collate import Collator
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+from dpvr.data.collate import IGNORE, Collator
 from dpvr.loading import resolve_model_path
+from dpvr.train.args import DataArguments
+from dpvr.train.cli import build_dataset
 
 OUT = Path(__file__).resolve().parent / "logs" / "side_branch_effect.json"
 
@@ -30,7 +30,7 @@ def held_out_loss(model, batches) -> float:
     total = count = 0.0
     with torch.no_grad():
         for b in batches:
-            n = int((b["labels"][:, 1:] != -100).sum())
+            n = int((b["labels"][:, 1:] != IGNORE).sum())
             total, count = total + model(**b).loss.item() * n, count + n
     return total / count
 
@@ -51,10 +51,11 @@ def main() -> None:
     torch.manual_seed(0)
     base = resolve_model_path(None)
     proc = AutoProcessor.from_pretrained(base)
-    root = open_benchmark(None, 0)
-    data = LlavaJsonDataset(load_samples(root / "val.json")[: args.limit], root / "images", proc)
+    data = build_dataset(DataArguments(eval_limit=args.limit), proc, held_out=True)  # the plateau rule's val set
     collate = Collator(pad_token_id=proc.tokenizer.pad_token_id, keep_ids=False)
     batches = [collate([data[i] for i in range(j, min(j + 16, len(data)))]) for j in range(0, len(data), 16)]
+    for b in batches:  # build_dataset marks skipped samples; the model takes none of that
+        b.pop("skipped", None)
     stock = lambda: LlavaForConditionalGeneration.from_pretrained(base).eval()  # noqa: E731
     out = {"split": args.split, "samples": len(data), "vanilla": held_out_loss(stock(), batches),
            "vtw": held_out_loss(convert(stock(), DPVRConfig(mode="vtw", split_layer=args.split)), batches)}

@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dpvr.data.collate import IMAGE_KEYS, TOKEN_KEYS
+from dpvr.data.collate import IGNORE, IMAGE_KEYS, TOKEN_KEYS
 from dpvr.data.templates import IMAGE, render_conversation
 from dpvr.errors import DPVRError
 
-IGNORE = -100
 REASONS = ("malformed", "missing_image", "unreadable_image", "truncation_cuts_image", "labels_misaligned",
            "no_supervised_tokens")  # fmt: skip
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dpvr.demo.recipe import BATCH, HELD_OUT_LIMIT, HELD_OUT_POINTS, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
-from dpvr.demo.reproduce.plan import Row, eval_arguments, learning_rates, plan, sweep_rows
+from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     analysis = _analyze(rep)
     split = args.split_layer or int(analysis["recommendation"]["split"])
     rows = plan(rep.quick, L, split, tuple(analysis["recommendation"].get("fusion_at") or ()))
-    lrs = lr_sweep(rep, sweep_rows(rows), learning_rates)
+    lrs = lr_sweep(rep, sweep_rows(rows))
     results: dict[str, dict] = {}
     finals: dict[tuple[str, int], Path] = {}
     for row in tqdm(rows, desc="reproduce rows", unit="row"):

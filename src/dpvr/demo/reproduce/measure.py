@@ -6,13 +6,13 @@ import json
 
 import torch
 
-from dpvr.demo.reproduce.plan import LR_EXTENSIONS, beyond_edge
+from dpvr.demo.reproduce.plan import LR_EXTENSIONS, beyond_edge, learning_rates
 from dpvr.train.plateau import held_out_curve
 
 BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test split's median is 14-20)
 
 
-def lr_sweep(rep, reps: dict, learning_rates) -> dict:
+def lr_sweep(rep, reps: dict) -> dict:
     """{family: {"losses": {lr: final held-out loss}, "chosen": lr, "row": name, "at_edge": bool}} from
     short seed-0 runs: the family's grid, then further candidates while the best sits at an edge."""
     out = {}
