@@ -1,7 +1,8 @@
-"""How `dpvr reproduce` trains every row and `dpvr demo` its side branch: a budget of steps (one epoch of
-train.json at batch 16 in the reproduction), the held-out (val) loss scored `points` times along it, and
-the run ends at its plateau (`dpvr.train.plateau`) when that comes first. What the reproduction measured
-with it is in docs/train.md."""
+"""How `dpvr reproduce` trains every row and `dpvr demo` its side branch: at least one epoch of
+train.json at batch 16, the held-out (val) loss scored `points` times along the budget, then on until
+the held-out plateau (`dpvr.train.plateau`) or the cap, whichever comes first. DPVR rows read the
+frozen shared stack's output from a cache (`dpvr.train.shared_cache`), computed once per split. What
+the reproduction measured with it is in docs/train.md."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,8 @@ import math
 BATCH = 16
 HELD_OUT_POINTS = 12  # held-out evaluations over the budget: a plateau can show from the 4th on
 HELD_OUT_LIMIT = 256  # val samples in the held-out loss
+MIN_EPOCHS = 1  # no run stops at its plateau before this many epochs (the paper trains one) ...
+MAX_EPOCHS = 2  # ... and one still falling goes on up to this many
 
 
 def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
@@ -20,11 +23,14 @@ def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
 
 
 def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS, held_out: int = HELD_OUT_LIMIT,
-                   until_plateau: bool = True) -> list[str]:  # fmt: skip
-    """`dpvr train` flags after `--max_steps`/`--learning_rate`: batch, logging, the held-out curve (from the
-    untrained side branch on, when `until_plateau`) and the stop."""
+                   until_plateau: bool = True, min_steps: int = 0, cache: str | None = None) -> list[str]:  # fmt: skip
+    """`dpvr train` flags after `--max_steps` (the cap)/`--learning_rate`: batch, logging, the held-out
+    curve (from the untrained side branch on, when `until_plateau`), the stop (not before `min_steps`)
+    and, for a DPVR run, the shared-stack cache folder."""
     every = max(1, steps // points)
     return ["--per_device_train_batch_size", str(batch), "--save_steps", str(10**9), "--logging_steps",
             str(max(1, every // 2)), "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_limit", str(held_out),
             "--disable_tqdm", "true",
-            *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else [])]  # fmt: skip
+            *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else []),
+            *(["--plateau_min_steps", str(min_steps)] if until_plateau and min_steps else []),
+            *(["--shared_stack_cache", cache] if cache else [])]  # fmt: skip

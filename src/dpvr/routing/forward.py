@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dpvr.config import DPVRConfig
-from dpvr.errors import NonFiniteError
+from dpvr.errors import DPVRError, NonFiniteError
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.layer import KV, project_kv, routed_layer
-from dpvr.routing.schedule import ALL, IMAGE, TEXT, compile_schedule
+from dpvr.routing.schedule import ALL, IMAGE, TEXT, compile_schedule, split_schedule
 from dpvr.routing.tokens import TokenSet
 
 
@@ -201,10 +201,15 @@ def routed_decoder(
     checkpointing: bool = False,
     keep_hidden: bool = False,
     keep_kv: bool = False,
+    shared: bool = False,
 ) -> RoutedOutput:
-    """Runs the steps `compile_schedule` gives for cfg, in order (see dpvr.routing.schedule)."""
+    """Runs the steps `compile_schedule` gives for cfg, in order (see dpvr.routing.schedule). With
+    `shared`, h holds the states after the shared stack (`shared_stack`), whose steps are skipped."""
+    if shared and (keep_hidden or keep_kv):
+        raise DPVRError("states given after the shared stack: no hidden states or cache of its layers to return")
     loop = _Loop(lm, cfg, h, pos, checkpointing, keep_hidden, keep_kv)
-    steps = compile_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))
+    has_images = bool((is_img & valid).any())
+    steps = split_schedule(cfg, len(lm.layers), has_images)[1] if shared else compile_schedule(cfg, len(lm.layers), has_images)
     sets, side = _Sets(valid, is_img), None
     for step in steps:
         if step.side:
@@ -227,6 +232,17 @@ def routed_decoder(
         kept=sets.valid,
         layer_kv=loop.layer_kv,
     )
+
+
+def shared_stack(lm: nn.Module, cfg: DPVRConfig, h, is_img, valid, pos) -> torch.Tensor:
+    """(B, T, D) states after the shared stack [0, split) of the merged embeddings h, where
+    `routed_decoder(..., shared=True)` goes on from."""
+    loop = _Loop(lm, cfg, h, pos, checkpointing=False, keep_hidden=False, keep_kv=False)
+    sets = _Sets(valid, is_img)
+    for step in split_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))[0]:
+        h, _ = loop.layers(step.layers, sets[step.queries], h)
+    loop.raise_if_not_finite()
+    return h
 
 
 def routed_decode(

@@ -20,7 +20,7 @@ from dpvr.errors import DPVRError
 from dpvr.routing import backbones as bb
 from dpvr.routing.adapter import save_adapter
 from dpvr.routing.cache import RoutedCache
-from dpvr.routing.forward import routed_decode, routed_decoder
+from dpvr.routing.forward import routed_decode, routed_decoder, shared_stack
 from dpvr.routing.side import SideBranch, active_side_branch
 
 logger = logging.get_logger(__name__)
@@ -100,9 +100,15 @@ class RoutedModel:
                 "use `dpvr analyze` for attention statistics, or mode='vanilla'"
             )
         bb.refuse_unrouted_inputs(self.backbone, kwargs)
-        cache = self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
+        shared = kwargs.pop("shared_states", None)
+        cache = None if shared is not None else self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
         all_hidden, image_features = ([] if output_hidden_states else None), None
-        if cache is not None and cache.seen > 0:
+        if shared is not None:
+            if pixel_values is not None or past_key_values is not None or output_hidden_states:
+                raise DPVRError("shared_states replace the images and the shared stack: pass no pixel_values, "
+                                "past_key_values or output_hidden_states with them")  # fmt: skip
+            hidden = self._from_shared_stack(shared, input_ids, attention_mask, position_ids, kwargs)
+        elif cache is not None and cache.seen > 0:
             hidden = self._decode_step(cache, input_ids, pixel_values, attention_mask, position_ids, all_hidden)
         else:
             hidden, all_hidden, image_features = self._routed_prefill(
@@ -147,6 +153,28 @@ class RoutedModel:
         if cache is not None:
             cache.fill(out.layer_kv, seq_len=input_ids.shape[1], dense=bool(valid.all()), rope_deltas=rope_deltas)
         return out.hidden, out.all_hidden, image_features
+
+    @torch.no_grad()
+    def shared_stack_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, **inputs):
+        """(states (B, T, D) after the frozen shared stack [0, split), positions (B, T) or (3, B, T)):
+        `forward(input_ids, attention_mask=..., position_ids=positions, shared_states=states, labels=...)`
+        then runs the rest of the routed forward only (dpvr.train.shared_cache caches them per sample)."""
+        embeds, is_img, _ = self._merge_image_features(input_ids, pixel_values, inputs)
+        valid = _valid_mask(attention_mask, input_ids, is_img)
+        pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
+        return shared_stack(self.model.language_model, self.dpvr_config, embeds, is_img, valid, pos), pos
+
+    def _from_shared_stack(self, shared, input_ids, attention_mask, position_ids, inputs) -> torch.Tensor:
+        """The routed forward from the shared stack's output on -> final-norm hidden (B, T, D)."""
+        is_img = input_ids == self.config.image_token_id
+        valid = _valid_mask(attention_mask, input_ids, is_img)
+        if shared.shape[:2] != input_ids.shape:
+            raise DPVRError(f"shared_states has shape {tuple(shared.shape)}: expected {tuple(input_ids.shape)} + (hidden,)")
+        pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
+        out = routed_decoder(self.model.language_model, active_side_branch(self.side_branch), self.dpvr_config,
+                             shared.to(self.dtype), is_img, valid, pos,
+                             checkpointing=self.is_activation_checkpointing and self.training, shared=True)  # fmt: skip
+        return out.hidden
 
     def _routed_cache(self, past_key_values, use_cache, batch: int) -> RoutedCache | None:
         """The RoutedCache to read/fill, a new one when asked for, or None (no caching)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dpvr.config import MODE_TRAITS, DPVRConfig
+from dpvr.errors import DPVRError
 
 ALL, TEXT, IMAGE = "all", "text", "image"
 
@@ -110,6 +111,20 @@ def compile_schedule(cfg: DPVRConfig, num_layers: int, has_images: bool = True) 
     else:
         steps = _shared(cfg, cfg.split_layer, prune=cfg.shallow_fastv) + _DEEP[cfg.mode](cfg, num_layers)
     return [s for s in steps if len(s.layers)]
+
+
+def split_schedule(cfg: DPVRConfig, num_layers: int, has_images: bool = True) -> tuple[list[Step], list[Step]]:
+    """compile_schedule's steps as (the shared stack [0, split), the rest), for a mode with a split and
+    no pruning inside the shared stack: what a cache of the shared stack's output skips
+    (`routed_decoder(shared=...)`, dpvr.train.shared_cache). A batch without images runs the stock
+    layers, cut at the same place."""
+    if not MODE_TRAITS[cfg.mode].split or cfg.shallow_fastv:
+        what = "shallow_fastv prunes inside it" if cfg.shallow_fastv else f"mode {cfg.mode!r} has no split"
+        raise DPVRError(f"no shared stack to cache: {what}")
+    s = cfg.split_layer
+    steps = compile_schedule(cfg, num_layers, has_images) if has_images else [Step(range(0, s)), Step(range(s, num_layers))]
+    assert steps[0] == Step(range(0, s)), f"the schedule does not start with the shared stack: {summary(steps)}"
+    return steps[:1], steps[1:]
 
 
 def layer_contents(steps: list[Step], num_layers: int) -> list[tuple[str, bool]]:

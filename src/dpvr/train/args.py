@@ -64,3 +64,8 @@ class DataArguments:
         default=False, metadata={"help": "end training once the held-out loss has plateaued (dpvr.train.plateau: at most "
                                  "2%% lower over the last third of the steps, from the 4th evaluation on); needs "
                                  "--eval_strategy steps"})
+    plateau_min_steps: int = field(default=0, metadata={"help": "with --stop_at_plateau: never stop before this many steps "
+                                                        "(e.g. one epoch)"})  # fmt: skip
+    shared_stack_cache: str | None = field(
+        default=None, metadata={"help": "dpvr method: compute the frozen shared stack's output once per sample into this "
+                                "folder and train (and score the held-out loss) from the split on (dpvr.train.shared_cache)"})

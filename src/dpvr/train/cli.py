@@ -74,6 +74,19 @@ def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
                             on_error=dargs.on_error, skip_markers=True)  # fmt: skip
 
 
+def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
+    """The training and held-out sets read from the shared-stack cache, and their collator."""
+    from dpvr.train.shared_cache import CachedCollator, cached
+
+    if margs.method != "dpvr":
+        raise UsageError(f"--shared_stack_cache caches DPVR's frozen shared stack; --method {margs.method} trains it")
+    model.to(targs.device)  # the states are computed where the model will train
+    batch = targs.per_device_eval_batch_size
+    dataset = cached(model, dataset, folder, batch, "train")
+    held_out = cached(model, held_out, folder, batch, "held-out") if held_out is not None else None
+    return dataset, held_out, CachedCollator(collate)
+
+
 def train(argv: list[str]) -> dict:
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
@@ -88,7 +101,9 @@ def train(argv: list[str]) -> dict:
     dataset = build_dataset(dargs, processor)
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
     held_out = build_dataset(dargs, processor, held_out=True) if targs.eval_strategy != "no" else None
-    stop = PlateauStop() if dargs.stop_at_plateau else None
+    if dargs.shared_stack_cache:
+        dataset, held_out, collate = _from_shared_stack(model, margs, targs, dargs.shared_stack_cache, dataset, held_out, collate)
+    stop = PlateauStop(dargs.plateau_min_steps) if dargs.stop_at_plateau else None
     trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
                           callbacks=[DigestCallback(), *filter(None, [stop])])  # fmt: skip
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):

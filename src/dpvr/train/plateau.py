@@ -31,13 +31,17 @@ def plateau(curve: list[tuple[int, float]], tail: float = PLATEAU_TAIL, tol: flo
 
 
 class PlateauStop(TrainerCallback):
-    """Ends training at the first held-out evaluation (from the MIN_POINTS-th on) where `plateau` holds."""
+    """Ends training at the first held-out evaluation (from the MIN_POINTS-th on, and from step
+    `min_steps` on) where `plateau` holds."""
 
     stopped = False
 
+    def __init__(self, min_steps: int = 0):
+        self.min_steps = min_steps
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         curve = held_out_curve(state.log_history)  # the Trainer logs the evaluation before this callback
-        if len(curve) >= MIN_POINTS and plateau(curve)["plateaued"]:
+        if len(curve) >= MIN_POINTS and state.global_step >= self.min_steps and plateau(curve)["plateaued"]:
             control.should_training_stop = True
             self.stopped = True
         return control

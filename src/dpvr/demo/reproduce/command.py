@@ -6,8 +6,9 @@
 
 1. `dpvr analyze` (Figure 2's three saturation views) recommends the split;
 2. a learning-rate sweep per method family (LF, PC/KV, LoRA, full) on the validation split's loss;
-3. every trained row, every seed: the same number of steps (at least one epoch of train.json, the
-   same budget for every method) with the held-out loss logged along the way, then `dpvr eval` on the
+3. every trained row, every seed: at least one epoch of train.json, then on until the held-out loss
+   plateaus (capped at two epochs; the same rule for every method; DPVR rows read the frozen shared
+   stack's output from OUT/shared-stack, computed once per split), then `dpvr eval` on the
    test split with the paper's metrics; evaluation-only rows (vanilla, VTW, FastV, LF-ideal, LF + FastV)
    are scored the same way;
 4. `dpvr bench` on the base's shape: the Table 8 analogue over text lengths, and every row's analytic
@@ -26,7 +27,7 @@ import math
 import time
 from pathlib import Path
 
-from dpvr.demo.recipe import BATCH, HELD_OUT_LIMIT, HELD_OUT_POINTS, epoch_steps, training_flags
+from dpvr.demo.recipe import BATCH, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
@@ -37,8 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
     p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
     p.add_argument("--split-layer", type=at_least(1), default=None, help="s of the main rows (default: `dpvr analyze`'s pick)")
-    p.add_argument("--epochs", type=positive_float, default=1.0, help="training budget of every row, in epochs of train.json")
-    p.add_argument("--steps", type=at_least(1), default=None, help="training steps per run instead of --epochs (quick: 6)")
+    p.add_argument("--epochs", type=positive_float, default=MIN_EPOCHS,
+                   help="epochs of train.json every run trains before its plateau may end it")
+    p.add_argument("--max-epochs", type=positive_float, default=MAX_EPOCHS, help="cap of a run still falling, in epochs")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="exactly this many training steps per run instead of --epochs/--max-epochs (quick: 6)")
     p.add_argument("--seeds", type=at_least(1), default=None, help="seeds per trained row (default 3; quick 1)")
     p.add_argument("--sweep-seeds", type=at_least(1), default=None,
                    help="seeds per ablation-sweep row (default: --seeds)")
@@ -64,7 +68,8 @@ class Reproduction:
         self.fingerprint = model_fingerprint(self.base)  # a retrained base reruns every step
         epoch = epoch_steps(args.batch_size)
         self.batch = args.batch_size
-        self.steps = args.steps or (6 if args.quick else math.ceil(epoch * args.epochs))
+        self.steps = args.steps or (6 if args.quick else math.ceil(epoch * max(args.max_epochs, args.epochs)))
+        self.min_steps = self.steps if args.steps or args.quick else math.ceil(epoch * args.epochs)
         self.sweep_steps = args.lr_sweep_steps or (3 if args.quick else max(1, epoch // 4))
         self.seeds = range(args.seeds or (1 if args.quick else 3))
         self.sweep_seeds = range(args.sweep_seeds or len(self.seeds))
@@ -92,9 +97,11 @@ class Reproduction:
     def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True) -> Path:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
         points = self.points if until_plateau else 2  # a sweep run needs its last loss only
+        cache = str(self.out / "shared-stack") if row.train[row.train.index("--method") + 1] == "dpvr" else None
+        flags = training_flags(steps, self.batch, points, self.held_out, until_plateau, self.min_steps, cache)
+        flags += ["--limit", str(self.steps * self.batch)] if self.quick else []  # one epoch (and cache) of a toy set
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
-                "--learning_rate", str(lr), *training_flags(steps, self.batch, points, self.held_out, until_plateau),
-                "--output_dir", str(self.out / tag)]  # fmt: skip
+                "--learning_rate", str(lr), *flags, "--output_dir", str(self.out / tag)]  # fmt: skip
         return self.step(f"train {tag}", argv, tag)
 
     def evaluate(self, model_args: list[str], tag: str, trained: Path | None = None) -> dict:

@@ -56,7 +56,7 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
     """`fusion_at`: the sparse fusion layers `dpvr analyze` suggests; with them come two rows, LF fused there
     and LF fused at as many last layers (the same number of fusion layers)."""
     baseline = {"mode": "vanilla"}
-    rows = [  # the side-branch rows before the costlier baselines: a run cut short by --minutes has them
+    rows = [  # the side-branch rows and sweeps before the costlier baselines: a run cut short by --minutes has them
         Row("vanilla", routing=baseline),
         dpvr_row("DPVR-LF", "lf", split),
         dpvr_row("DPVR-PC", "pc", split),
@@ -71,11 +71,6 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         rows.append(Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1,
                                                     "side_depth": 1, "shallow_fastv": True, **FASTV},
                         adapter_of="DPVR-LF"))  # fmt: skip
-    rows += [
-        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
-        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
-        Row("full fine-tune", ("--method", "full"), baseline),
-    ]
     splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     fusion_at = tuple(i for i in fusion_at if split <= i < L)
@@ -89,7 +84,11 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
                              sweep=("placement", n_at)))  # fmt: skip
         if n_at not in ((2,) if quick else (2, 3, 4)):
             rows.append(dpvr_row(f"LF last {n_at} (same count)", "lf", split, K=n_at, sweep=("fusion", n_at)))
-    return rows
+    return rows + [  # last: each of their runs costs as much as ten side-branch runs on the shared-stack cache
+        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
+        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
+        Row("full fine-tune", ("--method", "full"), baseline),
+    ]
 
 
 def sweep_rows(rows: list[Row]) -> dict[str, Row]:
