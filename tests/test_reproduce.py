@@ -42,6 +42,8 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert {c["claim"].split(":")[0] for c in record["claims"]} >= {"LF matches PC/KV at lower cost", "beyond the paper"}
     assert [r["n_txt"] for r in record["table8"]] == [16] and "Table 8" in (out / "table.md").read_text()
     assert results["DPVR-KV"]["steps"] == results["DPVR-PC"]["steps"], "KV runs PC's trained side branch"
+    # the DPVR rows trained from the shared-stack cache, one file per split (9, and the sweep's 7) and set
+    assert len(list((out / "shared-stack").glob("*.safetensors"))) == 4
     for name in ("loss_curves.png", "sweeps.png", "table.md", "claims.md", "saturation.png"):
         assert (out / name).stat().st_size > 0
 

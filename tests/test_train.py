@@ -82,6 +82,9 @@ def test_stop_at_plateau_ends_the_run_once_the_held_out_loss_stops_falling(world
     stopped = json.loads(Path(train(args(world, tmp_path / "a", *held_out, "--stop_at_plateau", "true"))["final"],
                               "run.json").read_text())  # fmt: skip
     assert stopped["steps"] == MIN_POINTS and stopped["stopped_at_plateau"] and stopped["max_steps"] == 30
+    later = json.loads(Path(train(args(world, tmp_path / "c", *held_out, "--stop_at_plateau", "true",
+                                      "--plateau_min_steps", "7"))["final"], "run.json").read_text())  # fmt: skip
+    assert later["steps"] == 7 and later["stopped_at_plateau"], "stopped before --plateau_min_steps"
     with pytest.raises(UsageError, match="--stop_at_plateau watches the held-out loss"):
         train(args(world, tmp_path / "b", "--max_steps", "3", "--stop_at_plateau", "true"))
 

@@ -1,0 +1,119 @@
+"""The shared-stack cache: a forward that starts from the cached states after layers [0, split) is the
+whole forward (logits, loss, side-branch gradients) on every family, and `dpvr train` on the cache
+trains the run it trains without it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES, sample, tiny_vlm
+from safetensors.torch import load_file
+from tiny import IMAGE_TOKEN, left_pad, pixels, prompt, tiny_llava
+
+from dpvr import DPVRConfig, DPVRError, convert
+from dpvr.data.digit_scenes import ensure_benchmark
+from dpvr.errors import UsageError
+from dpvr.routing.schedule import split_schedule
+from dpvr.train.cli import train
+
+L = 6
+MODES = {
+    "lf": DPVRConfig(mode="lf", split_layer=2, fusion_layers=1),
+    "lf-K2-D2": DPVRConfig(mode="lf", split_layer=3, fusion_layers=2, side_depth=2),
+    "sparse": DPVRConfig(mode="lf", split_layer=1, fusion_at=(2, 4)),
+    "pc": DPVRConfig(mode="pc", split_layer=3),
+    "kv": DPVRConfig(mode="kv", split_layer=2),
+}
+
+
+def llava_inputs() -> dict:
+    rows = [prompt(3, 4, seed=1), prompt(5, 2, n_images=2, seed=2), [7, 8, 9, 10, 11]]  # the last: text only
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(3, seed=3)}
+
+
+def routed(family: str, cfg: DPVRConfig):
+    model = convert(tiny_llava("llama", L) if family == "llava" else tiny_vlm(family, L), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a copied side branch equals the layer it came from: make it differ
+        for p in model.side_branch.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["llava", *FAMILIES])
+def test_the_forward_from_the_cached_shared_stack_is_the_whole_forward(family, mode):
+    model = routed(family, MODES[mode])
+    inputs = llava_inputs() if family == "llava" else sample(family, model, [(2, [0, 1], 3), (4, [2], 2), (3, [], 5)])[0]
+    image_id = IMAGE_TOKEN if family == "llava" else model.config.image_token_id
+    labels = inputs["input_ids"].masked_fill((inputs["input_ids"] == image_id) | ~inputs["attention_mask"].bool(), -100)
+    states, pos = model.shared_stack_states(**inputs)
+    assert not states.requires_grad  # computed once, outside any graph
+    whole = model(**inputs, labels=labels)
+    cached = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=pos,
+                   shared_states=states, labels=labels)  # fmt: skip
+    text = (inputs["input_ids"] != image_id) & inputs["attention_mask"].bool()
+    torch.testing.assert_close(cached.logits[text], whole.logits[text], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.loss, whole.loss)
+    params = list(model.side_branch.parameters())
+    for got, want in zip(torch.autograd.grad(cached.loss, params), torch.autograd.grad(whole.loss, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_modes_without_a_cacheable_shared_stack_are_refused():
+    for cfg, why in ((DPVRConfig(mode="lf", split_layer=3, shallow_fastv=True, fastv_layer=1), "shallow_fastv prunes"),
+                     (DPVRConfig(mode="fastv"), "has no split"), (DPVRConfig(mode="vanilla"), "has no split")):  # fmt: skip
+        with pytest.raises(DPVRError, match=f"no shared stack to cache: .*{why}"):
+            split_schedule(cfg, L)
+    model = routed("llava", MODES["lf"])
+    inputs = llava_inputs()
+    states, _ = model.shared_stack_states(**inputs)
+    with pytest.raises(DPVRError, match="shared_states replace the images"):
+        model(**inputs, shared_states=states)
+    with pytest.raises(DPVRError, match="shared_states has shape"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], shared_states=states[:, 1:])
+
+
+@pytest.fixture(scope="module")
+def world(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    data = ensure_benchmark(root / "bench", seed=4, scenes={"train": 6, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
+    return tiny_checkpoint, data
+
+
+def run(world, out: Path, *extra) -> dict:
+    root, data = world
+    train(["--model", str(root), "--data", str(data / "train.json"), "--eval_data", str(data / "val.json"),
+           "--mode", "lf", "--split_layer", "3", "--fusion_layers", "2", "--per_device_train_batch_size", "4",
+           "--max_steps", "5", "--learning_rate", "1e-3", "--eval_strategy", "steps", "--eval_steps", "2",
+           "--eval_limit", "6", "--logging_steps", "1", "--save_steps", "1000", "--output_dir", str(out),
+           "--disable_tqdm", "true", *extra])  # fmt: skip
+    return json.loads((out / "final" / "run.json").read_text())
+
+
+def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
+    cache = tmp_path / "cache"
+    plain, on_cache = run(world, tmp_path / "plain"), run(world, tmp_path / "cached", "--shared_stack_cache", str(cache))
+    files = sorted(cache.iterdir())
+    assert len(files) == 2  # the training set and the held-out set
+    for key in ("loss", "eval_loss"):
+        got = [h[key] for h in on_cache["log_history"] if key in h]
+        want = [h[key] for h in plain["log_history"] if key in h]
+        assert len(got) == len(want) > 1
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    weights = [load_file(tmp_path / run_ / "final" / "side_branch.safetensors") for run_ in ("plain", "cached")]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    run(world, tmp_path / "seed1", "--shared_stack_cache", str(cache), "--seed", "1", "--fusion_layers", "1")
+    assert sorted(cache.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
+    run(world, tmp_path / "split4", "--shared_stack_cache", str(cache), "--split_layer", "4")
+    assert len(list(cache.iterdir())) == 4  # another split: its own states
+
+
+def test_only_the_dpvr_method_reads_the_cache(world, tmp_path):
+    with pytest.raises(UsageError, match="--shared_stack_cache caches DPVR's frozen shared stack; --method lora"):
+        run(world, tmp_path, "--method", "lora", "--shared_stack_cache", str(tmp_path / "cache"))
