@@ -1,11 +1,11 @@
 """`dpvr demo`: the whole idea on the embedded default, in minutes on a laptop CPU.
 
     dpvr demo                     # -> runs/demo/report.html and a summary table
-    dpvr demo --train-steps 100   # a shorter side-branch training budget
+    dpvr demo --train-steps 100   # exactly 100 side-branch training steps instead of the recipe
 
 1. analyze the tiny LLaVA's visual saturation and pick the split (`dpvr analyze`);
 2. convert to DPVR-LF at that split and train the side branch with the reproduction's recipe (`dpvr train`:
-   one epoch at most, ending at the held-out loss's plateau; dpvr.demo.recipe);
+   at least one epoch, then on to the held-out loss's plateau, from the shared-stack cache; dpvr.demo.recipe);
 3. evaluate vanilla, FastV, VTW and DPVR-LF side by side (`dpvr eval`);
 4. benchmark prefill and cached decode for the same modes (`dpvr bench --preset tiny`);
 5. write a summary table and a self-contained HTML report with the plots.
@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from dpvr.cli_types import at_least
-from dpvr.demo.recipe import HELD_OUT_LIMIT, epoch_steps, training_flags
+from dpvr.demo.recipe import HELD_OUT_LIMIT, MAX_EPOCHS, MIN_EPOCHS, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
 
 METHODS = ("vanilla", "fastv", "vtw", "lf")
@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="stock llava checkpoint (default: the embedded tiny LLaVA)")
     p.add_argument("--analyze-samples", type=at_least(1), default=64)
     p.add_argument("--train-steps", type=at_least(1), default=None,
-                   help="side-branch training budget (default: one epoch); it ends earlier at its held-out plateau")
+                   help="exactly this many side-branch training steps (default: the recipe, one epoch and on to the "
+                        "held-out plateau)")
     p.add_argument("--held-out", type=at_least(1), default=HELD_OUT_LIMIT, help="val samples in the held-out loss")
     p.add_argument("--eval-per-family", type=at_least(1), default=60, help="questions per family (None: all)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
@@ -55,9 +56,14 @@ def run(args: argparse.Namespace) -> int:
     split = int(rec["split"])
     print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
 
-    steps = args.train_steps or epoch_steps()  # the reproduction's budget; the run ends at its held-out plateau
+    if args.train_steps:  # a short budget: every step trains, and a cache would cost more than it saves
+        steps, recipe = args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps)
+    else:  # the reproduction's recipe
+        steps = epoch_steps() * MAX_EPOCHS
+        recipe = training_flags(steps, held_out=args.held_out, min_steps=epoch_steps() * MIN_EPOCHS,
+                                cache=str(out / "shared-stack"))  # fmt: skip
     train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(steps),
-                               *training_flags(steps, held_out=args.held_out), "--output_dir", str(out / "train")], out / "train")  # fmt: skip
+                               *recipe, "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)
     adapter = out / "train" / "final"
 
