@@ -22,12 +22,21 @@ def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
     return math.ceil(len(load_samples(open_benchmark(None, seed) / "train.json")) / batch)
 
 
+def eval_every(steps: int, points: int, min_steps: int = 0) -> int:
+    """Steps between held-out evaluations: `points` over the budget `steps`, spaced so that one lands
+    at (or just past) `min_steps`, where the plateau stop can first end the run; an evaluation due
+    after it would run the whole gap for nothing."""
+    if not 0 < min_steps <= steps:
+        return max(1, steps // points)
+    return math.ceil(min_steps / max(1, round(points * min_steps / steps)))
+
+
 def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS, held_out: int = HELD_OUT_LIMIT,
                    until_plateau: bool = True, min_steps: int = 0, cache: str | None = None) -> list[str]:  # fmt: skip
     """`dpvr train` flags after `--max_steps` (the cap)/`--learning_rate`: batch, logging, the held-out
     curve (from the untrained side branch on, when `until_plateau`), the stop (not before `min_steps`)
     and, for a DPVR run, the shared-stack cache folder."""
-    every = max(1, steps // points)
+    every = eval_every(steps, points, min_steps)
     return ["--per_device_train_batch_size", str(batch), "--save_steps", str(10**9), "--logging_steps",
             str(max(1, every // 2)), "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_limit", str(held_out),
             "--disable_tqdm", "true",
