@@ -55,6 +55,17 @@ def test_plateau_rule():
     assert not plateau(flat[:2])["plateaued"], "two points cannot show a plateau"
 
 
+def test_a_held_out_evaluation_lands_at_the_first_chance_to_stop():
+    from dpvr.demo.recipe import eval_every
+
+    for steps, min_steps, points in [(774, 387, 12), (50, 17, 5), (1000, 999, 7), (9, 8, 3)]:
+        every = eval_every(steps, points, min_steps)
+        first = -(-min_steps // every) * every  # the first evaluation at or past min_steps
+        assert first - min_steps < max(1, min_steps // points), (steps, min_steps, points, every)
+        assert steps // every >= points - 1, "about `points` evaluations over the budget"
+    assert eval_every(774, 12) == eval_every(774, 12, 774) == 64, "a run that cannot stop early: evenly"
+
+
 def test_lr_sweep_goes_on_past_an_edge_until_the_best_is_interior():
     from dpvr.demo.reproduce.plan import LR_STEP, beyond_edge
 

@@ -25,8 +25,8 @@ def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
 def eval_every(steps: int, points: int, min_steps: int = 0) -> int:
     """Steps between held-out evaluations: `points` over the budget `steps`, spaced so that one lands
     at (or just past) `min_steps`, where the plateau stop can first end the run; an evaluation due
-    after it would run the whole gap for nothing."""
-    if not 0 < min_steps <= steps:
+    after it would run the whole gap for nothing. A run that cannot stop early splits its budget evenly."""
+    if not 0 < min_steps < steps:
         return max(1, steps // points)
     return math.ceil(min_steps / max(1, round(points * min_steps / steps)))
 
