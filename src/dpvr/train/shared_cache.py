@@ -9,12 +9,14 @@ held-out loss from there: the forward starts at the split (`forward(shared_state
     data = cached(model, dataset, "runs/shared-stack", batch_size=16)   # a Dataset of cached items
     trainer = DPVRTrainer(..., train_dataset=data, data_collator=CachedCollator(collate))
 
-What it saves, measured, is in docs/train.md. The file holds the states in the model's dtype
-(sequence length x hidden size per sample), and the fill holds it in memory once: it is for data
-sets read many times (the reproduction's 6k samples), not LLaVA-665k on a 7B model (terabytes). The key covers the model files, the split, attention and
-dtype, and the samples with how they are rendered; a different one computes a new file. Writes are
-atomic, so processes sharing DIR never read half a file. It pays when a sample is read more than
-once: several epochs, or several runs on one split (seeds, K, D, fusion placement)."""
+What it saves, measured, is in docs/train.md. It pays when a sample is read more than once: several
+epochs, or several runs on one split (seeds, K, D, fusion placement). The file holds the states in
+the model's dtype (sequence length x hidden size per sample) and the fill holds them in memory once:
+it is for data sets read many times (the reproduction's 6k samples), not LLaVA-665k on a 7B model
+(terabytes). The key covers the model files, the split, attention and dtype, and the samples with
+how they are rendered; a different one computes a new file. Writes are atomic, so processes sharing
+DIR never read half a file (each process that finds no file computes it: fill it once before a
+multi-process launch)."""
 from __future__ import annotations
 
 import hashlib
