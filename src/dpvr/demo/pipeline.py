@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from dpvr.cli_types import at_least
-from dpvr.demo.recipe import HELD_OUT_LIMIT, MAX_EPOCHS, MIN_EPOCHS, epoch_steps, training_flags
+from dpvr.demo.recipe import CACHE_FOLDER, HELD_OUT_LIMIT, budget, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
 
 METHODS = ("vanilla", "fastv", "vtw", "lf")
@@ -59,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_steps:  # a short budget: every step trains, and a cache would cost more than it saves
         steps, recipe = args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps)
     else:  # the reproduction's recipe
-        steps = epoch_steps() * MAX_EPOCHS
-        recipe = training_flags(steps, held_out=args.held_out, min_steps=epoch_steps() * MIN_EPOCHS,
-                                cache=str(out / "shared-stack"))  # fmt: skip
+        steps, min_steps = budget(epoch_steps())
+        recipe = training_flags(steps, held_out=args.held_out, min_steps=min_steps, cache=str(out / CACHE_FOLDER))
     train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(steps),
                                *recipe, "--output_dir", str(out / "train")], out / "train")  # fmt: skip
     train.run(args.fresh)

@@ -12,6 +12,7 @@ HELD_OUT_POINTS = 12  # held-out evaluations over the budget: a plateau can show
 HELD_OUT_LIMIT = 256  # val samples in the held-out loss
 MIN_EPOCHS = 1  # no run stops at its plateau before this many epochs (the paper trains one) ...
 MAX_EPOCHS = 2  # ... and one still falling goes on up to this many
+CACHE_FOLDER = "shared-stack"  # under a pipeline's output folder: the DPVR runs' shared-stack cache
 
 
 def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
@@ -20,6 +21,11 @@ def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
     from dpvr.data.llava_json import load_samples
 
     return math.ceil(len(load_samples(open_benchmark(None, seed) / "train.json")) / batch)
+
+
+def budget(epoch: int, min_epochs: float = MIN_EPOCHS, max_epochs: float = MAX_EPOCHS) -> tuple[int, int]:
+    """(the cap, the steps before which no run stops) of the recipe, in steps of an `epoch`-step epoch."""
+    return math.ceil(epoch * max(max_epochs, min_epochs)), math.ceil(epoch * min_epochs)
 
 
 def eval_every(steps: int, points: int, min_steps: int = 0) -> int:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-from dpvr.demo.recipe import BATCH, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS, epoch_steps, training_flags
+from dpvr.demo.recipe import (BATCH, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS, budget,
+                              epoch_steps, training_flags)
 from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
@@ -68,8 +68,9 @@ class Reproduction:
         self.fingerprint = model_fingerprint(self.base)  # a retrained base reruns every step
         epoch = epoch_steps(args.batch_size)
         self.batch = args.batch_size
-        self.steps = args.steps or (6 if args.quick else math.ceil(epoch * max(args.max_epochs, args.epochs)))
-        self.min_steps = self.steps if args.steps or args.quick else math.ceil(epoch * args.epochs)
+        cap, min_steps = budget(epoch, args.epochs, args.max_epochs)
+        self.steps = args.steps or (6 if args.quick else cap)
+        self.min_steps = self.steps if args.steps or args.quick else min_steps
         self.sweep_steps = args.lr_sweep_steps or (3 if args.quick else max(1, epoch // 4))
         self.seeds = range(args.seeds or (1 if args.quick else 3))
         self.sweep_seeds = range(args.sweep_seeds or len(self.seeds))
@@ -97,7 +98,7 @@ class Reproduction:
     def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True) -> Path:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
         points = self.points if until_plateau else 2  # a sweep run needs its last loss only
-        cache = str(self.out / "shared-stack") if row.train[row.train.index("--method") + 1] == "dpvr" else None
+        cache = str(self.out / CACHE_FOLDER) if row.method == "dpvr" else None
         flags = training_flags(steps, self.batch, points, self.held_out, until_plateau, self.min_steps, cache)
         flags += ["--limit", str(self.steps * self.batch)] if self.quick else []  # one epoch (and cache) of a toy set
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),

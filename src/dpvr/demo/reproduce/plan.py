@@ -35,11 +35,15 @@ class Row:
         return bool(self.train)
 
     @property
+    def method(self) -> str | None:
+        """`dpvr train --method` of a trained row (dpvr, lora, full)."""
+        return self.train[self.train.index("--method") + 1] if self.trains else None
+
+    @property
     def family(self) -> str | None:
         if not self.trains:
             return None
-        method = self.train[self.train.index("--method") + 1]
-        return FAMILY_OF[self.routing["mode"] if method == "dpvr" else method]
+        return FAMILY_OF[self.routing["mode"] if self.method == "dpvr" else self.method]
 
 
 def dpvr_row(name: str, mode: str, split: int, K: int = 1, D: int = 1, sweep=None, fusion_at=()) -> Row:
