@@ -158,8 +158,7 @@ def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: d
     if row.trains:
         final = rep.train(row, seed, lrs[row.family]["chosen"], rep.steps, tag) / "final"
         finals[(row.name, seed)] = final
-        method = row.train[row.train.index("--method") + 1]
-        model = ["--model", str(final)] if method == "full" else ["--model", rep.base, "--adapter", str(final)]
+        model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
         return {"seed": seed, "scores": rep.evaluate(model, tag, final), "record": record}
     final = finals[(row.adapter_of, seed)] if row.adapter_of else None
