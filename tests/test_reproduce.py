@@ -44,6 +44,11 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert results["DPVR-KV"]["steps"] == results["DPVR-PC"]["steps"], "KV runs PC's trained side branch"
     # the DPVR rows trained from the shared-stack cache, one file per split (9, and the sweep's 7) and set
     assert len(list((out / "shared-stack").glob("*.safetensors"))) == 4
+    # where the time went: every stage, from the steps' own records, which this run wrote (so they fit in it)
+    minutes = record["minutes"]
+    assert {"analysis", "learning-rate sweep", "DPVR-LF", "DPVR-KV", "LoRA r=16", "full fine-tune", "bench"} <= set(minutes)
+    assert all(v > 0 for v in minutes.values()) and 60 * sum(minutes.values()) < time.perf_counter() - start
+    assert "Where the time went" in (out / "table.md").read_text()
     for name in ("loss_curves.png", "sweeps.png", "table.md", "claims.md", "saturation.png"):
         assert (out / name).stat().st_size > 0
 

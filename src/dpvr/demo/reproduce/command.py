@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dpvr.demo.recipe import (BATCH, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS, budget,
                               epoch_steps, training_flags)
-from dpvr.demo.steps import Step, model_fingerprint
+from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
@@ -80,11 +80,14 @@ class Reproduction:
         self.limit = args.eval_per_family or (4 if args.quick else None)
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
         self.log: list[str] = []  # every command run or reused, for the record
+        self.minutes: dict[str, float] = {}  # stage -> minutes its steps took when they ran (reused ones included)
 
-    def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = ()) -> Path:
+    def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other") -> Path:
         out = self.out / folder
         Step(name, argv, out, "reproduce", self.fingerprint, reads).run()
         self.log.append(f"dpvr {' '.join(argv)}")
+        seconds = json.loads((out / STAMP).read_text()).get("seconds", 0.0)  # what a resumed run's steps cost too
+        self.minutes[stage] = self.minutes.get(stage, 0.0) + seconds / 60
         return out
 
     def seeds_of(self, row: Row) -> list[int | None]:
@@ -95,7 +98,8 @@ class Reproduction:
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True) -> Path:
+    def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True,
+              stage: str | None = None) -> Path:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
         points = self.points if until_plateau else 2  # a sweep run needs its last loss only
         cache = str(self.out / CACHE_FOLDER) if row.method == "dpvr" else None
@@ -103,13 +107,13 @@ class Reproduction:
         flags += ["--limit", str(self.steps * self.batch)] if self.quick else []  # one epoch (and cache) of a toy set
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
                 "--learning_rate", str(lr), *flags, "--output_dir", str(self.out / tag)]  # fmt: skip
-        return self.step(f"train {tag}", argv, tag)
+        return self.step(f"train {tag}", argv, tag, stage=stage or row.name)
 
-    def evaluate(self, model_args: list[str], tag: str, trained: Path | None = None) -> dict:
+    def evaluate(self, model_args: list[str], tag: str, stage: str, trained: Path | None = None) -> dict:
         """`trained`: the run's weights the evaluation reads (rerun when they were retrained)."""
         limit = [] if self.limit is None else ["--limit-per-family", str(self.limit)]
         folder = self.step(f"eval {tag}", ["eval", *model_args, *limit, "--out", str(self.out / f"{tag}-eval")],
-                           f"{tag}-eval", reads=(trained,) if trained else ())  # fmt: skip
+                           f"{tag}-eval", reads=(trained,) if trained else (), stage=stage)  # fmt: skip
         return json.loads((folder / "eval.json").read_text())["scores"]
 
 
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     ratios, table8 = bench_ratios(rep, rows, split)
     zero_grad = side_branch_gradients(rep.base, split)
     summaries = summarise(results, ratios, lrs)
-    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8)
+    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8, rep.minutes)
     print((rep.out / "table.md").read_text())
     print((rep.out / "claims.md").read_text())
     return 0
@@ -149,7 +153,7 @@ def _analyze(rep: Reproduction) -> dict:
     # every sample masked: fewer give a noisy split (9 with 32 masked on v5, 11 with 200)
     n = ["-n", "8", "--mask-samples", "4"] if rep.quick else ["-n", "200"]
     folder = rep.step("analyze", ["analyze", "--model", rep.base, *n, "--batch-size", "8",
-                                  "--out", str(rep.out / "analyze")], "analyze")  # fmt: skip
+                                  "--out", str(rep.out / "analyze")], "analyze", stage="analysis")  # fmt: skip
     return json.loads((folder / "analysis.json").read_text())
 
 
@@ -160,10 +164,10 @@ def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: d
         finals[(row.name, seed)] = final
         model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
-        return {"seed": seed, "scores": rep.evaluate(model, tag, final), "record": record}
+        return {"seed": seed, "scores": rep.evaluate(model, tag, row.name, final), "record": record}
     final = finals[(row.adapter_of, seed)] if row.adapter_of else None
     model = ["--model", rep.base] + (["--adapter", str(final)] if final else [])
-    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, final), "record": None}
+    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, row.name, final), "record": None}
 
 
 def _slug(name: str) -> str:

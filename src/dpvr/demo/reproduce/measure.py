@@ -30,7 +30,8 @@ def lr_sweep(rep, reps: dict) -> dict:
 
 def _sweep_loss(rep, row, family: str, lr: float) -> float:
     """The held-out loss at the end of a seed-0 run of `rep.sweep_steps` (the same steps for every candidate)."""
-    final = rep.train(row, 0, lr, rep.sweep_steps, f"lr-sweep-{family}-{lr:g}", until_plateau=False) / "final"
+    final = rep.train(row, 0, lr, rep.sweep_steps, f"lr-sweep-{family}-{lr:g}", until_plateau=False,
+                      stage="learning-rate sweep") / "final"
     curve = held_out_curve(json.loads((final / "run.json").read_text())["log_history"])
     return curve[-1][1] if curve else float("inf")
 
@@ -64,7 +65,7 @@ def bench_ratios(rep, rows, split: int) -> tuple[dict, list[dict]]:
         folder = rep.step(name, [
             "bench", "--preset", rep.base, "--split-layer", str(s), "--fusion-layers", str(K), "--side-depth", str(D),
             *sparse, "--modes", ",".join(order), "--text-lens", lens, "--batches", "1", "--repeats", str(rep.repeats),
-            "--new-tokens", "4", "--recompute-text-len", "0", "--no-train-step", "--out", str(rep.out / name)], name)  # fmt: skip
+            "--new-tokens", "4", "--recompute-text-len", "0", "--no-train-step", "--out", str(rep.out / name)], name, stage="bench")  # fmt: skip
         benches[(s, K, D, at)] = json.loads((folder / "bench.json").read_text())
     out = {}
     for name, (variant, mode) in keys.items():
