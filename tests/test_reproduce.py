@@ -3,6 +3,7 @@ untrained tiny LLaVA); the convergence rule and the verdict rules are checked on
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 from dpvr.cli import main
@@ -51,6 +52,12 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert "Where the time went" in (out / "table.md").read_text()
     for name in ("loss_curves.png", "sweeps.png", "table.md", "claims.md", "saturation.png"):
         assert (out / name).stat().st_size > 0
+    # past --minutes no run starts, and every finished one, earlier calls' included, is reported
+    shutil.rmtree(out / "lora-r-64-seed0")
+    assert main([*argv, "--minutes", "0.0001"]) == 0
+    again = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert not (out / "lora-r-64-seed0").exists() and set(again) == set(results) - {"LoRA r=64"}
+    assert again["DPVR-LF"]["mean"] == results["DPVR-LF"]["mean"]
 
 
 def test_plateau_rule():

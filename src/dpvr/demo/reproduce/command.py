@@ -32,6 +32,10 @@ from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
+class NotStarted(Exception):
+    """A row's run past --minutes that no earlier call finished: left for the next call."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dpvr.cli_types import at_least, positive_float  # 0 would read as "not given" below (`args.steps or ...`): refuse it
 
@@ -47,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-seeds", type=at_least(1), default=None,
                    help="seeds per ablation-sweep row (default: --seeds)")
     p.add_argument("--minutes", type=positive_float, default=None,
-                   help="start no row after this many minutes; the report covers the finished rows (rerun to go on)")
+                   help="start no new run of a row after this many minutes; the report covers every finished run, "
+                   "earlier calls' included (rerun to go on; a tiny value reports on what is there)")
     p.add_argument("--batch-size", type=at_least(1), default=BATCH)
     p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
     p.add_argument("--held-out-points", type=at_least(1), default=None,
@@ -81,10 +86,14 @@ class Reproduction:
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
         self.log: list[str] = []  # every command run or reused, for the record
         self.minutes: dict[str, float] = {}  # stage -> minutes its steps took when they ran (reused ones included)
+        self.in_rows = False  # while the rows run, a step past the deadline is read back if finished, else not started
 
     def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other") -> Path:
         out = self.out / folder
-        Step(name, argv, out, "reproduce", self.fingerprint, reads).run()
+        step = Step(name, argv, out, "reproduce", self.fingerprint, reads)
+        if self.in_rows and self.out_of_time() and not step.done():
+            raise NotStarted(name)
+        step.run()
         self.log.append(f"dpvr {' '.join(argv)}")
         seconds = json.loads((out / STAMP).read_text()).get("seconds", 0.0)  # what a resumed run's steps cost too
         self.minutes[stage] = self.minutes.get(stage, 0.0) + seconds / 60
@@ -132,13 +141,21 @@ def run(args: argparse.Namespace) -> int:
     lrs = lr_sweep(rep, sweep_rows(rows))
     results: dict[str, dict] = {}
     finals: dict[tuple[str, int], Path] = {}
+    left: list[str] = []  # runs --minutes left for a later call
+    rep.in_rows = True
     for row in tqdm(rows, desc="reproduce rows", unit="row"):
-        if rep.out_of_time():
-            print(f"[reproduce] --minutes {args.minutes:g} reached: rows from {row.name!r} on are not run "
-                  "(rerun the same command to go on; finished runs are reused)", flush=True)  # fmt: skip
-            break
-        runs = [_run_row(rep, row, seed, lrs, finals) for seed in rep.seeds_of(row)]
-        results[row.name] = {"row": row, "runs": runs}
+        runs = []
+        for seed in rep.seeds_of(row):
+            try:
+                runs.append(_run_row(rep, row, seed, lrs, finals))
+            except NotStarted:
+                left.append(row.name + ("" if seed is None else f" seed {seed}"))
+        if runs:  # a row with fewer seeds than asked is reported with those it has (table.md: "seeds")
+            results[row.name] = {"row": row, "runs": runs}
+    rep.in_rows = False
+    if left:
+        print(f"[reproduce] --minutes {args.minutes:g} reached: {len(left)} runs not started ({', '.join(left)}); "
+              "rerun the same command to go on (finished runs are reused)", flush=True)  # fmt: skip
     rows = [row for row in rows if row.name in results]
     ratios, table8 = bench_ratios(rep, rows, split)
     zero_grad = side_branch_gradients(rep.base, split)
@@ -165,6 +182,8 @@ def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: d
         model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
         return {"seed": seed, "scores": rep.evaluate(model, tag, row.name, final), "record": record}
+    if row.adapter_of and (row.adapter_of, seed) not in finals:  # its side branch is itself not trained yet
+        raise NotStarted(f"{row.name} seed {seed}")
     final = finals[(row.adapter_of, seed)] if row.adapter_of else None
     model = ["--model", rep.base] + (["--adapter", str(final)] if final else [])
     return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, row.name, final), "record": None}

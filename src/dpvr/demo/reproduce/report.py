@@ -54,14 +54,15 @@ def _cell(s: dict, k: str) -> str:
 
 def table(summaries: dict) -> str:
     fams = [k for k in next(iter(summaries.values()))["mean"] if k != "mean"]
-    head = ["method", *fams, "mean", "trainable", "FLOPs", "time", "LR", "steps", "converged"]
+    head = ["method", *fams, "mean", "seeds", "trainable", "FLOPs", "time", "LR", "steps", "converged"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for s in summaries.values():
         conv = {True: "yes", False: "**still falling**", None: "—"}[s["converged"]]
         lr = f"{s['learning_rate']:g}" if s["learning_rate"] else "—"
         steps = "/".join(map(str, s["steps"])) if s["steps"] else "—"
+        seeds = "—" if s["seeds"] == [None] else str(len(s["seeds"]))
         lines.append(f"| {s['name']} | " + " | ".join(_cell(s, f) for f in fams)
-                     + f" | {_cell(s, 'mean')} | {s['trainable_params']:,d} | {s['flop_ratio']:.2f} | {s['time_ratio']:.2f}"
+                     + f" | {_cell(s, 'mean')} | {seeds} | {s['trainable_params']:,d} | {s['flop_ratio']:.2f} | {s['time_ratio']:.2f}"
                      f" | {lr} | {steps} | {conv} |")  # fmt: skip
     lines.append("\npope: F1 (yes positive); mme: accuracy+; mmbench: circular accuracy; others: accuracy. FLOPs and "
                  "time: analytic prefill FLOPs and measured prefill time against vanilla (batch 1, median of paired "
