@@ -1,7 +1,8 @@
 """`dpvr reproduce`: the paper's tables, sweeps and claims, re-run on the embedded default.
 
     dpvr reproduce                 # analysis, LR sweep, every row x 3 seeds to a held-out plateau, verdicts
-    dpvr reproduce --minutes 100   # stop starting rows after 100 minutes; the same command later goes on
+    dpvr reproduce --minutes 100   # start no run after 100 minutes; the same command later goes on
+    dpvr reproduce --minutes 0.01  # start nothing: report on every run finished so far
     dpvr reproduce --quick         # the same code paths at toy sizes, < 5 minutes (a test runs it)
 
 1. `dpvr analyze` (Figure 2's three saturation views) recommends the split;
