@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from families import FAMILIES, QWEN, tiny_vlm
 
 from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.errors import DPVRError, UsageError
+from dpvr.routing.backbones import freeze_vision_encoder
 from dpvr.train.args import ModelArguments
 from dpvr.train.cli import train
 from dpvr.train.trainer import build_model
@@ -103,3 +105,31 @@ def test_ddp_two_processes_train_one_consistent_model(world, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert digest(tmp_path, 0) == digest(tmp_path, 1), "ranks ended with different weights"
     assert (tmp_path / "final" / "side_branch.safetensors").exists()
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_fine_tuning_is_llavas_language_model_and_projector(world):
+    root, _ = world
+    model, _ = build_model(ModelArguments(model=str(root), method="full"))
+    names = {n for n, _ in model.named_parameters()}
+    tower = {n for n in names if ".vision_tower." in n}
+    assert tower and _trainable(model) == names - tower
+    assert any(".multi_modal_projector." in n for n in _trainable(model))
+    model, _ = build_model(ModelArguments(model=str(root), method="full", train_vision_tower=True))
+    assert _trainable(model) == names
+    with pytest.raises(UsageError, match="--train_vision_tower is for --method full"):
+        ModelArguments(model=str(root), method="lora", train_vision_tower=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_freezes_its_image_encoder_and_keeps_its_projector(family):
+    model = tiny_vlm(family)
+    model.requires_grad_(True)
+    freeze_vision_encoder(model)
+    projector, encoder = ("visual.merger.", "visual.") if family in QWEN else ("multi_modal_projector.", "vision_tower.")
+    for name, p in model.named_parameters():
+        inner = name.removeprefix("model.")
+        assert p.requires_grad == (inner.startswith(projector) or not inner.startswith(encoder)), name

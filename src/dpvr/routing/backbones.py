@@ -49,6 +49,8 @@ class Backbone:
     vision_inputs: tuple[str, ...]  # forward kwargs its get_image_features takes besides pixel_values
     mrope: bool = False  # Qwen2-VL's 3-axis rope positions (else 1-D)
     refused_inputs: tuple[str, ...] = ()  # forward kwargs routing does not handle (videos)
+    vision_encoder: str = "vision_tower"  # under the stock `.model`: the image encoder ...
+    projector: str = "multi_modal_projector"  # ... and what maps its features into the text (inside it for Qwen2-VL)
 
     @property
     def model_type(self) -> str:
@@ -66,9 +68,9 @@ BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
     Backbone(LlavaOnevisionForConditionalGeneration, _LLAVA_TEXT,
              (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images"), refused_inputs=("pixel_values_videos",)),
     Backbone(Qwen2VLForConditionalGeneration, ("qwen2_vl_text",), ("image_grid_thw",), mrope=True,
-             refused_inputs=("pixel_values_videos", "video_grid_thw")),
+             refused_inputs=("pixel_values_videos", "video_grid_thw"), vision_encoder="visual", projector="visual.merger"),
     Backbone(Qwen2_5_VLForConditionalGeneration, ("qwen2_5_vl_text",), ("image_grid_thw",), mrope=True,
-             refused_inputs=("pixel_values_videos", "video_grid_thw")),
+             refused_inputs=("pixel_values_videos", "video_grid_thw"), vision_encoder="visual", projector="visual.merger"),
 )}  # fmt: skip
 
 
@@ -81,6 +83,14 @@ def backbone_of(model_or_config) -> Backbone:
     if model_type not in BACKBONES:
         raise NotImplementedError(f"dpvr routes {', '.join(BACKBONES)} models; got model_type {given!r}")
     return BACKBONES[model_type]
+
+
+def freeze_vision_encoder(model) -> None:
+    """Freeze the image encoder but not the projector: LLaVA's fine-tuning stage (and the usual Qwen2-VL
+    one) trains the language model and the projector only."""
+    b = backbone_of(model)
+    model.model.get_submodule(b.vision_encoder).requires_grad_(False)
+    model.model.get_submodule(b.projector).requires_grad_(True)
 
 
 def check_text_model(backbone: Backbone, text_config) -> None:

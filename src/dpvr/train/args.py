@@ -36,11 +36,15 @@ class ModelArguments:
     side_depth: int = field(default=routing_default("side_depth"), metadata={"help": "D: decoder layers in the side branch"})
     side_init: str = field(default=routing_default("side_init"), metadata={"help": "copy (layers s..s+D-1) or random"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)"})
+    train_vision_tower: bool = field(default=False, metadata={
+        "help": "method full: train the image encoder too (LLaVA's fine-tuning trains the language model and projector)"})
     attn: str = field(default="sdpa", metadata={"help": "attention implementation: sdpa or eager"})
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {METHODS}")
+        if self.train_vision_tower and self.method != "full":
+            raise UsageError(f"--train_vision_tower is for --method full (got --method {self.method})")
         if self.method == "dpvr" and self.mode not in SIDE_BRANCH_MODES:
             what = "is inference-only" if self.mode in MODES else f"is not a routing mode ({', '.join(MODES)})"
             raise UsageError(f"--mode {self.mode!r} {what}: it has nothing to train; train {', '.join(SIDE_BRANCH_MODES)} "

@@ -28,6 +28,7 @@ from dpvr.errors import DPVRError
 from dpvr.loading import default_split, load_stock, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
+from dpvr.routing.backbones import freeze_vision_encoder
 from dpvr.train.args import ModelArguments
 
 logger = logging.get_logger(__name__)
@@ -36,7 +37,8 @@ LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so fa
 
 
 def build_model(margs: ModelArguments):
-    """(trainable model, processor) for --method dpvr / full / lora."""
+    """(trainable model, processor) for --method dpvr / full / lora. Full fine-tuning is LLaVA's: the
+    language model and the projector (the image encoder too with --train_vision_tower)."""
     from transformers import AutoProcessor
 
     path = resolve_model_path(margs.model)
@@ -44,6 +46,8 @@ def build_model(margs: ModelArguments):
     processor = AutoProcessor.from_pretrained(path)
     if margs.method == "full":
         base.requires_grad_(True)
+        if not margs.train_vision_tower:
+            freeze_vision_encoder(base)
         return base, processor
     if margs.method == "lora":
         from peft import LoraConfig, get_peft_model

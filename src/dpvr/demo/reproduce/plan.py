@@ -92,7 +92,8 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
     # full fine-tuning, so a run cut short by --minutes can still judge "the side branch matches LoRA / full"
     return rows + [
         Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
-        Row("full fine-tune", ("--method", "full"), baseline),
+        # LLaVA's full fine-tuning (the image encoder frozen), said explicitly: a run from before that default is not reused
+        Row("full fine-tune", ("--method", "full", "--train_vision_tower", "false"), baseline),
         Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
     ]
 
