@@ -34,7 +34,7 @@ from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
 class NotStarted(Exception):
-    """A row's run past --minutes that no earlier call finished: left for the next call."""
+    """A run (LR-sweep candidate or row) past --minutes that no earlier call finished: left for the next call."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-seeds", type=at_least(1), default=None,
                    help="seeds per ablation-sweep row (default: --seeds)")
     p.add_argument("--minutes", type=positive_float, default=None,
-                   help="start no new run of a row after this many minutes; the report covers every finished run, "
+                   help="start no new run (LR-sweep candidate or row) after this many minutes; the report covers every finished run, "
                    "earlier calls' included (rerun to go on; a tiny value reports on what is there)")
     p.add_argument("--batch-size", type=at_least(1), default=BATCH)
     p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
@@ -87,12 +87,12 @@ class Reproduction:
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
         self.log: list[str] = []  # every command run or reused, for the record
         self.minutes: dict[str, float] = {}  # stage -> minutes its steps took when they ran (reused ones included)
-        self.in_rows = False  # while the rows run, a step past the deadline is read back if finished, else not started
+        self.cut = False  # past the deadline a run is read back if finished, else not started (LR sweep and rows)
 
     def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other") -> Path:
         out = self.out / folder
         step = Step(name, argv, out, "reproduce", self.fingerprint, reads)
-        if self.in_rows and self.out_of_time() and not step.done():
+        if self.cut and self.out_of_time() and not step.done():
             raise NotStarted(name)
         step.run()
         self.log.append(f"dpvr {' '.join(argv)}")
@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
     analysis = _analyze(rep)
     split = args.split_layer or int(analysis["recommendation"]["split"])
     rows = plan(rep.quick, L, split, tuple(analysis["recommendation"].get("fusion_at") or ()))
+    rep.cut = True
     lrs = lr_sweep(rep, sweep_rows(rows))
     results: dict[str, dict] = {}
     finals: dict[tuple[str, int], Path] = {}
     left: list[str] = []  # runs --minutes left for a later call
-    rep.in_rows = True
     for row in tqdm(rows, desc="reproduce rows", unit="row"):
         runs = []
         for seed in rep.seeds_of(row):
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                 left.append(row.name + ("" if seed is None else f" seed {seed}"))
         if runs:  # a row with fewer seeds than asked is reported with those it has (table.md: "seeds")
             results[row.name] = {"row": row, "runs": runs}
-    rep.in_rows = False
+    rep.cut = False
     if left:
         print(f"[reproduce] --minutes {args.minutes:g} reached: {len(left)} runs not started ({', '.join(left)}); "
               "rerun the same command to go on (finished runs are reused)", flush=True)  # fmt: skip
@@ -178,6 +178,8 @@ def _analyze(rep: Reproduction) -> dict:
 def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: dict) -> dict:
     tag = _slug(row.name) + ("" if seed is None else f"-seed{seed}")
     if row.trains:
+        if row.family not in lrs:  # --minutes cut its family's learning-rate sweep
+            raise NotStarted(f"{row.name} seed {seed}")
         final = rep.train(row, seed, lrs[row.family]["chosen"], rep.steps, tag) / "final"
         finals[(row.name, seed)] = final
         model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]

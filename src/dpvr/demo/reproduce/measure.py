@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from dpvr.demo.reproduce.command import NotStarted
 from dpvr.demo.reproduce.plan import LR_EXTENSIONS, beyond_edge, learning_rates
 from dpvr.train.plateau import held_out_curve
 
@@ -17,12 +18,15 @@ def lr_sweep(rep, reps: dict) -> dict:
     short seed-0 runs: the family's grid, then further candidates while the best sits at an edge."""
     out = {}
     for family, row in reps.items():
-        losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
-        for _ in range(LR_EXTENSIONS):
-            lr = beyond_edge(losses)
-            if lr is None:
-                break
-            losses[lr] = _sweep_loss(rep, row, family, lr)
+        try:
+            losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
+            for _ in range(LR_EXTENSIONS):
+                lr = beyond_edge(losses)
+                if lr is None:
+                    break
+                losses[lr] = _sweep_loss(rep, row, family, lr)
+        except NotStarted:  # --minutes cut it: the family's rows do not train in this call
+            continue
         out[family] = {"losses": dict(sorted(losses.items())), "chosen": min(losses, key=losses.get),
                        "row": row.name, "at_edge": beyond_edge(losses) is not None}  # fmt: skip
     return out
