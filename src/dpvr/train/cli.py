@@ -25,7 +25,7 @@ from dpvr.cli_types import one_line_errors
 from dpvr.errors import DPVRError, UsageError
 
 from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
-from dpvr.train.launch import check_launch, launched_world
+from dpvr.train.launch import check_launch
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -34,9 +34,9 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
     parser.set_defaults(**TRAINING_DEFAULTS)
     one_line_errors(parser)
     argv = [a for a in argv if a != "--debug"]
-    world = launched_world()
-    if world > 1 and not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
-        # without it, accelerate sees no distributed CPU setup and every process trains its own model
+    if not torch.accelerator.is_available() and not any(a.startswith("--use_cpu") for a in argv):
+        # said for the Trainer when there is no GPU: without it, `--bf16` is refused ("doesn't support bf16/gpu")
+        # although CPU autocast runs it, and under a launcher every process would train its own model
         argv = [*argv, "--use_cpu", "true"]
     try:
         margs, dargs, targs, _ = parser.parse_args_into_dataclasses(args=argv)

@@ -27,8 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from dpvr.demo.recipe import (BATCH, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS, budget,
-                              epoch_steps, training_flags)
+from dpvr.demo.recipe import (BATCH, BF16, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS,
+                              budget, epoch_steps, training_flags)
 from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start no new run (LR-sweep candidate or row) after this many minutes; the report covers every finished run, "
                    "earlier calls' included (rerun to go on; a tiny value reports on what is there)")
     p.add_argument("--batch-size", type=at_least(1), default=BATCH)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=BF16,
+                   help="train with bf16 autocast (fp32 weights; evaluation stays fp32); --no-bf16 trains in fp32")
     p.add_argument("--lr-sweep-steps", type=at_least(1), default=None, help="steps per LR candidate (default: a quarter epoch)")
     p.add_argument("--held-out-points", type=at_least(1), default=None,
                    help="held-out loss evaluations over the budget (default 12; quick 3); a run ends early at a plateau")
@@ -73,7 +75,7 @@ class Reproduction:
         self.quick, self.out, self.base = args.quick, Path(args.out), resolve_model_path(args.model)
         self.fingerprint = model_fingerprint(self.base)  # a retrained base reruns every step
         epoch = epoch_steps(args.batch_size)
-        self.batch = args.batch_size
+        self.batch, self.bf16 = args.batch_size, args.bf16
         cap, min_steps = budget(epoch, args.epochs, args.max_epochs)
         self.steps = args.steps or (6 if args.quick else cap)
         self.min_steps = self.steps if args.steps or args.quick else min_steps
@@ -113,7 +115,8 @@ class Reproduction:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
         points = self.points if until_plateau else 2  # a sweep run needs its last loss only
         cache = str(self.out / CACHE_FOLDER) if row.method == "dpvr" else None
-        flags = training_flags(steps, self.batch, points, self.held_out, until_plateau, self.min_steps, cache)
+        flags = training_flags(steps, self.batch, points, self.held_out, until_plateau, self.min_steps, cache,
+                               self.bf16)
         flags += ["--limit", str(self.steps * self.batch)] if self.quick else []  # one epoch (and cache) of a toy set
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
                 "--learning_rate", str(lr), *flags, "--output_dir", str(self.out / tag)]  # fmt: skip

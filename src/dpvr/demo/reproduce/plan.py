@@ -60,7 +60,7 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
     """`fusion_at`: the sparse fusion layers `dpvr analyze` suggests; with them come two rows, LF fused there
     and LF fused at as many last layers (the same number of fusion layers)."""
     baseline = {"mode": "vanilla"}
-    rows = [  # the side-branch rows and sweeps before the costlier baselines: a run cut short by --minutes has them
+    rows = [  # Table 2 before the ablation sweeps: a run cut short by --minutes has the paper's main table
         Row("vanilla", routing=baseline),
         dpvr_row("DPVR-LF", "lf", split),
         dpvr_row("DPVR-PC", "pc", split),
@@ -75,6 +75,14 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         rows.append(Row("DPVR-LF + FastV", routing={"mode": "lf", "split_layer": split, "fusion_layers": 1,
                                                     "side_depth": 1, "shallow_fastv": True, **FASTV},
                         adapter_of="DPVR-LF"))  # fmt: skip
+    # each of their runs costs about as much as ten side-branch runs on the shared-stack cache; r=64 after
+    # full fine-tuning, so a run cut short by --minutes can still judge "the side branch matches LoRA / full"
+    rows += [
+        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
+        # LLaVA's full fine-tuning (the image encoder frozen), said explicitly: a run from before that default is not reused
+        Row("full fine-tune", ("--method", "full", "--train_vision_tower", "false"), baseline),
+        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
+    ]
     splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     fusion_at = tuple(i for i in fusion_at if split <= i < L)
@@ -88,14 +96,7 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
                              sweep=("placement", n_at)))  # fmt: skip
         if n_at not in ((2,) if quick else (2, 3, 4)):
             rows.append(dpvr_row(f"LF last {n_at} (same count)", "lf", split, K=n_at, sweep=("fusion", n_at)))
-    # last: each of their runs costs as much as ten side-branch runs on the shared-stack cache; r=64 after
-    # full fine-tuning, so a run cut short by --minutes can still judge "the side branch matches LoRA / full"
-    return rows + [
-        Row("LoRA r=16", ("--method", "lora", "--lora_r", "16"), baseline),
-        # LLaVA's full fine-tuning (the image encoder frozen), said explicitly: a run from before that default is not reused
-        Row("full fine-tune", ("--method", "full", "--train_vision_tower", "false"), baseline),
-        Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
-    ]
+    return rows
 
 
 def sweep_rows(rows: list[Row]) -> dict[str, Row]:
