@@ -130,3 +130,13 @@ def test_lf_plus_fastv_needs_room_for_fastv_before_the_split():
     assert "DPVR-LF + FastV" in names(3)
     assert "DPVR-LF + FastV" not in names(2) and "DPVR-LF + FastV" not in names(1)
     assert "FastV (K=2, R=50%)" in names(1)
+
+
+def test_table_2_comes_before_the_ablation_sweeps():
+    """A reproduction cut short by --minutes has the paper's main table, baselines included."""
+    from dpvr.demo.reproduce.plan import plan
+
+    rows = plan(False, 16, 11, fusion_at=(11, 13))
+    first_sweep = next(i for i, r in enumerate(rows) if r.sweep and r.name != "DPVR-LF-ideal")
+    assert {r.name for r in rows[:first_sweep]} >= {"vanilla", "DPVR-LF", "DPVR-PC", "LoRA r=16", "full fine-tune", "LoRA r=64"}
+    assert all(r.sweep for r in rows[first_sweep:])

@@ -97,6 +97,20 @@ def test_baselines_train(world, tmp_path, method, extra):
     assert Path(out["final"], "run.json").exists()
 
 
+def test_bf16_autocast_trains_without_a_gpu_and_tracks_fp32(world, tmp_path):
+    """HF refuses `--bf16` on a CPU-only machine unless told `--use_cpu`; dpvr train says it for the user.
+    Autocast keeps fp32 weights: the same seed's loss stays within a percent of the fp32 run's."""
+    import torch
+
+    from dpvr.train.cli import parse
+
+    targs = parse(args(world, tmp_path / "p", "--bf16", "true"))[2]
+    assert targs.bf16 and (targs.use_cpu or torch.accelerator.is_available())
+    losses = {bf16: train(args(world, tmp_path / bf16, "--max_steps", "3", "--bf16", bf16))["train_loss"]
+              for bf16 in ("false", "true")}  # fmt: skip
+    assert abs(losses["true"] - losses["false"]) < 0.01 * losses["false"], losses
+
+
 def test_ddp_two_processes_train_one_consistent_model(world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "dpvr.cli", "train", *args(world, tmp_path, "--max_steps", "3", "--ddp_backend", "gloo",
