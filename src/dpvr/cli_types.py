@@ -23,17 +23,26 @@ def at_least(low: int):
     return parse
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, low: float, inclusive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value >= low if inclusive else value > low):
+        raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
     return value
 
 
+def positive_float(text: str) -> float:
+    return _number(text, 0, inclusive=False)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, 0, inclusive=True)
+
+
 positive_float.__name__ = "number > 0"
+non_negative_float.__name__ = "number >= 0"
 
 
 def int_list(low: int = 1):

@@ -2,7 +2,7 @@
 
     dpvr reproduce                 # analysis, LR sweep, every row x 3 seeds to a held-out plateau, verdicts
     dpvr reproduce --minutes 100   # start no run after 100 minutes; the same command later goes on
-    dpvr reproduce --minutes 0.01  # start nothing: report on every run finished so far
+    dpvr reproduce --minutes 0     # start nothing: report on every run finished so far
     dpvr reproduce --quick         # the same code paths at toy sizes, < 5 minutes (a test runs it)
 
 1. `dpvr analyze` (Figure 2's three saturation views) recommends the split;
@@ -38,7 +38,7 @@ class NotStarted(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dpvr.cli_types import at_least, positive_float  # 0 would read as "not given" below (`args.steps or ...`): refuse it
+    from dpvr.cli_types import at_least, non_negative_float, positive_float  # a 0 step count would read as "not given" below
 
     p.add_argument("--quick", action="store_true", help="toy sizes: one seed, 2-point sweeps, few steps")
     p.add_argument("--model", default=None, help="base llava checkpoint (default: the embedded tiny LLaVA)")
@@ -51,9 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=at_least(1), default=None, help="seeds per trained row (default 3; quick 1)")
     p.add_argument("--sweep-seeds", type=at_least(1), default=None,
                    help="seeds per ablation-sweep row (default: --seeds)")
-    p.add_argument("--minutes", type=positive_float, default=None,
+    p.add_argument("--minutes", type=non_negative_float, default=None,
                    help="start no new run (LR-sweep candidate or row) after this many minutes; the report covers every finished run, "
-                   "earlier calls' included (rerun to go on; a tiny value reports on what is there)")
+                   "earlier calls' included (rerun to go on; 0 starts none and reports on what is there)")
     p.add_argument("--batch-size", type=at_least(1), default=BATCH)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=BF16,
                    help="train with bf16 autocast (fp32 weights; evaluation stays fp32); --no-bf16 trains in fp32")
@@ -108,7 +108,7 @@ class Reproduction:
         return list(self.sweep_seeds if row.sweep else self.seeds)
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+        return self.deadline is not None and time.monotonic() >= self.deadline  # --minutes 0: from the start
 
     def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True,
               stage: str | None = None) -> Path:
