@@ -46,9 +46,17 @@ def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS
     held-out curve (from the untrained side branch on, when `until_plateau`), the stop (not before
     `min_steps`) and, for a DPVR run, the shared-stack cache folder."""
     every = eval_every(steps, points, min_steps)
+    bf16 = bf16 and _bf16_trains_here()
     return ["--per_device_train_batch_size", str(batch), "--bf16", str(bf16).lower(), "--save_steps", str(10**9), "--logging_steps",
             str(max(1, every // 2)), "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_limit", str(held_out),
             "--disable_tqdm", "true",
             *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else []),
             *(["--plateau_min_steps", str(min_steps)] if until_plateau and min_steps else []),
             *(["--shared_stack_cache", cache] if cache else [])]  # fmt: skip
+
+
+def _bf16_trains_here() -> bool:
+    """The Trainer refuses bf16 on a GPU without it (before Ampere); CPU autocast runs it anywhere."""
+    import torch
+
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
