@@ -13,8 +13,8 @@ HELD_OUT_LIMIT = 256  # val samples in the held-out loss
 MIN_EPOCHS = 1  # no run stops at its plateau before this many epochs (the paper trains one) ...
 MAX_EPOCHS = 2  # ... and one still falling goes on up to this many
 CACHE_FOLDER = "shared-stack"  # under a pipeline's output folder: the DPVR runs' shared-stack cache
-# training autocasts to bf16 (fp32 weights and optimizer): 1.5x per step on this CPU with losses within 3e-4
-# of fp32 (docs/train.md, "Mixed precision"); evaluation stays fp32
+# training autocasts to bf16 (fp32 weights and optimizer; evaluation stays fp32): faster at the same losses,
+# measured in docs/train.md, "Mixed precision"
 BF16 = True
 
 
