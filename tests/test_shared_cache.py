@@ -63,6 +63,24 @@ def test_the_forward_from_the_cached_shared_stack_is_the_whole_forward(family, m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["llava", *FAMILIES])
+def test_a_deeper_split_goes_on_from_a_shallower_splits_states(family):
+    """What a split sweep's cache fill does: split 4's states from split 2's, layers 2-3 only."""
+    shallow, deep = (routed(family, DPVRConfig(mode="lf", split_layer=s)) for s in (2, 4))
+    inputs = llava_inputs() if family == "llava" else sample(family, deep, [(2, [0, 1], 3), (4, [2], 2), (3, [], 5)])[0]
+    states2, pos2 = shallow.shared_stack_states(**inputs)
+    want, want_pos = deep.shared_stack_states(**inputs)
+    text_only = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    got, pos = deep.shared_stack_states(**text_only, position_ids=pos2, shared_states=states2, from_layer=2)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pos, want_pos)
+    assert not torch.allclose(states2[valid], want[valid])  # layers 2-3 did run
+    for bad in ({"from_layer": 5}, {"from_layer": 0}, {"pixel_values": inputs.get("pixel_values", states2)}):
+        with pytest.raises(DPVRError, match="shared_states continue a shallower split"):
+            deep.shared_stack_states(**text_only, position_ids=pos2, shared_states=states2, **{"from_layer": 2, **bad})
+
+
 def test_modes_without_a_cacheable_shared_stack_are_refused():
     for cfg, why in ((DPVRConfig(mode="lf", split_layer=3, shallow_fastv=True, fastv_layer=1), "shallow_fastv prunes"),
                      (DPVRConfig(mode="fastv"), "has no split"), (DPVRConfig(mode="vanilla"), "has no split")):  # fmt: skip
@@ -111,7 +129,15 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
     run(world, tmp_path / "seed1", "--shared_stack_cache", str(cache), "--seed", "1", "--fusion_layers", "1")
     assert sorted(cache.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
     run(world, tmp_path / "split4", "--shared_stack_cache", str(cache), "--split_layer", "4")
-    assert len(list(cache.iterdir())) == 4  # another split: its own states
+    assert len(list(cache.iterdir())) == 4  # another split: its own states, filled from split 3's
+    run(world, tmp_path / "split4-alone", "--shared_stack_cache", str(tmp_path / "alone"), "--split_layer", "4")
+    alone = sorted((tmp_path / "alone").iterdir())
+    assert [f.name for f in alone] == sorted(f.name for f in cache.iterdir() if "-split4." in f.name)
+    for f in alone:  # from split 3's states = from the images
+        chained, scratch = load_file(cache / f.name), load_file(f)
+        assert chained.keys() == scratch.keys()
+        for name in scratch:
+            torch.testing.assert_close(chained[name], scratch[name], rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_dpvr_method_reads_the_cache(world, tmp_path):

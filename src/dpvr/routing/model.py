@@ -155,14 +155,24 @@ class RoutedModel:
         return out.hidden, out.all_hidden, image_features
 
     @torch.no_grad()
-    def shared_stack_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, **inputs):
+    def shared_stack_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
+                            shared_states=None, from_layer: int = 0, **inputs):  # fmt: skip
         """(states (B, T, D) after the frozen shared stack [0, split), positions (B, T) or (3, B, T)):
         `forward(input_ids, attention_mask=..., position_ids=positions, shared_states=states, labels=...)`
-        then runs the rest of the routed forward only (dpvr.train.shared_cache caches them per sample)."""
-        embeds, is_img, _ = self._merge_image_features(input_ids, pixel_values, inputs)
+        then runs the rest of the routed forward only (dpvr.train.shared_cache caches them per sample).
+        shared_states with from_layer: the states after layers [0, from_layer) (a shallower split's
+        output, with its positions as position_ids) instead of the images; only [from_layer, split) runs."""
+        if shared_states is None:
+            embeds, is_img, _ = self._merge_image_features(input_ids, pixel_values, inputs)
+        else:
+            if not 0 < from_layer <= self.dpvr_config.split_layer or pixel_values is not None or position_ids is None:
+                raise DPVRError(f"shared_states continue a shallower split: pass position_ids, no pixel_values, and "
+                                f"0 < from_layer <= split_layer ({self.dpvr_config.split_layer}), not {from_layer}")  # fmt: skip
+            embeds, is_img = shared_states.to(self.dtype), input_ids == self.config.image_token_id
         valid = _valid_mask(attention_mask, input_ids, is_img)
         pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
-        return shared_stack(self.model.language_model, self.dpvr_config, embeds, is_img, valid, pos), pos
+        lm = self.model.language_model
+        return shared_stack(lm, self.dpvr_config, embeds, is_img, valid, pos, start=from_layer), pos
 
     def _from_shared_stack(self, shared, input_ids, attention_mask, position_ids, inputs) -> torch.Tensor:
         """The routed forward from the shared stack's output on -> final-norm hidden (B, T, D)."""

@@ -3,8 +3,10 @@
 DPVR freezes everything but the side branch, so what reaches the split (vision tower, projector,
 embeddings, layers [0, split)) is the same for a sample in every step, epoch, seed and side-branch
 variant (K, D, fusion placement) on that base and split. `dpvr train --shared_stack_cache DIR` runs it
-once over the data (no grad, a progress bar) into DIR/<key>.safetensors, then trains and scores the
-held-out loss from there: the forward starts at the split (`forward(shared_states=...)`).
+once over the data (no grad, a progress bar) into DIR/<key>-split<s>.safetensors, then trains and
+scores the held-out loss from there: the forward starts at the split (`forward(shared_states=...)`).
+A deeper split's fill starts from the deepest shallower split cached under the same key and runs only
+the layers between (a split sweep fills each layer once, not once per split).
 
     data = cached(model, dataset, "runs/shared-stack", batch_size=16)   # a Dataset of cached items
     trainer = DPVRTrainer(..., train_dataset=data, data_collator=CachedCollator(collate))
@@ -13,14 +15,15 @@ What it saves, measured, is in docs/train.md. It pays when a sample is read more
 epochs, or several runs on one split (seeds, K, D, fusion placement). The file holds the states in
 the model's dtype (sequence length x hidden size per sample) and the fill holds them in memory once:
 it is for data sets read many times (the reproduction's 6k samples), not LLaVA-665k on a 7B model
-(terabytes). The key covers the model files, the split, attention and dtype, and the samples with
-how they are rendered; a different one computes a new file. Writes are atomic, so processes sharing
+(terabytes). The key covers the model files, attention and dtype, and the samples with how they are
+rendered; a different one computes a new file. Writes are atomic, so processes sharing
 DIR never read half a file (each process that finds no file computes it: fill it once before a
 multi-process launch)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -35,12 +38,12 @@ FIELDS = ("input_ids", "attention_mask", "labels")  # per token, beside the stat
 
 
 def cache_key(model, dataset) -> str:
-    """What the cached states depend on, hashed: the base's files, the routing up to the split, the
-    numerics, and the samples with their rendering."""
+    """What the cached states depend on besides the split, hashed: the base's files, the numerics, and
+    the samples with their rendering (the shared stack runs every token through the stock layers in
+    every mode with a split, so the files of one key differ only in how deep they go)."""
     root = Path(model.name_or_path)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in root.glob("*") if f.is_file()) if root.is_dir() else []
-    cfg = model.dpvr_config
-    what = {"model": str(root), "files": files, "split": cfg.split_layer, "dtype": str(model.dtype),
+    what = {"model": str(root), "files": files, "dtype": str(model.dtype),
             "attn": model.config._attn_implementation, "samples": dataset.samples, "template": dataset.template,
             "max_length": dataset.max_length, "images": str(dataset.images_dir)}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -58,9 +61,21 @@ def check_cacheable(model) -> None:
     split_schedule(cfg, model.num_text_layers)  # refuses modes without a split and shallow FastV
 
 
+def cache_file(folder, key: str, split: int) -> Path:
+    return Path(folder) / f"{key}-split{split}.safetensors"
+
+
+def _shallower(folder, key: str, split: int) -> tuple[Path, int] | None:
+    """The deepest split below `split` cached under `key`, as (its file, the split), or None."""
+    name = re.compile(rf"{key}-split(\d+)\.safetensors")  # not the atomic writes' dot-prefixed temp files
+    found = [(f, int(m[1])) for f in Path(folder).glob(f"{key}-split*") if (m := name.fullmatch(f.name))]
+    return max((x for x in found if x[1] < split), key=lambda x: x[1], default=None)
+
+
 @torch.no_grad()
-def _fill(model, dataset, collate, batch_size: int, what: str) -> dict[str, torch.Tensor]:
-    """Every sample's states after the shared stack, and its token fields, as flat named tensors."""
+def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int = 0) -> dict[str, torch.Tensor]:
+    """Every sample's states after the shared stack, and its token fields, as flat named tensors.
+    from_layer > 0: `dataset` is a shallower split's CachedDataset, and its states go on from there."""
     tensors: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -72,9 +87,9 @@ def _fill(model, dataset, collate, batch_size: int, what: str) -> dict[str, torc
             keep = [(i, it) for i, it in zip(idx, items) if it is not None and "skipped" not in it]
             if not keep:
                 continue
-            batch = collate([it for _, it in keep])
+            batch = collate([it for _, it in keep])  # a cached batch: + shared_states, position_ids
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-            states, pos = model.shared_stack_states(**inputs)  # (B, T, D), (B, T) or (3, B, T)
+            states, pos = model.shared_stack_states(**inputs, from_layer=from_layer)  # (B, T, D), (B, T) or (3, B, T)
             for b, (i, it) in enumerate(keep):
                 n = len(it["input_ids"])  # right padding: the sample's tokens are its first n positions
                 tensors[f"{i}.states"] = states[b, :n].cpu().contiguous()
@@ -86,14 +101,20 @@ def _fill(model, dataset, collate, batch_size: int, what: str) -> dict[str, torc
 
 
 def cached(model, dataset, folder, batch_size: int, what: str = "train") -> "CachedDataset":
-    """`dataset` with each sample's shared-stack output read from folder (computed there first if absent)."""
+    """`dataset` with each sample's shared-stack output read from folder (computed there first if absent,
+    from the deepest shallower split there if any)."""
     from dpvr.data.collate import Collator
 
     check_cacheable(model)
-    path = Path(folder) / f"{cache_key(model, dataset)}.safetensors"
+    key, split = cache_key(model, dataset), model.dpvr_config.split_layer
+    path = cache_file(folder, key, split)
     if not path.exists():
         collate = Collator(pad_token_id=dataset.processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
-        tensors = _fill(model, dataset, collate, batch_size, what)
+        source, start = dataset, 0
+        if below := _shallower(folder, key, split):
+            source, start, collate = CachedDataset(below[0], dataset), below[1], CachedCollator(collate)
+            what = f"{what}, layers {start}-{split - 1} on split {start}'s cache"
+        tensors = _fill(model, source, collate, batch_size, what, from_layer=start)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"samples": str(len(dataset))}))
     return CachedDataset(path, dataset)
 
