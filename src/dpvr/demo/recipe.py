@@ -1,7 +1,7 @@
 """How `dpvr reproduce` trains every row and `dpvr demo` its side branch: at least one epoch of
 train.json at batch 16, the held-out (val) loss scored `points` times along the budget, then on until
 the held-out plateau (`dpvr.train.plateau`) or the cap, whichever comes first. DPVR rows read the
-frozen shared stack's output from a cache (`dpvr.train.shared_cache`), computed once per split. What
+frozen shared stack's output from a cache (`dpvr.train.shared_cache`), filled once per split. What
 the reproduction measured with it is in docs/train.md."""
 from __future__ import annotations
 
