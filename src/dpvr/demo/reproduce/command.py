@@ -10,8 +10,8 @@
 3. every trained row, every seed: at least one epoch of train.json, then on until the held-out loss
    plateaus (capped at two epochs; the same rule for every method; DPVR rows read the frozen shared
    stack's output from OUT/shared-stack, filled once per split, from the deepest split below it
-   there), then `dpvr eval` on the test split with the paper's metrics; evaluation-only rows (vanilla, VTW, FastV, LF-ideal, LF + FastV)
-   are scored the same way;
+   there), then `dpvr eval` on the test split with the paper's metrics; evaluation-only rows
+   (vanilla, VTW, FastV, LF-ideal, LF + FastV) are scored the same way;
 4. `dpvr bench` on the base's shape: the Table 8 analogue over text lengths, and every row's analytic
    prefill FLOPs and measured prefill time ratio;
 5. LF-ideal's side-branch gradient, measured;
