@@ -10,6 +10,7 @@ from reference import reference_logits
 from tiny import PAD
 
 from dpvr import DPVRConfig, DPVRError, DPVRForConditionalGeneration, convert
+from dpvr.attention import FP32_SDPA
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.schedule import TEXT, compile_schedule, layer_contents
 
@@ -89,11 +90,15 @@ def test_routed_equals_reference_batched_and_alone(family, mode):
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_equals_sdpa(family):
+    """dpvr.attention's fp32 sdpa (bf16 training on a CPU) too: the same numbers in fp32."""
     for name, cfg in MODES.items():
-        eager, sdpa = converted(family, cfg, "eager"), converted(family, cfg, "sdpa")
+        eager = converted(family, cfg, "eager")
         batch, _ = sample(family, eager, ROWS)
-        diff = text_diff(sdpa(**batch).logits, eager(**batch).logits, batch["input_ids"], batch["attention_mask"])
-        assert diff <= 1e-5, f"{family} {name}: sdpa vs eager {diff:.2e}"
+        want = eager(**batch).logits
+        for attn in ("sdpa", FP32_SDPA):
+            got = converted(family, cfg, attn)(**batch).logits
+            diff = text_diff(got, want, batch["input_ids"], batch["attention_mask"])
+            assert diff <= 1e-5, f"{family} {name}: {attn} vs eager {diff:.2e}"
 
 
 def generate(model, use_cache, inputs, n=32, **kw):

@@ -8,6 +8,8 @@ import time
 
 from dpvr.cli import main
 from dpvr.demo.reproduce.claims import verdicts
+from dpvr.demo.reproduce.command import default_jobs
+from dpvr.demo.reproduce.jobs import Job, run_jobs
 from dpvr.train.plateau import plateau
 
 
@@ -48,7 +50,10 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     # where the time went: every stage, from the steps' own records, which this run wrote (so they fit in it)
     minutes = record["minutes"]
     assert {"analysis", "learning-rate sweep", "DPVR-LF", "DPVR-KV", "LoRA r=16", "full fine-tune", "bench"} <= set(minutes)
-    assert all(v > 0 for v in minutes.values()) and 60 * sum(minutes.values()) < time.perf_counter() - start
+    elapsed, (call,) = time.perf_counter() - start, record["calls"]
+    assert all(v > 0 for v in minutes.values()) and 60 * sum(minutes.values()) < call["jobs"] * elapsed
+    assert 60 * call["minutes"] < elapsed and call["jobs"] == default_jobs()
+    assert call["steps_run"] == len(list(out.glob("*/step.json"))), "every step ran in this call"
     assert "Where the time went" in (out / "table.md").read_text()
     for name in ("loss_curves.png", "sweeps.png", "table.md", "claims.md", "saturation.png"):
         assert (out / name).stat().st_size > 0
@@ -61,6 +66,51 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert not (out / "lora-r-64-seed0").exists() and not sweep.exists()
     assert set(again) == set(results) - {"LoRA r=64", "full fine-tune"}
     assert again["DPVR-LF"]["mean"] == results["DPVR-LF"]["mean"]
+
+
+class Later(Exception):
+    pass
+
+
+def test_jobs_run_side_by_side_after_what_they_need():
+    import threading
+
+    log, lock = [], threading.Lock()
+
+    def job(name, seconds=0.2, fail=None):
+        def run(needs):
+            with lock:
+                log.append(("start", name, sorted(needs)))
+            time.sleep(seconds)
+            if fail:
+                raise fail
+            with lock:
+                log.append(("end", name))
+            return name.upper()
+        return run
+
+    jobs = [Job("a", job("a")), Job("b", job("b", fail=Later())), Job("c", job("c"), ("a",)), Job("d", job("d"), ("b",)),
+            Job("e", job("e"))]  # fmt: skip
+    start = time.perf_counter()
+    done = run_jobs(jobs, 2, Later, desc="test")
+    assert done["a"] == "A" and done["c"] == "C" and done["e"] == "E"
+    assert isinstance(done["b"], Later) and isinstance(done["d"], Later), "a job needing a skipped one is skipped"
+    assert ("start", "d", ["b"]) not in log and ("start", "c", ["a"]) in log
+    assert log.index(("start", "c", ["a"])) > log.index(("end", "a")), "c starts after a ended"
+    assert time.perf_counter() - start < 0.2 * 3 * 0.9, "two at a time: three 0.2 s rounds at most, not four"
+    assert run_jobs(jobs[:1] + jobs[2:3], 1, Later, desc="test") == {"a": "A", "c": "C"}
+    try:
+        run_jobs([Job("x", job("x", fail=ValueError("boom"))), Job("y", job("y", 0.4))], 2, Later, desc="test")
+    except ValueError as exc:
+        assert str(exc) == "boom" and ("end", "y") in log, "a failure is raised after the running jobs end"
+    else:
+        raise AssertionError("the failure was swallowed")
+    try:
+        run_jobs([Job("p", job("p"), ("q",)), Job("q", job("q"))], 2, Later, desc="test")
+    except ValueError as exc:
+        assert "not earlier jobs" in str(exc)
+    else:
+        raise AssertionError("a need on a later job was accepted")
 
 
 def test_plateau_rule():

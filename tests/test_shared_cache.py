@@ -115,7 +115,7 @@ def run(world, out: Path, *extra) -> dict:
 def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
     cache = tmp_path / "cache"
     plain, on_cache = run(world, tmp_path / "plain"), run(world, tmp_path / "cached", "--shared_stack_cache", str(cache))
-    files = sorted(cache.iterdir())
+    files = sorted(cache.glob("*.safetensors"))  # beside them: the fills' lock files
     assert len(files) == 2  # the training set and the held-out set
     for key in ("loss", "eval_loss"):
         got = [h[key] for h in on_cache["log_history"] if key in h]
@@ -127,12 +127,12 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
     stamps = [f.stat().st_mtime_ns for f in files]
     run(world, tmp_path / "seed1", "--shared_stack_cache", str(cache), "--seed", "1", "--fusion_layers", "1")
-    assert sorted(cache.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
+    assert sorted(cache.glob("*.safetensors")) == files and [f.stat().st_mtime_ns for f in files] == stamps  # reused
     run(world, tmp_path / "split4", "--shared_stack_cache", str(cache), "--split_layer", "4")
-    assert len(list(cache.iterdir())) == 4  # another split: its own states, filled from split 3's
+    assert len(list(cache.glob("*.safetensors"))) == 4  # another split: its own states, filled from split 3's
     run(world, tmp_path / "split4-alone", "--shared_stack_cache", str(tmp_path / "alone"), "--split_layer", "4")
-    alone = sorted((tmp_path / "alone").iterdir())
-    assert [f.name for f in alone] == sorted(f.name for f in cache.iterdir() if "-split4." in f.name)
+    alone = sorted((tmp_path / "alone").glob("*.safetensors"))
+    assert [f.name for f in alone] == sorted(f.name for f in cache.glob("*.safetensors") if "-split4." in f.name)
     for f in alone:  # from split 3's states = from the images
         chained, scratch = load_file(cache / f.name), load_file(f)
         assert chained.keys() == scratch.keys()
@@ -143,3 +143,37 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
 def test_only_the_dpvr_method_reads_the_cache(world, tmp_path):
     with pytest.raises(UsageError, match="--shared_stack_cache caches DPVR's frozen shared stack; --method lora"):
         run(world, tmp_path, "--method", "lora", "--shared_stack_cache", str(tmp_path / "cache"))
+
+
+def test_runs_side_by_side_fill_a_split_once(world, tmp_path, monkeypatch):
+    """Two runs starting together on one split (seeds under `dpvr reproduce --jobs 2`): one fills, the
+    other waits for the file and reads it."""
+    import threading
+    import time
+
+    from dpvr.train import shared_cache
+    from dpvr.train.cli import build_dataset, parse
+    from dpvr.train.trainer import build_model
+
+    root, data = world
+    margs, dargs, _ = parse(["--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "3",
+                             "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    model, processor = build_model(margs)
+    dataset = build_dataset(dargs, processor)
+    fills, fill = [], shared_cache._fill
+
+    def slow_fill(*args, **kwargs):
+        fills.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other run to arrive while this one fills
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(shared_cache, "_fill", slow_fill)
+    got = []
+    runs = [threading.Thread(target=lambda: got.append(shared_cache.cached(model, dataset, tmp_path / "c", 4)))
+            for _ in range(2)]  # fmt: skip
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert len(fills) == 1 and len(got) == 2 and got[0].path == got[1].path
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1

@@ -1,7 +1,10 @@
 """Atomic file writes: a reader (or a rerun after a crash) sees the old file or the complete new one,
-never a half-written one. Every file dpvr writes goes through here."""
+never a half-written one. Every file dpvr writes goes through here; `locked` serialises processes that
+would otherwise compute the same file side by side."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -25,3 +28,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """An exclusive advisory lock (flock on `path`) held for the block; released by the OS if the process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

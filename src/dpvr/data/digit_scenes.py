@@ -16,8 +16,6 @@ text-only corpus the language model is pretrained on: scenes written as words, s
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dpvr.atomic import locked
 from dpvr.data.scene_questions import TEXT_WEIGHTS, SceneQuestions, caption, scene_words, text_only_question
 from dpvr.errors import DPVRError
 
@@ -227,7 +226,7 @@ def ensure_benchmark(
     if _is_complete(root, seed, sizes):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"):
         if _is_complete(root, seed, sizes):  # another process built it while this one waited
             return root
         if root.exists() and any(root.iterdir()):
@@ -243,17 +242,6 @@ def ensure_benchmark(
         finally:  # interrupted or failed: leave no temp dir behind
             shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock (flock) held for the block; released by the OS if the process dies."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(tmp: Path, seed: int, sizes: dict[str, int], progress: bool) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from dpvr.attention import SDPA_LIKE
 from dpvr.routing.tokens import attention_bias
 
 
@@ -126,7 +127,7 @@ def routed_layer(
     # Qwen2 sets sliding_window per layer on the module; Mistral reads it from the config
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
     mask_free = dense and window is None and (
-        h.shape[1] == 1 or (extra is None and attn.config._attn_implementation == "sdpa")
+        h.shape[1] == 1 or (extra is None and attn.config._attn_implementation in SDPA_LIKE)
     )
     bias = None
     if not mask_free:  # keys: extra's, then this call's own

@@ -45,6 +45,10 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
             raise
         parser.error(f"unrecognized arguments: {' '.join(str(exc).split(': ', 1)[1:])}")
     check_launch(targs.world_size, targs.parallel_mode == ParallelMode.DISTRIBUTED)
+    if targs.bf16 and targs.use_cpu and margs.attn == "sdpa":  # faster than CPU autocast's bf16 sdpa, and exact
+        from dpvr.attention import FP32_SDPA
+
+        margs.attn = FP32_SDPA
     if dargs.stop_at_plateau and targs.eval_strategy == "no":
         raise UsageError("--stop_at_plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):

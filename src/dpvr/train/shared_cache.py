@@ -16,9 +16,9 @@ epochs, or several runs on one split (seeds, K, D, fusion placement). The file h
 the model's dtype (sequence length x hidden size per sample) and the fill holds them in memory once:
 it is for data sets read many times (the reproduction's 6k samples), not LLaVA-665k on a 7B model
 (terabytes). The key covers the model files, attention and dtype, and the samples with how they are
-rendered; a different one computes a new file. Writes are atomic, so processes sharing
-DIR never read half a file (each process that finds no file computes it: fill it once before a
-multi-process launch)."""
+rendered; a different one computes a new file. Writes are atomic and a fill holds a lock on its file,
+so processes sharing DIR never read half a file and compute each file once (one fills, the others
+wait for it; under DDP every rank waits for the first)."""
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dpvr.atomic import atomic_write
+from dpvr.atomic import atomic_write, locked
 from dpvr.errors import DPVRError
 
 FIELDS = ("input_ids", "attention_mask", "labels")  # per token, beside the states and positions
@@ -103,20 +103,27 @@ def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int =
 def cached(model, dataset, folder, batch_size: int, what: str = "train") -> "CachedDataset":
     """`dataset` with each sample's shared-stack output read from folder (computed there first if absent,
     from the deepest shallower split there if any)."""
-    from dpvr.data.collate import Collator
-
     check_cacheable(model)
     key, split = cache_key(model, dataset), model.dpvr_config.split_layer
     path = cache_file(folder, key, split)
     if not path.exists():
-        collate = Collator(pad_token_id=dataset.processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
-        source, start = dataset, 0
-        if below := _shallower(folder, key, split):
-            source, start, collate = CachedDataset(below[0], dataset), below[1], CachedCollator(collate)
-            what = f"{what}, layers {start}-{split - 1} on split {start}'s cache"
-        tensors = _fill(model, source, collate, batch_size, what, from_layer=start)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"samples": str(len(dataset))}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path.with_name(f".{path.name}.lock")):  # side by side, one process fills, the others wait ...
+            if not path.exists():  # ... and read its file
+                _fill_file(model, dataset, folder, key, split, batch_size, what)
     return CachedDataset(path, dataset)
+
+
+def _fill_file(model, dataset, folder, key: str, split: int, batch_size: int, what: str) -> None:
+    from dpvr.data.collate import Collator
+
+    collate = Collator(pad_token_id=dataset.processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
+    source, start = dataset, 0
+    if below := _shallower(folder, key, split):
+        source, start, collate = CachedDataset(below[0], dataset), below[1], CachedCollator(collate)
+        what = f"{what}, layers {start}-{split - 1} on split {start}'s cache"
+    tensors = _fill(model, source, collate, batch_size, what, from_layer=start)
+    atomic_write(cache_file(folder, key, split), lambda tmp: save_file(tensors, tmp, metadata={"samples": str(len(dataset))}))
 
 
 class CachedDataset(torch.utils.data.Dataset):

@@ -18,17 +18,23 @@
 6. OUT/table.md (rows, mean ± std, trainable parameters, FLOPs, time, convergence), OUT/claims.md (a
    verdict per claim), OUT/results.json and the plots.
 Each run is a resumable step in its own folder (reused on a rerun), so an interrupted reproduction
-keeps its finished rows.
+keeps its finished rows. Runs go side by side (`--jobs`, `dpvr.demo.reproduce.jobs`); OUT/calls.json
+records each call's wall-clock.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
+from dpvr.atomic import atomic_write_text
 from dpvr.demo.recipe import (BATCH, BF16, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS,
                               budget, epoch_steps, training_flags)
+from dpvr.demo.reproduce.jobs import Job, run_jobs
 from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
@@ -63,7 +69,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out-limit", type=at_least(1), default=None, help="val samples scored for the held-out loss (default 256)")
     p.add_argument("--eval-per-family", type=at_least(1), default=None, help="test questions per family (default all; quick 4)")
     p.add_argument("--bench-repeats", type=at_least(1), default=None, help="paired timing rounds (default 5; quick 1)")
+    p.add_argument("--jobs", type=at_least(1), default=None,
+                   help="runs side by side, each a process with its share of the CPU threads (default: 2 on a CPU with "
+                   "2 or more cores, 1 with a GPU; 1 runs the steps in-process, one after the other)")
     p.add_argument("--out", default="runs/reproduce")
+
+
+def default_jobs() -> int:
+    """Two one-thread runs side by side beat one two-thread run on a CPU (docs/train.md); a GPU is one device."""
+    import torch
+
+    return 1 if torch.accelerator.is_available() else min(2, os.cpu_count() or 1)
 
 
 class Reproduction:
@@ -87,19 +103,28 @@ class Reproduction:
         self.held_out = args.held_out_limit or (8 if args.quick else HELD_OUT_LIMIT)
         self.limit = args.eval_per_family or (4 if args.quick else None)
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
+        self.jobs = args.jobs or default_jobs()
+        # threads of each run's process; one job runs its steps in-process with torch's own default
+        self.threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else None
         self.log: list[str] = []  # every command run or reused, for the record
         self.minutes: dict[str, float] = {}  # stage -> minutes its steps took when they ran (reused ones included)
+        self.ran = 0  # steps this call ran (not reused)
         self.cut = False  # past the deadline a run is read back if finished, else not started (LR sweep and rows)
+        self._lock = threading.Lock()  # jobs record their steps from several threads
 
-    def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other") -> Path:
+    def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other",
+             own_process: bool = False) -> Path:  # fmt: skip
+        """`own_process`: a training or evaluation run, which goes side by side with others under --jobs."""
         out = self.out / folder
-        step = Step(name, argv, out, "reproduce", self.fingerprint, reads)
+        step = Step(name, argv, out, "reproduce", self.fingerprint, reads, self.threads if own_process else None)
         if self.cut and self.out_of_time() and not step.done():
             raise NotStarted(name)
-        step.run()
-        self.log.append(f"dpvr {' '.join(argv)}")
+        ran = step.run() > 0
         seconds = json.loads((out / STAMP).read_text()).get("seconds", 0.0)  # what a resumed run's steps cost too
-        self.minutes[stage] = self.minutes.get(stage, 0.0) + seconds / 60
+        with self._lock:
+            self.log.append(f"dpvr {' '.join(argv)}")
+            self.minutes[stage] = self.minutes.get(stage, 0.0) + seconds / 60
+            self.ran += ran
         return out
 
     def seeds_of(self, row: Row) -> list[int | None]:
@@ -120,54 +145,84 @@ class Reproduction:
         flags += ["--limit", str(self.steps * self.batch)] if self.quick else []  # one epoch (and cache) of a toy set
         argv = ["train", "--model", self.base, *row.train, "--seed", str(seed), "--max_steps", str(steps),
                 "--learning_rate", str(lr), *flags, "--output_dir", str(self.out / tag)]  # fmt: skip
-        return self.step(f"train {tag}", argv, tag, stage=stage or row.name)
+        return self.step(f"train {tag}", argv, tag, stage=stage or row.name, own_process=True)
 
     def evaluate(self, model_args: list[str], tag: str, stage: str, trained: Path | None = None) -> dict:
         """`trained`: the run's weights the evaluation reads (rerun when they were retrained)."""
         limit = [] if self.limit is None else ["--limit-per-family", str(self.limit)]
         folder = self.step(f"eval {tag}", ["eval", *model_args, *limit, "--out", str(self.out / f"{tag}-eval")],
-                           f"{tag}-eval", reads=(trained,) if trained else (), stage=stage)  # fmt: skip
+                           f"{tag}-eval", reads=(trained,) if trained else (), stage=stage, own_process=True)  # fmt: skip
         return json.loads((folder / "eval.json").read_text())["scores"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
     from transformers import LlavaConfig
 
-    from dpvr.demo.reproduce.measure import bench_ratios, lr_sweep, side_branch_gradients
+    from dpvr.demo.reproduce.measure import bench_ratios, side_branch_gradients
     from dpvr.demo.reproduce.report import summarise, write_report
 
+    started = time.monotonic()
     rep = Reproduction(args)
     L = LlavaConfig.from_pretrained(rep.base).text_config.num_hidden_layers
     analysis = _analyze(rep)
     split = args.split_layer or int(analysis["recommendation"]["split"])
     rows = plan(rep.quick, L, split, tuple(analysis["recommendation"].get("fusion_at") or ()))
     rep.cut = True
-    lrs = lr_sweep(rep, sweep_rows(rows))
-    results: dict[str, dict] = {}
-    finals: dict[tuple[str, int], Path] = {}
-    left: list[str] = []  # runs --minutes left for a later call
-    for row in tqdm(rows, desc="reproduce rows", unit="row"):
-        runs = []
-        for seed in rep.seeds_of(row):
-            try:
-                runs.append(_run_row(rep, row, seed, lrs, finals))
-            except NotStarted:
-                left.append(row.name + ("" if seed is None else f" seed {seed}"))
-        if runs:  # a row with fewer seeds than asked is reported with those it has (table.md: "seeds")
-            results[row.name] = {"row": row, "runs": runs}
+    done = run_jobs(_jobs(rep, rows), rep.jobs, NotStarted)
     rep.cut = False
+    lrs = {f: done[LR + f] for f in sweep_rows(rows) if not isinstance(done[LR + f], NotStarted)}
+    results: dict[str, dict] = {}
+    left: list[str] = []  # runs --minutes left for a later call
+    for row in rows:
+        runs = [done[_job_name(row, seed)] for seed in rep.seeds_of(row)]
+        left += [_job_name(row, seed) for seed, r in zip(rep.seeds_of(row), runs) if isinstance(r, NotStarted)]
+        if runs := [r for r in runs if not isinstance(r, NotStarted)]:  # fewer seeds than asked: table.md says so
+            results[row.name] = {"row": row, "runs": runs}
     if left:
         print(f"[reproduce] --minutes {args.minutes:g} reached: {len(left)} runs not started ({', '.join(left)}); "
               "rerun the same command to go on (finished runs are reused)", flush=True)  # fmt: skip
     rows = [row for row in rows if row.name in results]
-    ratios, table8 = bench_ratios(rep, rows, split)
+    ratios, table8 = bench_ratios(rep, rows, split)  # alone, after every run: its timings are not shared
     zero_grad = side_branch_gradients(rep.base, split)
     summaries = summarise(results, ratios, lrs)
-    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8, rep.minutes)
+    calls = _record_call(rep, time.monotonic() - started)
+    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8, rep.minutes, calls)
     print((rep.out / "table.md").read_text())
     print((rep.out / "claims.md").read_text())
     return 0
+
+
+LR = "lr "  # an LR-sweep job's name: LR + family
+
+
+def _job_name(row: Row, seed: int | None) -> str:
+    return row.name + ("" if seed is None else f" seed {seed}")
+
+
+def _jobs(rep: Reproduction, rows: list[Row]) -> list[Job]:
+    """Each family's learning-rate sweep, then every row's seeds in the plan's order; a trained row needs
+    its family's sweep, an evaluation of another row's side branch needs that row's run of the seed."""
+    from dpvr.demo.reproduce.measure import sweep_family
+
+    jobs = [Job(LR + family, partial(sweep_family, rep, family, row)) for family, row in sweep_rows(rows).items()]
+    for row in rows:
+        for seed in rep.seeds_of(row):
+            needs = (LR + row.family,) if row.trains else ()
+            needs += (_job_name(Row(row.adapter_of), seed),) if row.adapter_of else ()
+            jobs.append(Job(_job_name(row, seed), partial(_run_row, rep, row, seed), needs))
+    return jobs
+
+
+def _record_call(rep: Reproduction, seconds: float) -> list[dict]:
+    """OUT/calls.json: every call that ran steps, with its wall-clock minutes and jobs (the whole command's
+    wall-clock is their sum; a call that only reused finished runs adds nothing)."""
+    path = rep.out / "calls.json"
+    calls = json.loads(path.read_text()) if path.exists() else []
+    if rep.ran:
+        calls.append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round(seconds / 60, 2), "jobs": rep.jobs,
+                      "steps_run": rep.ran})  # fmt: skip
+        atomic_write_text(path, json.dumps(calls, indent=1) + "\n")
+    return calls
 
 
 def _analyze(rep: Reproduction) -> dict:
@@ -178,21 +233,19 @@ def _analyze(rep: Reproduction) -> dict:
     return json.loads((folder / "analysis.json").read_text())
 
 
-def _run_row(rep: Reproduction, row: Row, seed: int | None, lrs: dict, finals: dict) -> dict:
+def _run_row(rep: Reproduction, row: Row, seed: int | None, needs: dict) -> dict:
+    """One seed of a row: train it with its family's learning rate and evaluate it, or evaluate a routing
+    of the base (or of the side branch another row trained for this seed)."""
     tag = _slug(row.name) + ("" if seed is None else f"-seed{seed}")
     if row.trains:
-        if row.family not in lrs:  # --minutes cut its family's learning-rate sweep
-            raise NotStarted(f"{row.name} seed {seed}")
-        final = rep.train(row, seed, lrs[row.family]["chosen"], rep.steps, tag) / "final"
-        finals[(row.name, seed)] = final
+        final = rep.train(row, seed, needs[LR + row.family]["chosen"], rep.steps, tag) / "final"
         model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
-        return {"seed": seed, "scores": rep.evaluate(model, tag, row.name, final), "record": record}
-    if row.adapter_of and (row.adapter_of, seed) not in finals:  # its side branch is itself not trained yet
-        raise NotStarted(f"{row.name} seed {seed}")
-    final = finals[(row.adapter_of, seed)] if row.adapter_of else None
+        return {"seed": seed, "scores": rep.evaluate(model, tag, row.name, final), "record": record, "final": final}
+    final = needs[_job_name(Row(row.adapter_of), seed)]["final"] if row.adapter_of else None
     model = ["--model", rep.base] + (["--adapter", str(final)] if final else [])
-    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, row.name, final), "record": None}
+    return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, row.name, final), "record": None,
+            "final": final}  # fmt: skip
 
 
 def _slug(name: str) -> str:

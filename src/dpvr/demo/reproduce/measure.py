@@ -6,30 +6,24 @@ import json
 
 import torch
 
-from dpvr.demo.reproduce.command import NotStarted
 from dpvr.demo.reproduce.plan import LR_EXTENSIONS, beyond_edge, learning_rates
 from dpvr.train.plateau import held_out_curve
 
 BENCH_TEXT_LEN = 16  # the digit-scenes prompts' typical text length (the test split's median is 14-20)
 
 
-def lr_sweep(rep, reps: dict) -> dict:
-    """{family: {"losses": {lr: final held-out loss}, "chosen": lr, "row": name, "at_edge": bool}} from
-    short seed-0 runs: the family's grid, then further candidates while the best sits at an edge."""
-    out = {}
-    for family, row in reps.items():
-        try:
-            losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
-            for _ in range(LR_EXTENSIONS):
-                lr = beyond_edge(losses)
-                if lr is None:
-                    break
-                losses[lr] = _sweep_loss(rep, row, family, lr)
-        except NotStarted:  # --minutes cut it: the family's rows do not train in this call
-            continue
-        out[family] = {"losses": dict(sorted(losses.items())), "chosen": min(losses, key=losses.get),
-                       "row": row.name, "at_edge": beyond_edge(losses) is not None}  # fmt: skip
-    return out
+def sweep_family(rep, family: str, row, needs: dict | None = None) -> dict:
+    """{"losses": {lr: final held-out loss}, "chosen": lr, "row": name, "at_edge": bool} of one family,
+    from short seed-0 runs of its representative `row`: the family's grid, then further candidates while
+    the best sits at an edge. Raises NotStarted when --minutes cut it (the family's rows then wait)."""
+    losses = {lr: _sweep_loss(rep, row, family, lr) for lr in learning_rates(family, rep.quick)}
+    for _ in range(LR_EXTENSIONS):
+        lr = beyond_edge(losses)
+        if lr is None:
+            break
+        losses[lr] = _sweep_loss(rep, row, family, lr)
+    return {"losses": dict(sorted(losses.items())), "chosen": min(losses, key=losses.get), "row": row.name,
+            "at_edge": beyond_edge(losses) is not None}  # fmt: skip
 
 
 def _sweep_loss(rep, row, family: str, lr: float) -> float:

@@ -94,13 +94,19 @@ def table8(prefill: list[dict]) -> str:
     return "\n".join(lines) + "\n\nAnalytic prefill FLOPs and measured prefill time against vanilla, batch 1.\n"
 
 
-def time_table(minutes: dict[str, float]) -> str:
+def time_table(minutes: dict[str, float], calls: list[dict]) -> str:
     """Minutes per stage (analysis, LR sweep, each row with all its seeds, bench), summed from the steps'
-    own records: a step reused from an earlier, interrupted call counts what it took then."""
+    own records (a step reused from an earlier, interrupted call counts what it took then), and the
+    wall-clock of the calls that ran them (OUT/calls.json)."""
     lines = ["| stage | minutes |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in minutes.items()]
     lines.append(f"| **all steps** | **{sum(minutes.values()):.1f}** |")
-    return "\n".join(lines) + ("\n\nWall-clock seconds of each step when it ran: on a machine shared with other work "
-                               "they count the slower time.\n")
+    wall = sum(c["minutes"] for c in calls)
+    jobs = sorted({c["jobs"] for c in calls})
+    return "\n".join(lines) + (
+        "\n\nWall-clock seconds of each step when it ran: on a machine shared with other work they count the slower "
+        "time, and runs side by side (--jobs) each count their own, so with more than one job the steps sum past "
+        f"the wall-clock.\n\n**Wall-clock of the command: {wall:.1f} min** over {len(calls)} call(s) that ran steps "
+        f"(--jobs {', '.join(map(str, jobs)) or '-'}; OUT/calls.json).\n")
 
 
 def claims_markdown(claims: list[dict]) -> str:
@@ -110,17 +116,18 @@ def claims_markdown(claims: list[dict]) -> str:
 
 
 def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: dict, analysis: dict, log: list[str],
-                 prefill: list[dict], minutes: dict[str, float]) -> None:  # fmt: skip
-    """prefill: the main split's `dpvr bench` rows over text lengths (Table 8); minutes: per stage."""
+                 prefill: list[dict], minutes: dict[str, float], calls: list[dict]) -> None:  # fmt: skip
+    """prefill: the main split's `dpvr bench` rows over text lengths (Table 8); minutes: per stage; calls:
+    the wall-clock of each call that ran steps."""
     claims = verdicts(summaries, zero_grad)
     atomic_write_text(out / "table.md", table(summaries) + "\n## Learning-rate sweep (seed 0, the same steps each)\n\n"
                       + lr_table(lrs) + "\n## Prefill cost by text length (Table 8)\n\n" + table8(prefill)
-                      + "\n## Where the time went\n\n" + time_table(minutes))  # fmt: skip
+                      + "\n## Where the time went\n\n" + time_table(minutes, calls))  # fmt: skip
     atomic_write_text(out / "claims.md", claims_markdown(claims))
     record = {"split": split, "lr_sweep": {f: {**v, "losses": {str(k): x for k, x in v["losses"].items()}}
                                            for f, v in lrs.items()},
               "side_branch_gradient": zero_grad, "claims": claims, "rows": list(summaries.values()),
-              "recommendation": analysis.get("recommendation"), "table8": prefill, "minutes": minutes,
+              "recommendation": analysis.get("recommendation"), "table8": prefill, "minutes": minutes, "calls": calls,
               "commands": log}  # fmt: skip
     atomic_write_text(out / "results.json", json.dumps(record, indent=1, default=str) + "\n")
     _plot_curves(out, summaries)
