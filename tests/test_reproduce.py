@@ -66,6 +66,7 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert not (out / "lora-r-64-seed0").exists() and not sweep.exists()
     assert set(again) == set(results) - {"LoRA r=64", "full fine-tune"}
     assert again["DPVR-LF"]["mean"] == results["DPVR-LF"]["mean"]
+    assert json.loads((out / "calls.json").read_text()) == [call], "a call that ran nothing adds no wall-clock"
 
 
 class Later(Exception):

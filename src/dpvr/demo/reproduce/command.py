@@ -39,6 +39,9 @@ from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
+CALLS = "calls.json"  # under OUT: the wall-clock of every call that ran steps
+
+
 class NotStarted(Exception):
     """A run (LR-sweep candidate or row) past --minutes that no earlier call finished: left for the next call."""
 
@@ -111,6 +114,10 @@ class Reproduction:
         self.ran = 0  # steps this call ran (not reused)
         self.cut = False  # past the deadline a run is read back if finished, else not started (LR sweep and rows)
         self._lock = threading.Lock()  # jobs record their steps from several threads
+        self.started = time.monotonic()
+        calls = self.out / CALLS
+        self.calls: list[dict] = json.loads(calls.read_text()) if calls.exists() else []  # earlier calls' wall-clock
+        self._call: int | None = None  # this call's index in self.calls, once it has run a step
 
     def step(self, name: str, argv: list[str], folder: str, reads: tuple[Path, ...] = (), stage: str = "other",
              own_process: bool = False) -> Path:  # fmt: skip
@@ -125,7 +132,21 @@ class Reproduction:
             self.log.append(f"dpvr {' '.join(argv)}")
             self.minutes[stage] = self.minutes.get(stage, 0.0) + seconds / 60
             self.ran += ran
+            if ran:
+                self.record_call()
         return out
+
+    def record_call(self) -> None:
+        """OUT/calls.json: each call that ran steps, with its wall-clock minutes so far (rewritten after every
+        step it runs, so a killed call keeps its time up to its last finished step); the command's
+        wall-clock is their sum, and a call that only reused finished runs adds nothing."""
+        call = {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round((time.monotonic() - self.started) / 60, 2),
+                "jobs": self.jobs, "steps_run": self.ran}  # fmt: skip
+        if self._call is None:  # this call's entry, added by its first step
+            self._call = len(self.calls)
+            self.calls.append(call)
+        self.calls[self._call] = call
+        atomic_write_text(self.out / CALLS, json.dumps(self.calls, indent=1) + "\n")
 
     def seeds_of(self, row: Row) -> list[int | None]:
         if not (row.trains or row.adapter_of):
@@ -161,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
     from dpvr.demo.reproduce.measure import bench_ratios, side_branch_gradients
     from dpvr.demo.reproduce.report import summarise, write_report
 
-    started = time.monotonic()
     rep = Reproduction(args)
     L = LlavaConfig.from_pretrained(rep.base).text_config.num_hidden_layers
     analysis = _analyze(rep)
@@ -185,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
     ratios, table8 = bench_ratios(rep, rows, split)  # alone, after every run: its timings are not shared
     zero_grad = side_branch_gradients(rep.base, split)
     summaries = summarise(results, ratios, lrs)
-    calls = _record_call(rep, time.monotonic() - started)
-    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8, rep.minutes, calls)
+    if rep.ran:  # the bench and the report's own time
+        rep.record_call()
+    write_report(rep.out, summaries, split, lrs, zero_grad, analysis, rep.log, table8, rep.minutes, rep.calls)
     print((rep.out / "table.md").read_text())
     print((rep.out / "claims.md").read_text())
     return 0
@@ -211,18 +232,6 @@ def _jobs(rep: Reproduction, rows: list[Row]) -> list[Job]:
             needs += (_job_name(Row(row.adapter_of), seed),) if row.adapter_of else ()
             jobs.append(Job(_job_name(row, seed), partial(_run_row, rep, row, seed), needs))
     return jobs
-
-
-def _record_call(rep: Reproduction, seconds: float) -> list[dict]:
-    """OUT/calls.json: every call that ran steps, with its wall-clock minutes and jobs (the whole command's
-    wall-clock is their sum; a call that only reused finished runs adds nothing)."""
-    path = rep.out / "calls.json"
-    calls = json.loads(path.read_text()) if path.exists() else []
-    if rep.ran:
-        calls.append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "minutes": round(seconds / 60, 2), "jobs": rep.jobs,
-                      "steps_run": rep.ran})  # fmt: skip
-        atomic_write_text(path, json.dumps(calls, indent=1) + "\n")
-    return calls
 
 
 def _analyze(rep: Reproduction) -> dict:
