@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 
 from dpvr.atomic import atomic_write_text
@@ -225,7 +226,12 @@ def _jobs(rep: Reproduction, rows: list[Row]) -> list[Job]:
     its family's sweep, an evaluation of another row's side branch needs that row's run of the seed."""
     from dpvr.demo.reproduce.measure import sweep_family
 
-    jobs = [Job(LR + family, partial(sweep_family, rep, family, row)) for family, row in sweep_rows(rows).items()]
+    # families reading the shared-stack cache alternate with those that do not: the first DPVR sweep fills
+    # the split's cache while a baseline sweep, not another DPVR one waiting for that fill, runs beside it
+    reps = list(sweep_rows(rows).items())
+    pairs = zip_longest([r for r in reps if r[1].method == "dpvr"], [r for r in reps if r[1].method != "dpvr"])
+    jobs = [Job(LR + family, partial(sweep_family, rep, family, row))
+            for pair in pairs for family, row in filter(None, pair)]  # fmt: skip
     for row in rows:
         for seed in rep.seeds_of(row):
             needs = (LR + row.family,) if row.trains else ()
