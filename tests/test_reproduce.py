@@ -191,3 +191,19 @@ def test_table_2_comes_before_the_ablation_sweeps():
     first_sweep = next(i for i, r in enumerate(rows) if r.sweep and r.name != "DPVR-LF-ideal")
     assert {r.name for r in rows[:first_sweep]} >= {"vanilla", "DPVR-LF", "DPVR-PC", "LoRA r=16", "full fine-tune", "LoRA r=64"}
     assert all(r.sweep for r in rows[first_sweep:])
+
+
+def test_jobs_need_what_they_read_and_sweeps_alternate_cache_and_baselines():
+    """The jobs `dpvr reproduce` runs side by side: LR sweeps first, a cache-filling family beside a
+    baseline one; every trained row needs its family's sweep, KV and LF + FastV the seed's PC / LF run."""
+    from types import SimpleNamespace
+
+    from dpvr.demo.reproduce.command import _jobs
+    from dpvr.demo.reproduce.plan import plan
+
+    rep = SimpleNamespace(seeds_of=lambda row: [0, 1, 2] if row.trains or row.adapter_of else [None])
+    jobs = {j.name: j for j in _jobs(rep, plan(False, 16, 11, fusion_at=(11, 13)))}
+    assert list(jobs)[:4] == ["lr lf", "lr lora", "lr pc", "lr full"]
+    assert jobs["DPVR-KV seed 1"].needs == ("DPVR-PC seed 1",) and jobs["DPVR-LF + FastV seed 2"].needs == ("DPVR-LF seed 2",)
+    assert jobs["LoRA r=64 seed 0"].needs == ("lr lora",) and jobs["LF s=4 seed 2"].needs == ("lr lf",)
+    assert jobs["vanilla"].needs == () and len(jobs) == 4 + 4 + 3 * 20  # sweeps, evaluation-only rows, 20 rows x 3 seeds
