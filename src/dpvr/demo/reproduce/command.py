@@ -18,8 +18,8 @@
 6. OUT/table.md (rows, mean ± std, trainable parameters, FLOPs, time, convergence), OUT/claims.md (a
    verdict per claim), OUT/results.json and the plots.
 Each run is a resumable step in its own folder (reused on a rerun), so an interrupted reproduction
-keeps its finished rows. Runs go side by side (`--jobs`, `dpvr.demo.reproduce.jobs`); OUT/calls.json
-records each call's wall-clock.
+keeps its finished rows. Runs can go side by side (`--jobs`, `dpvr.demo.reproduce.jobs`);
+OUT/calls.json records each call's wall-clock.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
 
 
 CALLS = "calls.json"  # under OUT: the wall-clock of every call that ran steps
+JOBS = 1  # runs at a time; two side by side on 2 cores ran each run 1.7x (evaluations 2-3x) slower: docs/train.md
 
 
 class NotStarted(Exception):
@@ -73,17 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out-limit", type=at_least(1), default=None, help="val samples scored for the held-out loss (default 256)")
     p.add_argument("--eval-per-family", type=at_least(1), default=None, help="test questions per family (default all; quick 4)")
     p.add_argument("--bench-repeats", type=at_least(1), default=None, help="paired timing rounds (default 5; quick 1)")
-    p.add_argument("--jobs", type=at_least(1), default=None,
-                   help="runs side by side, each a process with its share of the CPU threads (default: 2 on a CPU with "
-                   "2 or more cores, 1 with a GPU; 1 runs the steps in-process, one after the other)")
+    p.add_argument("--jobs", type=at_least(1), default=JOBS,
+                   help="runs side by side, each a process with its share of the CPU threads (1: in-process, one after "
+                   "the other; on this project's 2-core machine 2 gained nothing end to end, docs/train.md)")
     p.add_argument("--out", default="runs/reproduce")
-
-
-def default_jobs() -> int:
-    """Two one-thread runs side by side beat one two-thread run on a CPU (docs/train.md); a GPU is one device."""
-    import torch
-
-    return 1 if torch.accelerator.is_available() else min(2, os.cpu_count() or 1)
 
 
 class Reproduction:
@@ -107,7 +101,7 @@ class Reproduction:
         self.held_out = args.held_out_limit or (8 if args.quick else HELD_OUT_LIMIT)
         self.limit = args.eval_per_family or (4 if args.quick else None)
         self.repeats = args.bench_repeats or (1 if args.quick else 5)
-        self.jobs = args.jobs or default_jobs()
+        self.jobs = args.jobs
         # threads of each run's process; one job runs its steps in-process with torch's own default
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else None
         self.log: list[str] = []  # every command run or reused, for the record

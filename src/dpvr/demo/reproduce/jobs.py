@@ -2,9 +2,9 @@
 
 `workers` jobs run at a time, each in a thread that waits on its steps' processes
 (`dpvr.demo.steps.Step(threads=...)`); a job starts once the jobs it needs have finished, and among
-the ready ones the first in the given order starts first (Table 2 before the sweeps). On 2 cores, two
-one-thread runs side by side do more steps per second than one two-thread run: docs/train.md.
-With one worker the jobs run one after the other in this thread, steps in-process.
+the ready ones the first in the given order starts first (Table 2 before the sweeps). It pays where
+one run leaves cores idle; on this project's 2-core machine it did not (docs/train.md, "Runs side by
+side"). With one worker the jobs run one after the other in this thread, steps in-process.
 """
 from __future__ import annotations
 
