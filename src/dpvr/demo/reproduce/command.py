@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-repeats", type=at_least(1), default=None, help="paired timing rounds (default 5; quick 1)")
     p.add_argument("--jobs", type=at_least(1), default=JOBS,
                    help="runs side by side, each a process with its share of the CPU threads (1: in-process, one after "
-                   "the other; on this project's 2-core machine 2 gained nothing end to end, docs/train.md)")
+                   "the other; on this project's 2-core machine 2 saved 6%% end to end, docs/train.md)")
     p.add_argument("--out", default="runs/reproduce")
 
 
