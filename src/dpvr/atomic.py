@@ -31,9 +31,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: str | os.PathLike):
-    """An exclusive advisory lock (flock on `path`) held for the block; released by the OS if the process dies."""
-    with open(path, "a") as f:
+def locked(target: str | os.PathLike):
+    """An exclusive advisory lock for computing `target` (a file or folder), held for the block: a flock on
+    `.NAME.lock` beside it (its folder made if need be), released by the OS if the process dies."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -225,8 +225,7 @@ def ensure_benchmark(
     root = Path(out_dir) if out_dir is not None else default_cache_dir(seed)
     if _is_complete(root, seed, sizes):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with locked(root.parent / f".{root.name}.lock"):
+    with locked(root):
         if _is_complete(root, seed, sizes):  # another process built it while this one waited
             return root
         if root.exists() and any(root.iterdir()):

@@ -107,8 +107,7 @@ def cached(model, dataset, folder, batch_size: int, what: str = "train") -> "Cac
     key, split = cache_key(model, dataset), model.dpvr_config.split_layer
     path = cache_file(folder, key, split)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(path.with_name(f".{path.name}.lock")):  # side by side, one process fills, the others wait ...
+        with locked(path):  # side by side, one process fills, the others wait ...
             if not path.exists():  # ... and read its file
                 _fill_file(model, dataset, folder, key, split, batch_size, what)
     return CachedDataset(path, dataset)

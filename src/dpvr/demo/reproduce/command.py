@@ -189,9 +189,9 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     left: list[str] = []  # runs --minutes left for a later call
     for row in rows:
-        runs = [done[_job_name(row, seed)] for seed in rep.seeds_of(row)]
-        left += [_job_name(row, seed) for seed, r in zip(rep.seeds_of(row), runs) if isinstance(r, NotStarted)]
-        if runs := [r for r in runs if not isinstance(r, NotStarted)]:  # fewer seeds than asked: table.md says so
+        names = [_job_name(row.name, seed) for seed in rep.seeds_of(row)]
+        left += [name for name in names if isinstance(done[name], NotStarted)]
+        if runs := [done[name] for name in names if not isinstance(done[name], NotStarted)]:  # fewer seeds: table.md says so
             results[row.name] = {"row": row, "runs": runs}
     if left:
         print(f"[reproduce] --minutes {args.minutes:g} reached: {len(left)} runs not started ({', '.join(left)}); "
@@ -211,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
 LR = "lr "  # an LR-sweep job's name: LR + family
 
 
-def _job_name(row: Row, seed: int | None) -> str:
-    return row.name + ("" if seed is None else f" seed {seed}")
+def _job_name(row: str, seed: int | None) -> str:
+    return row + ("" if seed is None else f" seed {seed}")
 
 
 def _jobs(rep: Reproduction, rows: list[Row]) -> list[Job]:
@@ -229,8 +229,8 @@ def _jobs(rep: Reproduction, rows: list[Row]) -> list[Job]:
     for row in rows:
         for seed in rep.seeds_of(row):
             needs = (LR + row.family,) if row.trains else ()
-            needs += (_job_name(Row(row.adapter_of), seed),) if row.adapter_of else ()
-            jobs.append(Job(_job_name(row, seed), partial(_run_row, rep, row, seed), needs))
+            needs += (_job_name(row.adapter_of, seed),) if row.adapter_of else ()
+            jobs.append(Job(_job_name(row.name, seed), partial(_run_row, rep, row, seed), needs))
     return jobs
 
 
@@ -251,7 +251,7 @@ def _run_row(rep: Reproduction, row: Row, seed: int | None, needs: dict) -> dict
         model = ["--model", str(final)] if row.method == "full" else ["--model", rep.base, "--adapter", str(final)]
         record = json.loads((final / "run.json").read_text())
         return {"seed": seed, "scores": rep.evaluate(model, tag, row.name, final), "record": record, "final": final}
-    final = needs[_job_name(Row(row.adapter_of), seed)]["final"] if row.adapter_of else None
+    final = needs[_job_name(row.adapter_of, seed)]["final"] if row.adapter_of else None
     model = ["--model", rep.base] + (["--adapter", str(final)] if final else [])
     return {"seed": seed, "scores": rep.evaluate(model + eval_arguments(row), tag, row.name, final), "record": None,
             "final": final}  # fmt: skip
