@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from dpvr.errors import DPVRError
 
 REASONS = ("malformed", "missing_image", "unreadable_image", "truncation_cuts_image", "labels_misaligned",
            "no_supervised_tokens")  # fmt: skip
+IMAGE_LENGTH_GUESS = 576  # LLaVA-1.5's image tokens; the length estimate only has to rank image above text-only
 
 
 class SampleError(DPVRError):
@@ -101,6 +103,18 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        """A length estimate per sample, for grouping batches by length without encoding anything:
+        words in the conversation, plus IMAGE_LENGTH_GUESS for an image (LLaVA's modality-length rule;
+        only the order matters). A malformed sample counts 0 and fails when it is read."""
+        def words(s) -> int:
+            try:
+                return sum(len(t["value"].split()) for t in s["conversations"]) + IMAGE_LENGTH_GUESS * ("image" in s)
+            except (TypeError, KeyError, AttributeError):
+                return 0
+        return [words(s) for s in self.samples]
 
     def __getitem__(self, i: int) -> dict | None:
         try:

@@ -30,6 +30,7 @@ from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
 from dpvr.routing.backbones import freeze_vision_encoder
 from dpvr.train.args import ModelArguments
+from dpvr.train.sampling import GROUP_BY_LENGTH, LengthGroupedSampler
 
 logger = logging.get_logger(__name__)
 STAGING = ".partial"
@@ -93,6 +94,22 @@ class DigestCallback(TrainerCallback):
 class DPVRTrainer(Trainer):
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    # ---------------------------------------------------------------- length-grouped batches
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != GROUP_BY_LENGTH or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # HF groups the held-out batches too under this strategy; they keep HF's plain order instead
+        # (file order, or sharded by accelerate under DDP), so the held-out loss means the same
+        # whatever order the training batches come in
+        if self.args.train_sampling_strategy != GROUP_BY_LENGTH:
+            return super()._get_eval_sampler(eval_dataset)
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     # ---------------------------------------------------------------- skipped samples (on_error="skip")
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
