@@ -92,3 +92,19 @@ def test_held_out_loss_does_not_depend_on_the_training_order(tiny_checkpoint, be
     plain = run(tiny_checkpoint, bench, tmp_path / "p", *common, "--train_sampling_strategy", "random")
     losses = lambda r: [h["eval_loss"] for h in r["log_history"] if "eval_loss" in h]  # noqa: E731
     assert losses(grouped) == losses(plain) and len(losses(plain)) == 2
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["stock", "shared-stack-cache"])
+def test_a_batch_of_text_only_samples_trains_without_touching_the_side_branch(tiny_checkpoint, bench, tmp_path, cache):
+    # grouped batches put text-only samples together; they never reach the side branch, so the
+    # step must run (it used to fail: no tensor requiring grad) and leave its weights unchanged
+    texts = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                                                {"from": "gpt", "value": str(2 * i)}]} for i in range(4)]  # fmt: skip
+    data = tmp_path / "text-only.json"
+    data.write_text(json.dumps(texts))
+    extra = ["--data", str(data), "--images", str(bench / "images"), "--max_steps", "2", "--save_steps", "100",
+             *(["--shared_stack_cache", str(tmp_path / "cache")] if cache else [])]  # fmt: skip
+    trained = run(tiny_checkpoint, bench, tmp_path / "trained", *extra)
+    run(tiny_checkpoint, bench, tmp_path / "untrained", *extra, "--learning_rate", "0")
+    assert trained["steps"] == 2 and trained["train_loss"] == trained["train_loss"]
+    assert digest(tmp_path / "trained") == digest(tmp_path / "untrained")

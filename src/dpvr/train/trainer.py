@@ -111,6 +111,19 @@ class DPVRTrainer(Trainer):
             return super()._get_eval_sampler(eval_dataset)
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
+    # ---------------------------------------------------------------- batches with no image
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if loss.requires_grad or not (model.training and torch.is_grad_enabled()):
+            return out
+        # text-only samples never reach DPVR's side branch, so a batch of them (grouped batches make
+        # them; batch 1 on LLaVA-665k meets one at once) has no path to a trainable weight: a zero-
+        # weighted term gives every trainable weight a zero gradient, and the step (DDP's all-reduce
+        # included) runs like any other
+        loss = loss + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+        return (loss, *out[1:]) if return_outputs else loss
+
     # ---------------------------------------------------------------- skipped samples (on_error="skip")
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """Record the samples a batch skipped (with DataLoader workers the dataset's counters live in the
