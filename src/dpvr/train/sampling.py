@@ -1,7 +1,7 @@
 """Length-grouped training batches: `dpvr train --train_sampling_strategy group_by_length`.
 
 Random batches pad every sample to the longest in its batch; on digit scenes (3% text-only samples of
-~30 tokens, image samples of 230-300) that wasted 9% of the linear layers' work and 16% of attention
+21 tokens, image samples of 230-295) that wasted 9% of the linear layers' work and 16% of attention
 (docs/train.md, "Length-grouped batches"). LLaVA-1.5 fine-tunes with its modality-length grouping for
 the same reason. HF's own sampler for this strategy reads a `length` column of a `datasets.Dataset` or
 encodes every sample to measure it (every image opened); here the dataset's `lengths` (a cheap estimate
