@@ -43,8 +43,7 @@ def eval_every(steps: int, points: int, min_steps: int = 0) -> int:
 
 
 def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS, held_out: int = HELD_OUT_LIMIT,
-                   until_plateau: bool = True, min_steps: int = 0, cache: str | None = None, bf16: bool = BF16,
-                   grouped: bool = GROUPED) -> list[str]:  # fmt: skip
+                   until_plateau: bool = True, min_steps: int = 0, cache: str | None = None, bf16: bool = BF16) -> list[str]:  # fmt: skip
     """`dpvr train` flags after `--max_steps` (the cap)/`--learning_rate`: batch, precision, batch order, logging, the
     held-out curve (from the untrained side branch on, when `until_plateau`), the stop (not before
     `min_steps`) and, for a DPVR run, the shared-stack cache folder."""
@@ -54,7 +53,7 @@ def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS
     bf16 = bf16 and _bf16_trains_here()
     return ["--per_device_train_batch_size", str(batch), "--bf16", str(bf16).lower(), "--save_steps", str(10**9), "--logging_steps",
             str(max(1, every // 2)), "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_limit", str(held_out),
-            "--disable_tqdm", "true", "--train_sampling_strategy", GROUP_BY_LENGTH if grouped else "random",
+            "--disable_tqdm", "true", "--train_sampling_strategy", GROUP_BY_LENGTH if GROUPED else "random",
             *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else []),
             *(["--plateau_min_steps", str(min_steps)] if until_plateau and min_steps else []),
             *(["--shared_stack_cache", cache] if cache else [])]  # fmt: skip

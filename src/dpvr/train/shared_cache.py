@@ -92,9 +92,9 @@ def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int =
             states, pos = model.shared_stack_states(**inputs, from_layer=from_layer)  # (B, T, D), (B, T) or (3, B, T)
             for b, (i, it) in enumerate(keep):
                 n = len(it["input_ids"])  # right padding: the sample's tokens are its first n positions
-                # copies: a text-only batch's positions are one arange expanded over the batch, and
-                # safetensors refuses tensors that share memory
-                tensors[f"{i}.states"] = states[b, :n].cpu().clone(memory_format=torch.contiguous_format)
+                tensors[f"{i}.states"] = states[b, :n].cpu().contiguous()
+                # a copy: a text-only batch's positions are one arange expanded over the batch, so the
+                # samples' slices overlap in memory, which safetensors refuses
                 tensors[f"{i}.positions"] = pos[..., b, :n].cpu().clone(memory_format=torch.contiguous_format)
                 tensors.update({f"{i}.{k}": it[k].contiguous() for k in FIELDS})
     finally:
