@@ -15,7 +15,7 @@ from tiny import IMAGE_TOKEN, left_pad, pixels, prompt, tiny_llava
 from dpvr import DPVRConfig, DPVRError, convert
 from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.errors import UsageError
-from dpvr.routing.schedule import split_schedule
+from dpvr.routing.schedule import ALL, TEXT, frozen_text_depth, split_schedule
 from dpvr.train.cli import train
 
 L = 6
@@ -65,20 +65,45 @@ def test_the_forward_from_the_cached_shared_stack_is_the_whole_forward(family, m
 
 @pytest.mark.parametrize("family", ["llava", *FAMILIES])
 def test_a_deeper_split_goes_on_from_a_shallower_splits_states(family):
-    """What a split sweep's cache fill does: split 4's states from split 2's, layers 2-3 only."""
+    """What a split sweep's cache fill does: split 4's states from split 2's, layers 2-3 only; then LF's
+    text path (layer 4, before the fusion layer 5) from split 4's states, the text positions only."""
     shallow, deep = (routed(family, DPVRConfig(mode="lf", split_layer=s)) for s in (2, 4))
     inputs = llava_inputs() if family == "llava" else sample(family, deep, [(2, [0, 1], 3), (4, [2], 2), (3, [], 5)])[0]
-    states2, pos2 = shallow.shared_stack_states(**inputs)
-    want, want_pos = deep.shared_stack_states(**inputs)
+    states2, pos2 = shallow.shared_stack_states(**inputs, text_path=False)
+    want, want_pos = deep.shared_stack_states(**inputs, text_path=False)
     text_only = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-    got, pos = deep.shared_stack_states(**text_only, position_ids=pos2, shared_states=states2, from_layer=2)
+    got, pos = deep.shared_stack_states(**text_only, position_ids=pos2, shared_states=states2, from_layer=2, text_path=False)
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pos, want_pos)
     assert not torch.allclose(states2[valid], want[valid])  # layers 2-3 did run
+    frozen, _ = deep.shared_stack_states(**inputs)
+    on, _ = deep.shared_stack_states(**text_only, position_ids=want_pos, shared_states=want, from_layer=4)
+    torch.testing.assert_close(on[valid], frozen[valid], rtol=1e-5, atol=1e-5)
+    image = inputs["input_ids"] == (IMAGE_TOKEN if family == "llava" else deep.config.image_token_id)
+    torch.testing.assert_close(frozen[image], want[image], rtol=0, atol=0)  # the side branch's input: the split's
+    assert not torch.allclose(frozen[valid & ~image], want[valid & ~image])  # layer 4 ran on the text
     for bad in ({"from_layer": 5}, {"from_layer": 0}, {"pixel_values": inputs.get("pixel_values", states2)}):
         with pytest.raises(DPVRError, match="shared_states continue a shallower split"):
             deep.shared_stack_states(**text_only, position_ids=pos2, shared_states=states2, **{"from_layer": 2, **bad})
+
+
+@pytest.mark.parametrize("cfg, depth", [
+    (DPVRConfig(mode="lf", split_layer=2, fusion_layers=1), 5),
+    (DPVRConfig(mode="lf", split_layer=2, fusion_layers=3), 3),
+    (DPVRConfig(mode="lf", split_layer=1, fusion_at=(2, 4)), 2),
+    (DPVRConfig(mode="lf", split_layer=2, fusion_layers=0), L),  # LF-ideal: no side branch to read
+    (DPVRConfig(mode="vtw", split_layer=2), L),
+    (DPVRConfig(mode="pc", split_layer=3), 3),
+    (DPVRConfig(mode="kv", split_layer=2), 2),
+])  # fmt: skip
+def test_the_frozen_part_runs_the_text_path_up_to_the_first_step_reading_the_side_branch(cfg, depth):
+    assert frozen_text_depth(cfg, L) == depth
+    for has_images in (True, False):
+        frozen, rest = split_schedule(cfg, L, has_images)
+        assert [i for s in frozen for i in s.layers] == list(range(depth))  # each layer once, in order
+        assert [i for s in rest if not s.side for i in s.layers] == list(range(depth, L))
+        assert all(s.queries == (TEXT if has_images else ALL) for s in frozen[1:])
 
 
 def test_modes_without_a_cacheable_shared_stack_are_refused():
@@ -116,7 +141,8 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
     cache = tmp_path / "cache"
     plain, on_cache = run(world, tmp_path / "plain"), run(world, tmp_path / "cached", "--shared_stack_cache", str(cache))
     files = sorted(cache.glob("*.safetensors"))  # beside them: the fills' lock files
-    assert len(files) == 2  # the training set and the held-out set
+    # for the training set and the held-out set: the split's states, and LF's text path on to layer 14
+    assert sorted(f.name.split("-", 1)[1] for f in files) == ["split3-text14.safetensors"] * 2 + ["split3.safetensors"] * 2
     for key in ("loss", "eval_loss"):
         got = [h[key] for h in on_cache["log_history"] if key in h]
         want = [h[key] for h in plain["log_history"] if key in h]
@@ -126,13 +152,16 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6)
     stamps = [f.stat().st_mtime_ns for f in files]
-    run(world, tmp_path / "seed1", "--shared_stack_cache", str(cache), "--seed", "1", "--fusion_layers", "1")
+    run(world, tmp_path / "seed1", "--shared_stack_cache", str(cache), "--seed", "1", "--side_depth", "2")
     assert sorted(cache.glob("*.safetensors")) == files and [f.stat().st_mtime_ns for f in files] == stamps  # reused
+    run(world, tmp_path / "K1", "--shared_stack_cache", str(cache), "--fusion_layers", "1")
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # the split's states reused, the text path goes on
+    assert len([f for f in cache.glob("*.safetensors") if f.name.endswith("-split3-text15.safetensors")]) == 2
     run(world, tmp_path / "split4", "--shared_stack_cache", str(cache), "--split_layer", "4")
-    assert len(list(cache.glob("*.safetensors"))) == 4  # another split: its own states, filled from split 3's
+    assert len(list(cache.glob("*.safetensors"))) == 10  # another split: its own states, filled from split 3's
     run(world, tmp_path / "split4-alone", "--shared_stack_cache", str(tmp_path / "alone"), "--split_layer", "4")
     alone = sorted((tmp_path / "alone").glob("*.safetensors"))
-    assert [f.name for f in alone] == sorted(f.name for f in cache.glob("*.safetensors") if "-split4." in f.name)
+    assert len(alone) == 4 and [f.name for f in alone] == sorted(f.name for f in cache.glob("*-split4*.safetensors"))
     for f in alone:  # from split 3's states = from the images
         chained, scratch = load_file(cache / f.name), load_file(f)
         assert chained.keys() == scratch.keys()
@@ -175,5 +204,5 @@ def test_runs_side_by_side_fill_a_split_once(world, tmp_path, monkeypatch):
         t.start()
     for t in runs:
         t.join()
-    assert len(fills) == 1 and len(got) == 2 and got[0].path == got[1].path
-    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+    assert len(fills) == 2 and len(got) == 2 and got[0].path == got[1].path  # the split's states, the text path
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2

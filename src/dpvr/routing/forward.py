@@ -234,13 +234,16 @@ def routed_decoder(
     )
 
 
-def shared_stack(lm: nn.Module, cfg: DPVRConfig, h, is_img, valid, pos, start: int = 0) -> torch.Tensor:
-    """(B, T, D) states after the shared stack [0, split) of the merged embeddings h, where
-    `routed_decoder(..., shared=True)` goes on from. start > 0: h is the states after layers
-    [0, start) (a shallower split's output), and only layers [start, split) run."""
+def shared_stack(lm: nn.Module, cfg: DPVRConfig, h, is_img, valid, pos, start: int = 0, text_path: bool = True) -> torch.Tensor:
+    """(B, T, D) states after the frozen part of the schedule (`split_schedule`) on the merged embeddings
+    h, where `routed_decoder(..., shared=True)` goes on from: the shared stack [0, split), then the
+    text path up to the first step that reads the side branch (text positions only). text_path=False:
+    the shared stack alone (every position after the split: what a deeper split goes on from). start > 0:
+    h is the states after layers [0, start) of the shared stack, and only the layers from there run."""
     loop = _Loop(lm, cfg, h, pos, checkpointing=False, keep_hidden=False, keep_kv=False)
     sets = _Sets(valid, is_img)
-    for step in split_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))[0]:
+    frozen = split_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))[0]
+    for step in frozen if text_path else frozen[:1]:
         h, _ = loop.layers(range(max(start, step.layers.start), step.layers.stop), sets[step.queries], h)
     loop.raise_if_not_finite()
     return h

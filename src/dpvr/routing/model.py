@@ -156,12 +156,15 @@ class RoutedModel:
 
     @torch.no_grad()
     def shared_stack_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                            shared_states=None, from_layer: int = 0, **inputs):  # fmt: skip
-        """(states (B, T, D) after the frozen shared stack [0, split), positions (B, T) or (3, B, T)):
-        `forward(input_ids, attention_mask=..., position_ids=positions, shared_states=states, labels=...)`
-        then runs the rest of the routed forward only (dpvr.train.shared_cache caches them per sample).
-        shared_states with from_layer: the states after layers [0, from_layer) (a shallower split's
-        output, with its positions as position_ids) instead of the images; only [from_layer, split) runs."""
+                            shared_states=None, from_layer: int = 0, text_path: bool = True, **inputs):  # fmt: skip
+        """(states (B, T, D) after the frozen part of the routed forward, positions (B, T) or (3, B, T)):
+        the shared stack [0, split) and the text path up to the first step that reads the side branch
+        (`dpvr.routing.schedule.split_schedule`). `forward(input_ids, attention_mask=...,
+        position_ids=positions, shared_states=states, labels=...)` then runs the rest only
+        (dpvr.train.shared_cache caches them per sample). text_path=False: the states after the split,
+        every position (what a deeper split goes on from). shared_states with from_layer: the states
+        after layers [0, from_layer) of the shared stack (a shallower split's, with its positions as
+        position_ids) instead of the images; only the layers from there run."""
         if shared_states is None:
             embeds, is_img, _ = self._merge_image_features(input_ids, pixel_values, inputs)
         else:
@@ -172,7 +175,7 @@ class RoutedModel:
         valid = _valid_mask(attention_mask, input_ids, is_img)
         pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
         lm = self.model.language_model
-        return shared_stack(lm, self.dpvr_config, embeds, is_img, valid, pos, start=from_layer), pos
+        return shared_stack(lm, self.dpvr_config, embeds, is_img, valid, pos, start=from_layer, text_path=text_path), pos
 
     def _from_shared_stack(self, shared, input_ids, attention_mask, position_ids, inputs) -> torch.Tensor:
         """The routed forward from the shared stack's output on -> final-norm hidden (B, T, D)."""

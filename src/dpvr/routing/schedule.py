@@ -114,17 +114,33 @@ def compile_schedule(cfg: DPVRConfig, num_layers: int, has_images: bool = True) 
 
 
 def split_schedule(cfg: DPVRConfig, num_layers: int, has_images: bool = True) -> tuple[list[Step], list[Step]]:
-    """compile_schedule's steps as (the shared stack [0, split), the rest), for a mode with a split and
-    no pruning inside the shared stack: what a cache of the shared stack's output skips
-    (`routed_decoder(shared=...)`, dpvr.train.shared_cache). A batch without images runs the stock
-    layers, cut at the same place."""
+    """compile_schedule's steps as (the frozen part, the rest), for a mode with a split and no pruning
+    inside the shared stack: what a cache of the frozen part's output skips (`routed_decoder(shared=...)`,
+    dpvr.train.shared_cache). The frozen part is the shared stack [0, split) and then the deep text-only
+    layers before the first step that reads the side branch (LF's text path up to its first fusion
+    layer, all of VTW's): they update text positions only, which the side branch does not read, so they
+    may run before it and their output is the same whatever the side branch is. A batch without images
+    runs the stock layers, cut at the same places (its text path is every token)."""
     if not MODE_TRAITS[cfg.mode].split or cfg.shallow_fastv:
         what = "shallow_fastv prunes inside it" if cfg.shallow_fastv else f"mode {cfg.mode!r} has no split"
         raise DPVRError(f"no shared stack to cache: {what}")
-    s = cfg.split_layer
-    steps = compile_schedule(cfg, num_layers, has_images) if has_images else [Step(range(0, s)), Step(range(s, num_layers))]
+    s, steps = cfg.split_layer, compile_schedule(cfg, num_layers)
     assert steps[0] == Step(range(0, s)), f"the schedule does not start with the shared stack: {summary(steps)}"
-    return steps[:1], steps[1:]
+    t = s  # how deep the text path goes before a step reads the side branch
+    for step in (x for x in steps[1:] if not x.side):
+        if step.queries != TEXT or step.image_from_side or step.image_kv:
+            break
+        t = step.layers.stop
+    if not has_images:
+        stock = [Step(range(0, s)), Step(range(s, t)), Step(range(t, num_layers))]
+        return [x for x in stock[:2] if len(x.layers)], [x for x in stock[2:] if len(x.layers)]
+    return [x for x in steps if not x.side and x.layers.stop <= t], [x for x in steps if x.side or x.layers.start >= t]
+
+
+def frozen_text_depth(cfg: DPVRConfig, num_layers: int) -> int:
+    """How many layers the text positions of split_schedule's frozen part have been through: the split
+    for PC and KV, LF's first fusion layer, all layers for LF-ideal and VTW."""
+    return split_schedule(cfg, num_layers)[0][-1].layers.stop
 
 
 def layer_contents(steps: list[Step], num_layers: int) -> list[tuple[str, bool]]:

@@ -72,4 +72,5 @@ class DataArguments:
                                                         "(e.g. one epoch)"})  # fmt: skip
     shared_stack_cache: str | None = field(
         default=None, metadata={"help": "dpvr method: compute the frozen shared stack's output once per sample into this "
-                                "folder and train (and score the held-out loss) from the split on (dpvr.train.shared_cache)"})
+                                "folder (and LF's text path up to its first fusion layer) and train (and score the held-out loss) "
+                                "from there (dpvr.train.shared_cache)"})

@@ -2,11 +2,14 @@
 
 DPVR freezes everything but the side branch, so what reaches the split (vision tower, projector,
 embeddings, layers [0, split)) is the same for a sample in every step, epoch, seed and side-branch
-variant (K, D, fusion placement) on that base and split. `dpvr train --shared_stack_cache DIR` runs it
-once over the data (no grad, a progress bar) into DIR/<key>-split<s>.safetensors, then trains and
-scores the held-out loss from there: the forward starts at the split (`forward(shared_states=...)`).
-A deeper split's fill starts from the deepest shallower split cached under the same key and runs only
-the layers between (a split sweep fills each layer once, not once per split).
+variant (D, and for PC/KV also K) on that base and split; so is LF's text path from the split to its
+first fusion layer, which never reads the side branch. `dpvr train --shared_stack_cache DIR` runs
+that frozen part once over the data (no grad, a progress bar) into DIR/<key>-split<s>.safetensors
+(and, where LF's text path goes on, DIR/<key>-split<s>-text<t>.safetensors, computed from the first),
+then trains and scores the held-out loss from there: the forward starts at the split, with LF's text
+positions at its first fusion layer (`forward(shared_states=...)`). A deeper split's fill starts from
+the deepest shallower split cached under the same key and runs only the layers between (a split
+sweep fills each layer once, not once per split).
 
     data = cached(model, dataset, "runs/shared-stack", batch_size=16)   # a Dataset of cached items
     trainer = DPVRTrainer(..., train_dataset=data, data_collator=CachedCollator(collate))
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 
 from dpvr.atomic import atomic_write, locked
 from dpvr.errors import DPVRError
+from dpvr.routing.schedule import frozen_text_depth, split_schedule
 
 FIELDS = ("input_ids", "attention_mask", "labels")  # per token, beside the states and positions
 
@@ -56,13 +60,13 @@ def check_cacheable(model) -> None:
         raise DPVRError("--shared_stack_cache needs the shared stack frozen (DPVRConfig.freeze='all_but_side_branch')")
     if getattr(model.config.text_config, "attention_dropout", 0.0):
         raise DPVRError("--shared_stack_cache needs a deterministic shared stack: text_config.attention_dropout is not 0")
-    from dpvr.routing.schedule import split_schedule
-
     split_schedule(cfg, model.num_text_layers)  # refuses modes without a split and shallow FastV
 
 
-def cache_file(folder, key: str, split: int) -> Path:
-    return Path(folder) / f"{key}-split{split}.safetensors"
+def cache_file(folder, key: str, split: int, text: int | None = None) -> Path:
+    """The states after the split, with the text positions `text` layers deep (the split when None)."""
+    deeper = f"-text{text}" if text is not None and text > split else ""
+    return Path(folder) / f"{key}-split{split}{deeper}.safetensors"
 
 
 def _shallower(folder, key: str, split: int) -> tuple[Path, int] | None:
@@ -73,9 +77,10 @@ def _shallower(folder, key: str, split: int) -> tuple[Path, int] | None:
 
 
 @torch.no_grad()
-def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int = 0) -> dict[str, torch.Tensor]:
-    """Every sample's states after the shared stack, and its token fields, as flat named tensors.
-    from_layer > 0: `dataset` is a shallower split's CachedDataset, and its states go on from there."""
+def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int, text_path: bool) -> dict[str, torch.Tensor]:
+    """Every sample's states after the shared stack (and with text_path, LF's text path), and its token
+    fields, as flat named tensors. from_layer > 0: `dataset` is a shallower split's CachedDataset, and
+    its states go on from there."""
     tensors: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -89,7 +94,7 @@ def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int =
                 continue
             batch = collate([it for _, it in keep])  # a cached batch: + shared_states, position_ids
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
-            states, pos = model.shared_stack_states(**inputs, from_layer=from_layer)  # (B, T, D), (B, T) or (3, B, T)
+            states, pos = model.shared_stack_states(**inputs, from_layer=from_layer, text_path=text_path)  # (B, T, D), (B, T) or (3, B, T)
             for b, (i, it) in enumerate(keep):
                 n = len(it["input_ids"])  # right padding: the sample's tokens are its first n positions
                 tensors[f"{i}.states"] = states[b, :n].cpu().contiguous()
@@ -103,28 +108,34 @@ def _fill(model, dataset, collate, batch_size: int, what: str, from_layer: int =
 
 
 def cached(model, dataset, folder, batch_size: int, what: str = "train") -> "CachedDataset":
-    """`dataset` with each sample's shared-stack output read from folder (computed there first if absent,
-    from the deepest shallower split there if any)."""
+    """`dataset` with each sample's frozen-part output read from folder (computed there first if absent:
+    the split's states from the deepest shallower split there if any, then LF's text path from them)."""
     check_cacheable(model)
     key, split = cache_key(model, dataset), model.dpvr_config.split_layer
-    path = cache_file(folder, key, split)
-    if not path.exists():
-        with locked(path):  # side by side, one process fills, the others wait ...
-            if not path.exists():  # ... and read its file
-                _fill_file(model, dataset, folder, key, split, batch_size, what)
+    depth = frozen_text_depth(model.dpvr_config, model.num_text_layers)
+    for text in dict.fromkeys((split, depth)):  # the split's states first: the text path goes on from them
+        path = cache_file(folder, key, split, text)
+        if not path.exists():
+            with locked(path):  # side by side, one process fills, the others wait ...
+                if not path.exists():  # ... and read its file
+                    _fill_file(model, dataset, folder, key, split, text, batch_size, what)
     return CachedDataset(path, dataset)
 
 
-def _fill_file(model, dataset, folder, key: str, split: int, batch_size: int, what: str) -> None:
+def _fill_file(model, dataset, folder, key: str, split: int, text: int, batch_size: int, what: str) -> None:
     from dpvr.data.collate import Collator
 
     collate = Collator(pad_token_id=dataset.processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
     source, start = dataset, 0
-    if below := _shallower(folder, key, split):
+    if text > split:
+        source, start, collate = CachedDataset(cache_file(folder, key, split), dataset), split, CachedCollator(collate)
+        what = f"{what}, text path {split}-{text - 1} on split {split}'s cache"
+    elif below := _shallower(folder, key, split):
         source, start, collate = CachedDataset(below[0], dataset), below[1], CachedCollator(collate)
         what = f"{what}, layers {start}-{split - 1} on split {start}'s cache"
-    tensors = _fill(model, source, collate, batch_size, what, from_layer=start)
-    atomic_write(cache_file(folder, key, split), lambda tmp: save_file(tensors, tmp, metadata={"samples": str(len(dataset))}))
+    tensors = _fill(model, source, collate, batch_size, what, from_layer=start, text_path=text > split)
+    metadata = {"samples": str(len(dataset))}
+    atomic_write(cache_file(folder, key, split, text), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 class CachedDataset(torch.utils.data.Dataset):
