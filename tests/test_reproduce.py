@@ -99,6 +99,9 @@ def test_jobs_run_side_by_side_after_what_they_need():
     assert log.index(("start", "c", ["a"])) > log.index(("end", "a")), "c starts after a ended"
     assert time.perf_counter() - start < 0.2 * 3 * 0.9, "two at a time: three 0.2 s rounds at most, not four"
     assert run_jobs(jobs[:1] + jobs[2:3], 1, Later, desc="test") == {"a": "A", "c": "C"}
+    log.clear()  # one at a time, the given order among the ready ones: c as soon as a has run, before e
+    run_jobs([Job("a", job("a", 0)), Job("c", job("c", 0), ("a",)), Job("e", job("e", 0))], 1, Later, desc="test")
+    assert [name for what, name, *_ in log if what == "start"] == ["a", "c", "e"]
     try:
         run_jobs([Job("x", job("x", fail=ValueError("boom"))), Job("y", job("y", 0.4))], 2, Later, desc="test")
     except ValueError as exc:

@@ -47,7 +47,7 @@ def run_jobs(jobs: list[Job], workers: int, skip: type[Exception], desc: str = "
                 if workers <= 1:  # in this thread: Ctrl-C and in-process steps behave as without jobs
                     failure = _settle(results, job, lambda: job.run(deps), skip)
                     bar.update()
-                    continue
+                    break  # the jobs it readied (DPVR-KV after DPVR-PC's seed) come before the later ones listed here
                 running[pool.submit(job.run, deps)] = job
             if not running:
                 continue
