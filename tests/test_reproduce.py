@@ -44,8 +44,11 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert {c["claim"].split(":")[0] for c in record["claims"]} >= {"LF matches PC/KV at lower cost", "beyond the paper"}
     assert [r["n_txt"] for r in record["table8"]] == [16] and "Table 8" in (out / "table.md").read_text()
     assert results["DPVR-KV"]["steps"] == results["DPVR-PC"]["steps"], "KV runs PC's trained side branch"
-    # the DPVR rows trained from the shared-stack cache, one file per split (9, and the sweep's 7) and set
-    assert len(list((out / "shared-stack").glob("*.safetensors"))) == 4
+    # the DPVR rows trained from the shared-stack cache, per set (training, held-out): one file per split (9,
+    # and the sweep's 7), and one per LF text path on from it (to the first fusion layer: 15, or 14 at K = 2)
+    files = sorted(f.name.split("-", 1)[1] for f in (out / "shared-stack").glob("*.safetensors"))
+    want = ["split7-text15", "split7", "split9-text14", "split9-text15", "split9"]
+    assert files == sorted(f"{name}.safetensors" for name in want * 2), files
     # where the time went: every stage, from the steps' own records, which this run wrote (so they fit in it)
     minutes = record["minutes"]
     assert {"analysis", "learning-rate sweep", "DPVR-LF", "DPVR-KV", "LoRA r=16", "full fine-tune", "bench"} <= set(minutes)
