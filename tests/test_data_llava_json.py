@@ -188,3 +188,39 @@ def test_mixed_batch_loss_equals_per_sample_losses(tiny, images):
             counts.append(int((it["labels"][1:] != IGNORE).sum()))  # HF shifts labels by one
     want = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
     torch.testing.assert_close(batch_loss, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_dataset_reads_encoded_samples_back_and_a_changed_rendering_encodes_anew(tiny, images, monkeypatch):
+    from dpvr.data import memo
+
+    monkeypatch.setattr(memo, "MEMO", memo.EncodedMemo())
+    monkeypatch.setattr("dpvr.data.llava_json.MEMO", memo.MEMO)
+    calls = []
+    encode = LlavaJsonDataset.encode
+    monkeypatch.setattr(LlavaJsonDataset, "encode", lambda self, i: calls.append(i) or encode(self, i))
+    data = [sample("a"), sample("b", turns=(("<image>\nhow many 3s ?", "two"),))]
+    first = LlavaJsonDataset(data, images, tiny[1])
+    items = [first[i] for i in range(2)]
+    again = LlavaJsonDataset(list(reversed(data)), images, tiny[1])  # same samples, another order
+    for i, item in zip((1, 0), items):
+        back = again[i]
+        assert back is not item and back.keys() == item.keys()
+        assert all(torch.equal(back[k], v) for k, v in item.items() if isinstance(v, torch.Tensor))
+    back.pop("input_ids")  # a caller's pop leaves what is kept whole
+    assert "input_ids" in again[0] and calls == [0, 1]
+    LlavaJsonDataset(data, images, tiny[1], template="vicuna_v1")[0]
+    LlavaJsonDataset(data, images, tiny[1], max_length=500)[0]
+    assert calls == [0, 1, 0, 0]
+
+
+def test_the_encoded_samples_kept_stay_within_the_budget(tiny, images, monkeypatch):
+    from dpvr.data import memo
+
+    data = [sample(f"s{k}") for k in range(3)]
+    size = sum(v.numel() * v.element_size() for v in LlavaJsonDataset(data, images, tiny[1])[0].values()
+               if isinstance(v, torch.Tensor))  # fmt: skip
+    monkeypatch.setattr("dpvr.data.llava_json.MEMO", kept := memo.EncodedMemo(budget=2 * size))
+    ds = LlavaJsonDataset([sample("x", turns=(("<image>\nq ?", "a"),)), *data], images, tiny[1])
+    for i in range(len(ds)):
+        ds[i]
+    assert kept.used <= 2 * size and len(kept._items) < len(ds)

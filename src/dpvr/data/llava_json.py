@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from dpvr.data.collate import IGNORE, IMAGE_KEYS, TOKEN_KEYS
+from dpvr.data.memo import MEMO, memo_key
 from dpvr.data.templates import IMAGE, render_conversation
 from dpvr.errors import DPVRError
 
@@ -116,9 +117,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                 return 0
         return [words(s) for s in self.samples]
 
+    @cached_property
+    def memo_key(self) -> str:
+        return memo_key(self.images_dir, self.processor, self.template, self.max_length)
+
     def __getitem__(self, i: int) -> dict | None:
+        if (item := MEMO.get(self.memo_key, self.samples[i])) is not None:  # encoded before in this process
+            return item
         try:
-            return self.encode(i)
+            item = self.encode(i)
+            MEMO.put(self.memo_key, self.samples[i], item)
+            return item
         except SampleError as exc:
             if self.on_error == "raise":
                 raise

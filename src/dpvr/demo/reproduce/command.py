@@ -154,7 +154,7 @@ class Reproduction:
     def train(self, row: Row, seed: int, lr: float, steps: int, tag: str, until_plateau: bool = True,
               stage: str | None = None) -> Path:
         """`steps` is the budget; with `until_plateau` the run ends at its held-out plateau if that comes first."""
-        points = self.points if until_plateau else 2  # a sweep run needs its last loss only
+        points = self.points if until_plateau else 1  # a sweep run needs its last loss only: one, at its end
         cache = str(self.out / CACHE_FOLDER) if row.method == "dpvr" else None
         flags = training_flags(steps, self.batch, points, self.held_out, until_plateau, self.min_steps, cache,
                                self.bf16)
