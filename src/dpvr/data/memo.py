@@ -3,10 +3,10 @@
 Encoding a LLaVA JSON sample (chat template, tokenizer, image decode and preprocessing) is the same
 work every time the sample is read: in every epoch, and in every run of a process that trains several
 (`dpvr reproduce` trains about twenty full-model runs on the same train.json in one process, and
-spent about 7% of each run's time encoding, docs/train.md "Encoded samples"). A dataset keeps what it
+spent 7-9% of each run encoding: docs/train.md, "Encoded samples"). A dataset keeps what it
 encoded here under a key of everything the encoding depends on, so a second run (or epoch) on the
-same samples (wherever they sit in the file) with the same processor, template and length reads it back. Only `BUDGET` bytes are
-kept per process (a DataLoader worker has its own): a large data set keeps its first samples and
+same samples (wherever they sit in the file) with the same processor, template and length reads it
+back. Only `BUDGET` bytes are kept per process (a DataLoader worker has its own): a large data set keeps its first samples and
 encodes the rest as before. Samples that failed are not kept; they fail again, and count once."""
 from __future__ import annotations
 
