@@ -193,8 +193,7 @@ def test_mixed_batch_loss_equals_per_sample_losses(tiny, images):
 def test_a_second_dataset_reads_encoded_samples_back_and_a_changed_rendering_encodes_anew(tiny, images, monkeypatch):
     from dpvr.data import memo
 
-    monkeypatch.setattr(memo, "MEMO", memo.EncodedMemo())
-    monkeypatch.setattr("dpvr.data.llava_json.MEMO", memo.MEMO)
+    monkeypatch.setattr("dpvr.data.llava_json.MEMO", memo.EncodedMemo())
     calls = []
     encode = LlavaJsonDataset.encode
     monkeypatch.setattr(LlavaJsonDataset, "encode", lambda self, i: calls.append(i) or encode(self, i))

@@ -122,12 +122,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         return memo_key(self.images_dir, self.processor, self.template, self.max_length)
 
     def __getitem__(self, i: int) -> dict | None:
-        if (item := MEMO.get(self.memo_key, self.samples[i])) is not None:  # encoded before in this process
-            return item
         try:
-            item = self.encode(i)
-            MEMO.put(self.memo_key, self.samples[i], item)
-            return item
+            return MEMO.read(self.memo_key, self.samples[i], lambda: self.encode(i))  # encoded once per process
         except SampleError as exc:
             if self.on_error == "raise":
                 raise

@@ -6,12 +6,13 @@ work every time the sample is read: in every epoch, and in every run of a proces
 spent 7-9% of each run encoding: docs/train.md, "Encoded samples"). A dataset keeps what it
 encoded here under a key of everything the encoding depends on, so a second run (or epoch) on the
 same samples (wherever they sit in the file) with the same processor, template and length reads it
-back. Only `BUDGET` bytes are kept per process (a DataLoader worker has its own): a large data set keeps its first samples and
-encodes the rest as before. Samples that failed are not kept; they fail again, and count once."""
+back. Only `BUDGET` bytes are kept per process (a DataLoader worker has its own): a large data set
+keeps its first samples and encodes the rest as before. Samples that failed are not kept; they fail again, and count once."""
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Callable
 
 import torch
 
@@ -30,19 +31,16 @@ class EncodedMemo:
     def __init__(self, budget: int = BUDGET):
         self.budget, self.used, self._items = budget, 0, {}
 
-    def get(self, key: str, sample) -> dict | None:
-        item = self._items.get((key, _text(sample)))
-        return dict(item) if item is not None else None  # a copy: callers pop from their item
-
-    def put(self, key: str, sample, item: dict) -> None:
-        size = sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
-        at = (key, _text(sample))
-        if at not in self._items and self.used + size <= self.budget:
-            self._items[at], self.used = dict(item), self.used + size
-
-
-def _text(sample) -> str:
-    return json.dumps(sample, sort_keys=True, default=str)
+    def read(self, key: str, sample, encode: Callable[[], dict]) -> dict:
+        """The item kept for `sample` under `key`, else `encode()` (kept if it fits; an exception from it
+        propagates and nothing is kept). A copy either way: callers pop from their item."""
+        at = (key, json.dumps(sample, sort_keys=True, default=str))
+        if (item := self._items.get(at)) is None:
+            item = encode()
+            size = sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
+            if self.used + size <= self.budget:
+                self._items[at], self.used = item, self.used + size
+        return dict(item)
 
 
 MEMO = EncodedMemo()
