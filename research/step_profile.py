@@ -19,6 +19,7 @@ import torch
 from cpu_step_speed import batches
 from transformers import AutoProcessor
 
+from dpvr.atomic import atomic_write_text
 from dpvr.attention import FP32_SDPA
 from dpvr.loading import resolve_model_path
 from dpvr.train.args import ModelArguments
@@ -97,8 +98,7 @@ def main() -> None:
                 step(batch)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ spent 7-9% of each run encoding: docs/train.md, "Encoded samples"). A dataset ke
 encoded here under a key of everything the encoding depends on, so a second run (or epoch) on the
 same samples (wherever they sit in the file) with the same processor, template and length reads it
 back. Only `BUDGET` bytes are kept per process (a DataLoader worker has its own): a large data set
-keeps its first samples and encodes the rest as before. Samples that failed are not kept; they fail again, and count once."""
+keeps its first samples and encodes the rest as before. Samples that failed are not kept; they fail
+again, and count once."""
 from __future__ import annotations
 
 import hashlib
