@@ -177,6 +177,14 @@ def test_plan_adds_sparse_fusion_rows_from_the_analysis_with_as_many_last_layers
     assert not any("fusion_at" in n for n in (r.name for r in plan(False, 12, 7)))
 
 
+def test_the_split_sweep_spreads_its_points_from_layer_2_to_the_last_but_one():
+    from dpvr.demo.reproduce.plan import SPLIT_POINTS, plan, split_points
+
+    assert split_points(16) == [2, 8, 14] and split_points(32) == [2, 16, 30] and len(split_points(12)) == SPLIT_POINTS
+    swept = lambda L, split: [r.sweep[1] for r in plan(False, L, split) if r.sweep and r.sweep[0] == "split"]  # noqa: E731
+    assert swept(16, 11) == [2, 8, 14] and swept(16, 8) == [2, 14]  # the chosen split is Table 2's row, not repeated
+
+
 def test_lf_plus_fastv_needs_room_for_fastv_before_the_split():
     """FastV prunes at layer 2 inside LF's shared stack [0, split): a split at or before it (the masking
     curve puts an untrained model's at 1) leaves no such row, and the claim says "rows not run"."""
@@ -210,5 +218,5 @@ def test_jobs_need_what_they_read_and_sweeps_alternate_cache_and_baselines():
     jobs = {j.name: j for j in _jobs(rep, plan(False, 16, 11, fusion_at=(11, 13)))}
     assert list(jobs)[:4] == ["lr lf", "lr lora", "lr pc", "lr full"]
     assert jobs["DPVR-KV seed 1"].needs == ("DPVR-PC seed 1",) and jobs["DPVR-LF + FastV seed 2"].needs == ("DPVR-LF seed 2",)
-    assert jobs["LoRA r=64 seed 0"].needs == ("lr lora",) and jobs["LF s=4 seed 2"].needs == ("lr lf",)
-    assert jobs["vanilla"].needs == () and len(jobs) == 4 + 4 + 3 * 20  # sweeps, evaluation-only rows, 20 rows x 3 seeds
+    assert jobs["LoRA r=64 seed 0"].needs == ("lr lora",) and jobs["LF s=8 seed 2"].needs == ("lr lf",)
+    assert jobs["vanilla"].needs == () and len(jobs) == 4 + 4 + 3 * 16  # sweeps, evaluation-only rows, 16 rows x 3 seeds

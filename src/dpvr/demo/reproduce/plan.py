@@ -20,6 +20,10 @@ LR_FACTORS = (1 / 3, 1.0, 3.0)  # around the tiny model's defaults (dpvr.train.a
 QUICK_LR_FACTORS = (1.0, 3.0)  # --quick: the same sweep, two candidates
 LR_STEP = 3.0  # a pick at the grid's edge adds the next candidate out by this factor ...
 LR_EXTENSIONS = 1  # ... this many times at most (each is a quarter-epoch run; a pick still at an edge is flagged)
+# the split sweep's points besides the chosen split, spread evenly from layer 2 to L - 2: three fit the
+# 3-hour budget (v10 ran seven, every second layer, 4.1-5.2 min each, and its curve rose monotonically
+# from s=2 to s=14: docs/train.md, "Three split points")
+SPLIT_POINTS = 3
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         Row("full fine-tune", ("--method", "full", "--train_vision_tower", "false"), baseline),
         Row("LoRA r=64", ("--method", "lora", "--lora_r", "64"), baseline),
     ]
-    splits = [split - 2] if quick else [s for s in range(2, L - 1, 2) if s != split]
+    splits = [split - 2] if quick else [s for s in split_points(L) if s != split]
     rows += [dpvr_row(f"LF s={s}", "lf", s, sweep=("split", s)) for s in splits if 1 <= s < L - 1]
     fusion_at = tuple(i for i in fusion_at if split <= i < L)
     n_at = len(fusion_at)  # the sparse row's match, the last n_at layers, is also the fusion sweep's K = n_at
@@ -97,6 +101,12 @@ def plan(quick: bool, L: int, split: int, fusion_at: tuple[int, ...] = ()) -> li
         if n_at not in ((2,) if quick else (2, 3, 4)):
             rows.append(dpvr_row(f"LF last {n_at} (same count)", "lf", split, K=n_at, sweep=("fusion", n_at)))
     return rows
+
+
+def split_points(L: int) -> list[int]:
+    """The split sweep's layers for an L-layer backbone: SPLIT_POINTS of them, evenly from 2 to L - 2."""
+    lo, hi = 2, L - 2
+    return sorted({round(lo + (hi - lo) * i / (SPLIT_POINTS - 1)) for i in range(SPLIT_POINTS)})
 
 
 def sweep_rows(rows: list[Row]) -> dict[str, Row]:
