@@ -18,7 +18,7 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     # an untrained model's masking curve puts the split at 1 (blocking costs nothing anywhere); the rows
     # are checked at a split with room for every one of them
     argv = ["reproduce", "--quick", "--model", str(tiny_checkpoint), "--split-layer", "9", "--jobs", "2", "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--keep-cache"]) == 0  # every run finished: the cache goes unless kept
     assert time.perf_counter() - start < 300, "--quick must finish in under 5 minutes"
     record = json.loads((out / "results.json").read_text())
     results = {r["name"]: r for r in record["rows"]}
@@ -69,6 +69,19 @@ def test_reproduce_quick(tiny_checkpoint, tmp_path):
     assert set(again) == set(results) - {"LoRA r=64", "full fine-tune"}
     assert again["DPVR-LF"]["mean"] == results["DPVR-LF"]["mean"]
     assert json.loads((out / "calls.json").read_text()) == [call], "a call that ran nothing adds no wall-clock"
+    assert (out / "shared-stack").is_dir(), "runs are left for a later call: their cache stays"
+
+
+def test_a_finished_reproduction_releases_its_shared_stack_cache(tmp_path):
+    from dpvr.demo.recipe import CACHE_FOLDER, release_cache
+
+    assert release_cache(tmp_path) is None, "no cache, nothing to say"
+    (tmp_path / CACHE_FOLDER).mkdir()
+    (tmp_path / CACHE_FOLDER / "key-split11.safetensors").write_bytes(b"x" * 2**20)
+    assert "kept" in release_cache(tmp_path, keep=True) and (tmp_path / CACHE_FOLDER).is_dir()
+    note = release_cache(tmp_path)
+    assert "removed" in note and "0.0 GiB" in note and not (tmp_path / CACHE_FOLDER).exists()
+    assert (tmp_path).is_dir(), "only the cache goes"
 
 
 class Later(Exception):

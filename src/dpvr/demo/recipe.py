@@ -20,6 +20,22 @@ BF16 = True
 GROUPED = True
 
 
+def release_cache(out, keep: bool = False) -> str | None:
+    """Remove OUT's shared-stack cache once nothing will read it (tens of GB for the reproduction: the
+    states of every sample after every split it trained at), unless `keep`; what was done, said in a line."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(out) / CACHE_FOLDER
+    if not folder.is_dir():
+        return None
+    gb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30
+    if keep:
+        return f"the shared-stack cache {folder} ({gb:.1f} GiB) is kept (--keep-cache)"
+    shutil.rmtree(folder)
+    return f"removed the shared-stack cache {folder} ({gb:.1f} GiB; --keep-cache keeps it for later runs)"
+
+
 def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
     """Steps in one pass over the digit-scenes benchmark's train.json."""
     from dpvr.data.digit_scenes import open_benchmark

@@ -10,7 +10,8 @@
 3. every trained row, every seed: at least one epoch of train.json, then on until the held-out loss
    plateaus (capped at two epochs; the same rule for every method; DPVR rows read the frozen shared
    stack's output from OUT/shared-stack, filled once per split, from the deepest split below it
-   there), then `dpvr eval` on the test split with the paper's metrics; evaluation-only rows
+   there; removed once every run has finished, unless --keep-cache), then `dpvr eval` on the test
+   split with the paper's metrics; evaluation-only rows
    (vanilla, VTW, FastV, LF-ideal, LF + FastV) are scored the same way;
 4. `dpvr bench` on the base's shape: the Table 8 analogue over text lengths, and every row's analytic
    prefill FLOPs and measured prefill time ratio;
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from dpvr.atomic import atomic_write_text
 from dpvr.demo.recipe import (BATCH, BF16, CACHE_FOLDER, HELD_OUT_LIMIT, HELD_OUT_POINTS, MAX_EPOCHS, MIN_EPOCHS,
-                              budget, epoch_steps, training_flags)
+                              budget, epoch_steps, release_cache, training_flags)
 from dpvr.demo.reproduce.jobs import Job, run_jobs
 from dpvr.demo.steps import STAMP, Step, model_fingerprint
 from dpvr.demo.reproduce.plan import Row, eval_arguments, plan, sweep_rows
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=at_least(1), default=JOBS,
                    help="runs side by side, each a process with its share of the CPU threads (1: in-process, one after "
                    "the other; on this project's 2-core machine 2 saved 6%% end to end, docs/train.md)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep OUT/shared-stack once every run has finished (removed then by default: tens of GB)")
     p.add_argument("--out", default="runs/reproduce")
 
 
@@ -196,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if left:
         print(f"[reproduce] --minutes {args.minutes:g} reached: {len(left)} runs not started ({', '.join(left)}); "
               "rerun the same command to go on (finished runs are reused)", flush=True)  # fmt: skip
+    elif note := release_cache(rep.out, args.keep_cache):  # every run finished: nothing reads it again
+        print(f"[reproduce] {note}", flush=True)
     rows = [row for row in rows if row.name in results]
     ratios, table8 = bench_ratios(rep, rows, split)  # alone, after every run: its timings are not shared
     zero_grad = side_branch_gradients(rep.base, split)
