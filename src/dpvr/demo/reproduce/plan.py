@@ -21,8 +21,8 @@ QUICK_LR_FACTORS = (1.0, 3.0)  # --quick: the same sweep, two candidates
 LR_STEP = 3.0  # a pick at the grid's edge adds the next candidate out by this factor ...
 LR_EXTENSIONS = 1  # ... this many times at most (each is a quarter-epoch run; a pick still at an edge is flagged)
 # the split sweep's points besides the chosen split, spread evenly from layer 2 to L - 2: three fit the
-# 3-hour budget (v10 ran seven, every second layer, 4.1-5.2 min each, and its curve rose monotonically
-# from s=2 to s=14: docs/train.md, "Three split points")
+# 3-hour budget (the v11 run: 162.6 min in all; v10 ran seven, every second layer, 4.1-5.2 min each, and
+# its curve rose monotonically from s=2 to s=14: docs/train.md, "Three split points")
 SPLIT_POINTS = 3
 
 
