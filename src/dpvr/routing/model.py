@@ -278,6 +278,14 @@ class RoutedModel:
         if given is None and generation_config.use_cache:
             model_kwargs["past_key_values"] = RoutedCache(self.num_text_layers, self.dpvr_config)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # Qwen2-VL continues a cached conversation from `self.model.rope_deltas`, which the last prompt
+        # generated for set, maybe another conversation's; the RoutedCache holds this one's own deltas
+        cache = model_kwargs.get("past_key_values")
+        if self.backbone.mrope and isinstance(cache, RoutedCache) and cache.seen and cache.rope_deltas is not None:
+            self.model.rope_deltas = cache.rope_deltas
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
     # ------------------------------------------------------------------ training helpers
     def _activation_checkpointing_enable(self, *args, **kwargs):
         super()._activation_checkpointing_enable(*args, **kwargs)
