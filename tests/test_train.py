@@ -147,3 +147,64 @@ def test_every_family_freezes_its_image_encoder_and_keeps_its_projector(family):
     for name, p in model.named_parameters():
         inner = name.removeprefix("model.")
         assert p.requires_grad == (inner.startswith(projector) or not inner.startswith(encoder)), name
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(world, tmp_path, capsys):
+    """3 steps of 2 an epoch: the run ends mid-epoch after its last checkpoint (2), from which a resume
+    would train step 3 again and write final/ anew."""
+    from dpvr.cli import main
+
+    run = args(world, tmp_path, "--max_steps", "3")
+    train(run)
+    final = tmp_path / "final"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["train", *run, "--resume_from_checkpoint", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to resume" in out and "finished at step 3" in out, out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before, "final/ was rewritten"
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing, "the resumed run wrote checkpoints"
+
+
+def test_a_second_run_on_a_held_output_dir_is_refused_and_a_dead_holders_lock_is_not(world, tmp_path):
+    out = tmp_path / "run"
+    # another run, as far as the lock goes: a process holding the flock on .run.lock beside run/
+    hold = "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)"
+    lock = tmp_path / ".run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DPVRError) as exc:
+            train(args(world, out, "--max_steps", "1"))
+        msg = str(exc.value)
+        assert "\n" not in msg and f"{out} is in use by another dpvr train" in msg and "--output_dir" in msg, msg
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding it: its lock file stays behind
+        holder.wait()
+    assert not (out / "final").exists() and lock.exists()
+    assert Path(train(args(world, out, "--max_steps", "1"))["final"], "run.json").exists()
+
+
+@pytest.mark.parametrize("fill", ["torch-writer", "enospc"])
+def test_a_full_disk_while_checkpointing_is_one_line_saying_so(world, tmp_path, capsys, monkeypatch, fill):
+    """enospc: a write raising the errno. torch-writer: what torch's own zip writer raised here when its
+    writes met ENOSPC (saving to /dev/full; it does not fail there every time, so it is replayed)."""
+    import errno
+
+    import torch
+
+    from dpvr.cli import main
+
+    def full(obj, f, *a, **kw):
+        if fill == "torch-writer":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    assert main(["train", *args(world, tmp_path, "--max_steps", "3")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("dpvr train: error:") and "no space left on device while writing" in last, last
+    assert str(tmp_path / "checkpoint-2") in last and "inline_container" not in last, last
+    assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob(".partial/checkpoint-*"))

@@ -51,3 +51,16 @@ def test_train_loss_after_resume_equals_the_uninterrupted_runs(tiny_checkpoint, 
     resumed = train([*common, "--output_dir", str(tmp_path / "resumed"),
                      "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-4")])  # fmt: skip
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-9), (resumed, straight)
+
+
+def test_a_run_where_every_sample_is_skipped_fails_and_writes_no_final(data, tmp_path):
+    from dpvr.errors import DPVRError
+
+    ckpt, path, bench = data
+    bad = [s for s in json.loads(path.read_text()) if s["id"].startswith("bad-")]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DPVRError) as exc:
+        run((ckpt, tmp_path / "bad.json", bench), tmp_path / "out", "--num_train_epochs", "1")
+    msg = str(exc.value)
+    assert "\n" not in msg and "no training step ran" in msg and f"{N_BAD} missing_image" in msg, msg
+    assert not (tmp_path / "out" / "final").exists()

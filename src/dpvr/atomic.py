@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from dpvr.errors import DPVRError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """write(tmp) fills a temp file in the same directory (same filesystem), which then replaces `path`."""
@@ -38,6 +40,24 @@ def locked(target: str | os.PathLike):
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(f".{target.name}.lock"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def held_or_refused(target: str | os.PathLike, user: str, hint: str):
+    """Like `locked`, but a target already held by another process is refused at once in one line (it
+    names the target and `hint`) instead of waited for. The OS drops the flock when its holder exits,
+    however it exits, so a lock file a killed process left behind never blocks."""
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DPVRError(f"{target} is in use by another {user} (its lock {f.name} is held); {hint}") from None
         try:
             yield
         finally:

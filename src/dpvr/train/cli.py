@@ -14,6 +14,8 @@ files) with run.json (trainable parameters, loss curve).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
+from dpvr.atomic import held_or_refused
 from dpvr.cli_types import one_line_errors
 from dpvr.errors import DPVRError, UsageError
 
@@ -92,12 +95,42 @@ def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
 
 
 def train(argv: list[str]) -> dict:
+    margs, dargs, targs = parse(argv)
+    # two runs writing one output_dir would interleave checkpoints and both report success; the first
+    # process (rank 0) holds the lock, so another run (any of its ranks then) stops before any work
+    lock = held_or_refused(targs.output_dir, "dpvr train", "wait for that run or pick another --output_dir") \
+        if targs.process_index == 0 else contextlib.nullcontext()  # fmt: skip
+    with lock:
+        finished = _finished_run(targs)
+        if finished is not None:
+            return finished
+        return _train(margs, dargs, targs)
+
+
+def _finished_run(targs) -> dict | None:
+    """--resume_from_checkpoint true on a run whose final/ is written under the same step limits: the
+    result it reported (nothing is trained again: resuming from its last checkpoint would retrain the
+    steps after it and overwrite final/), else None."""
+    resume = targs.resume_from_checkpoint
+    if not (resume is True or (isinstance(resume, str) and resume.lower() in ("true", "last"))):
+        return None
+    from dpvr.train.trainer import RUN_RECORD
+
+    path = Path(targs.output_dir, "final", RUN_RECORD)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("max_steps") != targs.max_steps or record.get("num_train_epochs", targs.num_train_epochs) != targs.num_train_epochs:
+        return None  # a longer run asked for: it goes on from the last checkpoint
+    return {"final": str(path.parent), "train_loss": record["train_loss"], "steps": record["steps"], "already_finished": True}
+
+
+def _train(margs, dargs, targs) -> dict:
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
     from dpvr.train.plateau import PlateauStop
-    from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, write_run_record
+    from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, disk_full_in_one_line, write_run_record
 
-    margs, dargs, targs = parse(argv)
     set_seed(targs.seed)  # before the model: a random side-branch init follows the seed too
     model, processor = build_model(margs)
     if targs.gradient_checkpointing:
@@ -117,20 +150,29 @@ def train(argv: list[str]) -> dict:
         resume = True
     result = trainer.train(resume_from_checkpoint=resume)
     final = Path(targs.output_dir) / "final"
-    trainer.save_model(str(final))
+    if trainer.state.global_step == 0:  # e.g. --on_error skip with every sample bad: final/ would be the untrained init
+        skipped = ", ".join(f"{n} {reason}" for reason, n in dict(dataset.skipped).items()) or "none"
+        raise DPVRError(f"no training step ran ({len(dataset)} samples, skipped: {skipped}); {final} not written")
+    with disk_full_in_one_line(str(final)):
+        trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         if margs.method != "dpvr":  # a full or LoRA checkpoint is used on its own: ship the processor
             processor.save_pretrained(final)
         write_run_record(str(final), trainer.model, trainer.state.log_history,
                          {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                           "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
-                          "max_steps": targs.max_steps, "stopped_at_plateau": stop is not None and stop.stopped,
+                          "max_steps": targs.max_steps, "num_train_epochs": targs.num_train_epochs,
+                          "stopped_at_plateau": stop is not None and stop.stopped,
                           "base_model": resolve_model_path(margs.model)})  # fmt: skip
     return {"final": str(final), "train_loss": result.training_loss}
 
 
 def main(argv: list[str]) -> int:
     out = train(argv)
+    if out.get("already_finished"):
+        print(f"nothing to resume: {out['final']} holds this run, finished at step {out['steps']} "
+              f"(train loss {out['train_loss']:.4f}); pass a larger --max_steps to train further")  # fmt: skip
+        return 0
     print(f"final weights: {out['final']} (train loss {out['train_loss']:.4f})")
     return 0
 

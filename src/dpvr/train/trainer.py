@@ -11,6 +11,8 @@ and trainer state; resuming checks that the routing config is the one the checkp
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ from dpvr.train.sampling import GROUP_BY_LENGTH, LengthGroupedSampler
 
 logger = logging.get_logger(__name__)
 STAGING = ".partial"
+RUN_RECORD = "run.json"  # in final/, beside the weights: what write_run_record writes
 LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so far, so a resumed train_loss is the whole run's
 
 
@@ -193,7 +196,8 @@ class DPVRTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(os.path.join(self._staging_dir, name), ignore_errors=True)
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_full_in_one_line(os.path.join(run_dir, name), cleanup=os.path.join(self._staging_dir, name)):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
@@ -210,6 +214,35 @@ class DPVRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+# how a full disk shows: an errno, or torch's zip writer's own words for the short write it met (no errno kept)
+_DISK_FULL_TEXT = ("No space left on device", "unexpected pos", "file write failed", "os error 28")
+
+
+@contextlib.contextmanager
+def disk_full_in_one_line(what: str, cleanup: str | None = None):
+    """Report a full disk while writing `what` as one line saying so (torch's message names its C++ source
+    line instead), after removing the half-written `cleanup` folder, which only holds space."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise DPVRError(f"no space left on device while writing {what}: free space there, "
+                        "or keep fewer checkpoints (--save_total_limit)") from exc  # fmt: skip
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(exc) for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def write_run_record(output_dir: str, model, log_history: list[dict], extra: dict) -> None:
     """run.json next to the final weights: method, routing, trainable params, loss curve."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -217,4 +250,4 @@ def write_run_record(output_dir: str, model, log_history: list[dict], extra: dic
     record = {"trainable_params": trainable, "total_params": total, "log_history": log_history, **extra}
     if isinstance(model, DPVRForConditionalGeneration):
         record["dpvr"] = model.config.dpvr
-    atomic_write_text(Path(output_dir, "run.json"), json.dumps(record, indent=1) + "\n")
+    atomic_write_text(Path(output_dir, RUN_RECORD), json.dumps(record, indent=1) + "\n")
