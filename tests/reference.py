@@ -42,8 +42,9 @@ def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_value
     B, T = input_ids.shape
     valid = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     h, pos = stock_inputs(model, input_ids, pixel_values, attention_mask, **vision)
-    if pos is None:  # 1-D rope: positions count real tokens (left padding), as generate() gives them
-        pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    if pos is None:  # 1-D rope: the stock arange, shifted to start at each row's first real token (rotary
+        # attention sees differences only); under left padding that counts real tokens, as generate() does
+        pos = (torch.arange(T) - valid.long().argmax(1, keepdim=True)).masked_fill(~valid, 0)
     is_img = (input_ids == model.config.image_token_id) & valid
     is_txt = valid & ~is_img
     causal = torch.ones(T, T, dtype=torch.bool).tril()[None]  # (1, T, T) query i sees key j <= i

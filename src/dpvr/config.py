@@ -164,6 +164,9 @@ class DPVRConfig:
             )
         if self.shallow_fastv and self.mode not in SPLIT_MODES:
             raise DPVRError(f"DPVRConfig.shallow_fastv applies to modes pc/kv/lf/vtw, not {self.mode!r}")
+        if self.shallow_fastv and self.has_side_branch and self.fastv_ratio >= 1.0:
+            raise DPVRError(f"DPVRConfig.fastv_ratio={self.fastv_ratio} with shallow_fastv drops every image token "
+                            f"before the side branch of mode {self.mode!r}: use fastv_ratio < 1, or mode 'vtw'")  # fmt: skip
         if self.shallow_fastv and not self.fastv_layer < s:
             raise DPVRError(f"DPVRConfig.fastv_layer={self.fastv_layer} out of range for shallow_fastv: need < split_layer={s}")
         if self.mode == "fastv" and not self.fastv_layer < L - 1:
@@ -171,10 +174,14 @@ class DPVRConfig:
 
     def with_routing(self, **overrides: Any) -> "DPVRConfig":
         """This config with other routing fields, as `model.routing(...)` runs it. A sparse placement
-        (`fusion_at`) does not carry over to another mode or to an explicit `fusion_layers`."""
+        (`fusion_at`) does not carry over to another mode or to an explicit `fusion_layers`, nor
+        `shallow_fastv` to vanilla or fastv."""
         merged = {**self.to_dict(), **overrides}
         if "fusion_at" not in overrides and (merged["mode"] != "lf" or "fusion_layers" in overrides):
             merged["fusion_at"] = ()
+        # nor does FastV inside the shared layers to a mode without them: vanilla is the stock forward
+        if "shallow_fastv" not in overrides and merged["mode"] not in SPLIT_MODES:
+            merged["shallow_fastv"] = False
         return DPVRConfig.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:

@@ -164,7 +164,10 @@ def describe(model, plan: bool = False) -> str:
 def _model_type(path: str) -> str | None:
     config = Path(path) / "config.json"
     if config.exists():
-        return json.loads(config.read_text()).get("model_type")
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except ValueError as exc:  # truncated or hand-edited: name the file, not just the JSON position
+            raise DPVRError(f"{config} is not valid JSON ({exc}); re-save the checkpoint") from None
     if (Path(path) / ADAPTER_CONFIG).exists():
         raise DPVRError(f"{path} is an adapter: pass it as --adapter with its base as --model")
     return None  # a hub id: transformers resolves it

@@ -116,11 +116,17 @@ def image_features(model, backbone: Backbone, pixel_values, inputs: dict) -> tup
 
 
 def sequence_positions(valid: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counting real tokens only (left padding gets 0), as generate() does."""
+    """(B, T) positions: each token's index less its row's first real token's (masked tokens get 0).
+    Under left padding that counts real tokens, as generate() does; a masked token inside a prompt
+    keeps its place, as in the stock forward's arange: counting over it would move every later token
+    one closer to the earlier ones and change the text's output. Rotary attention sees differences
+    only, so the stock arange and these give the same result."""
+    B, T = valid.shape
+    index = torch.arange(T, device=valid.device).expand(B, T)
     if bool(valid.all()):
-        B, T = valid.shape
-        return torch.arange(T, device=valid.device).expand(B, T)
-    return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+        return index
+    first = valid.long().argmax(1, keepdim=True)  # the first real token of each row (rows are never empty)
+    return (index - first).masked_fill(~valid, 0)
 
 
 def _given_positions(backbone: Backbone, position_ids: torch.Tensor, B: int, n: int) -> torch.Tensor:
@@ -166,9 +172,11 @@ def decode_positions(backbone: Backbone, full_valid, n: int, position_ids, rope_
     B = full_valid.shape[0]
     if position_ids is not None:
         return _given_positions(backbone, position_ids, B, n)
-    pos = (full_valid.long().cumsum(-1) - 1)[:, -n:]
+    pos = sequence_positions(full_valid)[:, -n:]  # as the prompt's were counted
     if not backbone.mrope:
         return pos
+    # rope deltas are taken against the real-token count (get_rope_index counts over real tokens only)
+    pos = (full_valid.long().cumsum(-1) - 1)[:, -n:]
     return (pos + rope_deltas.to(pos.device))[None].expand(3, B, n)
 
 

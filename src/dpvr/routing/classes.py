@@ -28,6 +28,7 @@ from dpvr.errors import DPVRError
 from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_PREFIX, load_adapter, override_routing
 from dpvr.routing.backbones import BACKBONES, Backbone, backbone_of, check_text_model
 from dpvr.routing.layer import check_supported
+from dpvr.routing.guards import check_attention
 from dpvr.routing.model import RoutedModel
 from dpvr.routing.side import build_side_branch
 from dpvr.routing.stock_guard import install as install_stock_guard
@@ -49,7 +50,10 @@ class DPVRForConditionalGeneration(RoutedModel):
             what = "a DPVR adapter" if base_model is not None else "a DPVR adapter or checkpoint (no config.json either)"
             raise DPVRError(f"{path} has no {ADAPTER_CONFIG}: not {what}")
         with open(config_file) as f:
-            model_type = json.load(f).get("model_type")
+            try:
+                model_type = json.load(f).get("model_type")
+            except ValueError as exc:  # truncated or hand-edited: name the file, not just the JSON position
+                raise DPVRError(f"{config_file} is not valid JSON ({exc}); re-save the checkpoint") from None
         base_type = str(model_type).removeprefix(DPVR_PREFIX)
         stock, family = base_type == model_type, DPVR_CLASSES.get(base_type)
         if family is None:
@@ -133,6 +137,7 @@ def convert(base, config: DPVRConfig) -> DPVRForConditionalGeneration:
     check_text_model(backbone, base.config.text_config)
     layers = base.model.language_model.layers
     config.validate_for(len(layers))
+    check_attention(base.config.text_config, config)
     for layer in layers:
         check_supported(layer)
 

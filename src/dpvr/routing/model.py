@@ -18,6 +18,7 @@ from transformers.utils import logging
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.routing import backbones as bb
+from dpvr.routing import guards
 from dpvr.routing.adapter import save_adapter
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder, shared_stack
@@ -61,6 +62,8 @@ class RoutedModel:
         depth = len(active_side_branch(self.side_branch)) if cfg.has_side_branch else cfg.side_depth
         if depth != cfg.side_depth:
             raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {depth} layers")
+        guards.check_side_branch_fits(active_side_branch(self.side_branch), cfg)
+        guards.check_attention(self.config.text_config, cfg)
         self.config.dpvr = cfg.to_dict()
         try:
             yield self
@@ -94,14 +97,27 @@ class RoutedModel:
             )  # fmt: skip
         if input_ids is None:
             raise DPVRError("routing needs input_ids (to find image positions); inputs_embeds alone is not supported")
+        guards.check_attention(self.config.text_config, cfg)
         if output_attentions:
-            raise NotImplementedError(
-                "output_attentions is not available under routing (layers see different token sets); "
-                "use `dpvr analyze` for attention statistics, or mode='vanilla'"
-            )
+            text_only = pixel_values is None and "shared_states" not in kwargs and not bool(
+                (input_ids == self.config.image_token_id).any())  # fmt: skip
+            routed_past = isinstance(past_key_values, RoutedCache) and past_key_values.seen > 0
+            if not text_only or routed_past:
+                raise NotImplementedError(
+                    "output_attentions is not available under routing for image prompts (layers see different "
+                    "token sets); use `dpvr analyze` for attention statistics, or mode='vanilla'"
+                )
+            # a text-only prompt runs every layer on every token in every mode: the stock forward is it
+            with self.routing(mode="vanilla"):
+                return self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=None if isinstance(past_key_values, RoutedCache) else past_key_values,
+                                    labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache,
+                                    output_hidden_states=output_hidden_states, output_attentions=True, **kwargs)  # fmt: skip
         bb.refuse_unrouted_inputs(self.backbone, kwargs)
         shared = kwargs.pop("shared_states", None)
         cache = None if shared is not None else self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
+        if shared is None and (cache is None or cache.seen == 0) and isinstance(logits_to_keep, int) and logits_to_keep == 1:
+            guards.refuse_image_at_end(input_ids, attention_mask, self.config.image_token_id)  # generate()'s prefill
         all_hidden, image_features = ([] if output_hidden_states else None), None
         if shared is not None:
             if pixel_values is not None or past_key_values is not None or output_hidden_states:
@@ -315,6 +331,7 @@ class RoutedModel:
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory, side_branch_only: bool = False, **kwargs):
         if side_branch_only:
+            guards.check_side_branch_only_save(self.dpvr_config)
             return save_adapter(self, save_directory)
         return super().save_pretrained(save_directory, **kwargs)
 
