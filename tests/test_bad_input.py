@@ -37,10 +37,15 @@ def world(tiny_checkpoint, tmp_path_factory):
     model.save_pretrained(root / "bad_adapter", side_branch_only=True)
     text = (root / "bad_adapter" / "dpvr_adapter.json").read_text()
     (root / "bad_adapter" / "dpvr_adapter.json").write_text(text[: len(text) // 2])  # truncated mid-write
+    (root / "corrupt_config").mkdir()
+    (root / "corrupt_config" / "config.json").write_text('{"model_type": "llava", "text_config": {')
+    samples = json.loads((bench / "train.json").read_text())  # their images are not under root/images: all skipped
+    (root / "all_bad.json").write_text(json.dumps([x for x in samples if "image" in x][:2]))
     (root / "peft_like").mkdir()
     (root / "peft_like" / "README.md").write_text("not an adapter")
     names = {"img": "img.png", "not_image": "not_an_image.png", "empty_json": "empty.json",
-             "truncated_json": "truncated.json", **{k: k for k in ("empty_dir", "adapter", "bad_adapter", "peft_like")}}
+             "truncated_json": "truncated.json", "all_bad": "all_bad.json",
+             **{k: k for k in ("empty_dir", "adapter", "bad_adapter", "peft_like", "corrupt_config")}}
     return {"ckpt": str(tiny_checkpoint), "root": str(root), "bench": str(bench), **{k: str(root / v) for k, v in names.items()}}
 
 
@@ -95,6 +100,10 @@ CASES = [
      ["bad_adapter/dpvr_adapter.json", "not valid JSON"]),
     ("generate-adapter-and-mode", GEN + ["--adapter", "{adapter}", "--mode", "vtw"], ERROR, ["conflicts with --adapter"]),
     ("generate-adapter-as-model", replace(GEN, "--model", "{adapter}"), ERROR, ["is an adapter"]),
+    ("generate-corrupt-config", replace(GEN, "--model", "{corrupt_config}"), ERROR,
+     ["corrupt_config/config.json", "not valid JSON"]),
+    ("generate-shallow-fastv-drops-all", GEN + ["--mode", "lf", "--split-layer", "6", "--shallow-fastv", "--fastv-ratio",
+                                                "1.0"], ERROR, ["fastv_ratio=1.0", "shallow_fastv"]),
     # eval
     ("eval-batch-size-0", EVAL + ["--batch-size", "0"], USAGE, ["--batch-size", ">= 1, got 0"]),
     ("eval-batch-size-negative", EVAL + ["--batch-size", "-3"], USAGE, ["--batch-size", "got -3"]),
@@ -133,6 +142,8 @@ CASES = [
     ("train-missing-data", TRAIN + ["--data", "{root}/nope.json"], ERROR, ["nope.json"]),
     ("train-limit-0", TRAIN + ["--data", "{bench}/train.json", "--limit", "0"], ERROR, ["no samples", "--limit 0"]),
     ("train-lf-ideal", TRAIN + ["--fusion_layers", "0"], ERROR, ["LF-ideal"]),
+    ("train-every-sample-skipped", TRAIN + ["--data", "{all_bad}", "--on_error", "skip"], ERROR,
+     ["no training step ran", "2 missing_image", "final not written"]),
     ("train-missing-model", replace(TRAIN, "--model", "/no/such/model"), ERROR, ["--model", "no such file"]),
     ("train-tiny-no-out", ["train-tiny"], USAGE, ["--out"]),
     # reproduce / demo (a step's own failure prints its line, then the pipeline's: checked at their options)
@@ -219,3 +230,17 @@ def test_eval_never_reports_a_mean_over_zero_questions(world, tmp_path, capsys):
                              "--limit-per-family", "1", "--families", "count"], capsys)  # fmt: skip
     assert rc == 0, stderr
     assert json.loads((tmp_path / "eval.json").read_text())["n"] >= 1
+
+
+def test_train_on_an_output_dir_another_run_holds_is_one_line(world, tmp_path, capsys):
+    """Another run's lock, as a flock on .out.lock beside OUT (held here through a file of its own)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rc, _, stderr = run_cli([a.format(out=out, **world) for a in TRAIN], capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == ERROR and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert f"{out} is in use by another dpvr train" in lines[0] and "--output_dir" in lines[0], lines[0]
+    assert not out.exists()

@@ -56,7 +56,7 @@ def test_cached_equals_recompute_single(cfg):
 @pytest.mark.parametrize("cfg", CACHED_MODES, ids=IDS)
 def test_cached_equals_recompute_left_padded_batch(cfg):
     model = model_for(cfg)
-    ids, mask = left_pad([prompt(3, 4, seed=1), prompt(1, 9, n_images=2, seed=2), prompt(6, 0, seed=3)])
+    ids, mask = left_pad([prompt(3, 4, seed=1), prompt(1, 9, n_images=2, seed=2), prompt(6, 1, seed=3)])
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(4, seed=4))
     assert_same_generation(generate(model, True, **inputs), generate(model, False, **inputs), IDS(cfg) + " batch")
 
