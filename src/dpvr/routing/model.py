@@ -99,20 +99,10 @@ class RoutedModel:
             raise DPVRError("routing needs input_ids (to find image positions); inputs_embeds alone is not supported")
         guards.check_attention(self.config.text_config, cfg)
         if output_attentions:
-            text_only = pixel_values is None and "shared_states" not in kwargs and not bool(
-                (input_ids == self.config.image_token_id).any())  # fmt: skip
-            routed_past = isinstance(past_key_values, RoutedCache) and past_key_values.seen > 0
-            if not text_only or routed_past:
-                raise NotImplementedError(
-                    "output_attentions is not available under routing for image prompts (layers see different "
-                    "token sets); use `dpvr analyze` for attention statistics, or mode='vanilla'"
-                )
-            # a text-only prompt runs every layer on every token in every mode: the stock forward is it
-            with self.routing(mode="vanilla"):
-                return self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    past_key_values=None if isinstance(past_key_values, RoutedCache) else past_key_values,
-                                    labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache,
-                                    output_hidden_states=output_hidden_states, output_attentions=True, **kwargs)  # fmt: skip
+            return self._stock_attentions(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                          position_ids=position_ids, past_key_values=past_key_values, labels=labels,
+                                          logits_to_keep=logits_to_keep, use_cache=use_cache,
+                                          output_hidden_states=output_hidden_states, **kwargs)  # fmt: skip
         bb.refuse_unrouted_inputs(self.backbone, kwargs)
         shared = kwargs.pop("shared_states", None)
         cache = None if shared is not None else self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
@@ -147,6 +137,21 @@ class RoutedModel:
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             image_hidden_states=image_features,
         )
+
+    def _stock_attentions(self, input_ids, pixel_values, past_key_values, **inputs):
+        """output_attentions=True: a text-only prompt runs every layer on every token in every mode, so the
+        stock forward is its forward, attentions included; an image prompt's layers see different token
+        sets (no attention map of the whole sequence exists), and so does a routed cache's past."""
+        text_only = pixel_values is None and "shared_states" not in inputs and not bool(
+            (input_ids == self.config.image_token_id).any())  # fmt: skip
+        if not text_only or (isinstance(past_key_values, RoutedCache) and past_key_values.seen > 0):
+            raise NotImplementedError(
+                "output_attentions is not available under routing for image prompts (layers see different "
+                "token sets); use `dpvr analyze` for attention statistics, or mode='vanilla'"
+            )
+        with self.routing(mode="vanilla"):  # an empty RoutedCache is none: the stock forward makes its own
+            return self.forward(input_ids=input_ids, output_attentions=True, **inputs,
+                                past_key_values=None if isinstance(past_key_values, RoutedCache) else past_key_values)  # fmt: skip
 
     def _routed_prefill(self, cache, input_ids, pixel_values, attention_mask, position_ids, keep_hidden, inputs):
         """A prompt through the routed decoder -> (final-norm hidden (B, T, D), hidden states or None,
