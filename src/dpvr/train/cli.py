@@ -16,24 +16,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.training_args import ParallelMode
-
-from dpvr.cli_types import one_line_errors
+from dpvr.cli_types import OneDefaultFormatter, one_line_errors
 from dpvr.errors import DPVRError, UsageError
-
-from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
+from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments, normalize_argv, own_help
 from dpvr.train.launch import check_launch
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+# torch and transformers are imported when a run starts: `dpvr train --help` prints at once
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    import torch
+    from transformers import HfArgumentParser, TrainingArguments
+    from transformers.training_args import ParallelMode
+
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="dpvr train",
-                              description=__doc__.splitlines()[0])  # fmt: skip
+                              description=__doc__.splitlines()[0], formatter_class=OneDefaultFormatter)  # fmt: skip
     parser.set_defaults(**TRAINING_DEFAULTS)
     one_line_errors(parser)
-    argv = [a for a in argv if a != "--debug"]
+    argv = normalize_argv([{"--help-trainer": "--help"}.get(a, a) for a in argv if a != "--debug"])
     if not torch.accelerator.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # said for the Trainer when there is no GPU: without it, `--bf16` is refused ("doesn't support bf16/gpu")
         # although CPU autocast runs it, and under a launcher every process would train its own model
@@ -92,6 +96,8 @@ def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
 
 
 def train(argv: list[str]) -> dict:
+    from transformers import set_seed
+
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
     from dpvr.train.plateau import PlateauStop
@@ -130,6 +136,9 @@ def train(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(own_help("dpvr train", __doc__.split("\n\n")[0]))
+        return 0
     out = train(argv)
     print(f"final weights: {out['final']} (train loss {out['train_loss']:.4f})")
     return 0
