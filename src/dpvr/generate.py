@@ -9,6 +9,7 @@ token (prefill) and decode rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from dpvr.cli_types import at_least
@@ -93,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint); this one is stock")
     inputs = build_inputs(processor, image, args.prompt, model.device)
     label = describe(model)
+    if args.compare:  # untimed warm-up of both paths: the first call pays one-off costs (kernels, allocator)
+        for mode in (None, "vanilla"):
+            with model.routing(mode=mode) if mode else contextlib.nullcontext():
+                answer(model, processor, inputs, 1, use_cache=not args.no_cache, echo=False)
     print(f"[{label}] ", end="", flush=True)
     routed = answer(model, processor, inputs, args.max_new_tokens, use_cache=not args.no_cache)
     rows = [(label, routed)]
