@@ -44,7 +44,7 @@ class ModelArguments:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {METHODS}")
         if self.train_vision_tower and self.method != "full":
-            raise UsageError(f"--train_vision_tower is for --method full (got --method {self.method})")
+            raise UsageError(f"--train-vision-tower is for --method full (got --method {self.method})")
         if self.method == "dpvr" and self.mode not in SIDE_BRANCH_MODES:
             what = "is inference-only" if self.mode in MODES else f"is not a routing mode ({', '.join(MODES)})"
             raise UsageError(f"--mode {self.mode!r} {what}: it has nothing to train; train {', '.join(SIDE_BRANCH_MODES)} "
@@ -68,7 +68,7 @@ class DataArguments:
         default=False, metadata={"help": "end training once the held-out loss has plateaued (dpvr.train.plateau: at most "
                                  "2%% lower over the last third of the steps, from the 4th evaluation on); needs "
                                  "--eval_strategy steps"})
-    plateau_min_steps: int = field(default=0, metadata={"help": "with --stop_at_plateau: never stop before this many steps "
+    plateau_min_steps: int = field(default=0, metadata={"help": "with --stop-at-plateau: never stop before this many steps "
                                                         "(e.g. one epoch)"})  # fmt: skip
     shared_stack_cache: str | None = field(
         default=None, metadata={"help": "dpvr method: compute the frozen shared stack's output once per sample into this "

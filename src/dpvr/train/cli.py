@@ -1,12 +1,12 @@
 """`dpvr train`: train a DPVR side branch (or a baseline) on LLaVA-665k-format data with the HF Trainer.
 
-    dpvr train --mode lf --split_layer 9 --max_steps 300 --output_dir runs/lf          # embedded default (split: dpvr analyze)
+    dpvr train --mode lf --split-layer 9 --max_steps 300 --output_dir runs/lf          # embedded default (split: dpvr analyze)
     dpvr train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json --images DIR \\
-        --template vicuna_v1 --mode lf --split_layer 18 --bf16 --gradient_checkpointing \\
+        --template vicuna_v1 --mode lf --split-layer 18 --bf16 --gradient_checkpointing \\
         --per_device_train_batch_size 16 --output_dir runs/lf-7b
     torchrun --nproc_per_node 8 -m dpvr.cli train ...     # DDP; --deepspeed / --fsdp through the Trainer
     dpvr train ... --resume_from_checkpoint true           # after an interruption: the same final weights
-    dpvr train --method lora --lora_r 16 ...                # baselines: --method full | lora
+    dpvr train --method lora --lora-r 16 ...                # baselines: --method full | lora
 
 Every TrainingArguments flag is accepted (`--help` lists them). The seed reaches the model init, the
 side-branch init and the data order. The final side branch is written to OUTPUT_DIR/final (adapter
@@ -54,7 +54,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
 
         margs.attn = FP32_SDPA
     if dargs.stop_at_plateau and targs.eval_strategy == "no":
-        raise UsageError("--stop_at_plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
+        raise UsageError("--stop-at-plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
     return margs, dargs, targs
@@ -74,7 +74,7 @@ def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
         images = Path(dargs.images) if dargs.images else data.parent / "images"
     samples = load_samples(data)[:limit]
     if not samples:
-        flag = "--eval_limit" if held_out else "--limit"
+        flag = "--eval-limit" if held_out else "--limit"
         cut = f" ({flag} {limit})" if limit is not None else ""
         raise DPVRError(f"no samples to {'score' if held_out else 'train on'} in {data}{cut}: "
                         "pass a LLaVA JSON list with at least one sample")
@@ -87,7 +87,7 @@ def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
     from dpvr.train.shared_cache import CachedCollator, cached
 
     if margs.method != "dpvr":
-        raise UsageError(f"--shared_stack_cache caches DPVR's frozen shared stack; --method {margs.method} trains it")
+        raise UsageError(f"--shared-stack-cache caches DPVR's frozen shared stack; --method {margs.method} trains it")
     model.to(targs.device)  # the states are computed where the model will train
     batch = targs.per_device_eval_batch_size
     dataset = cached(model, dataset, folder, batch, "train")
