@@ -8,9 +8,17 @@
 # next to the CPU wheel `import torchvision` fails ("operator torchvision::nms does not exist"), and with it
 # `import transformers`' LLaVA, so `import dpvr`. The CUDA build of the same torch runs on the CPU.
 # `--isolated` makes pip skip this machine's local wheel folders (which hold the CPU build of 2.13.0).
+#
+# The environment (about 6 GB) lives outside the clone, keyed by what decides its contents (pyproject.toml
+# and this script), so a later CI run on the same machine reuses it and downloads nothing; only the
+# editable dpvr is re-linked to this clone. A lock keeps two runs from installing into it at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${DPVR_LMMS_VENV:-.venv-lmms}
+KEY=$(cat pyproject.toml .ci/lmms.sh | sha256sum | cut -c1-12)
+VENV=${DPVR_LMMS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/dpvr/venv-lmms-$KEY}
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if [ "$(uname -m)" = x86_64 ] && ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then

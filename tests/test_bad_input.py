@@ -191,12 +191,12 @@ def test_interrupted_benchmark_build_leaves_nothing_behind(tmp_path, capsys, mon
 
 
 def test_interrupted_eval_writes_no_result(world, tmp_path, capsys, monkeypatch):
-    import dpvr.eval.cli as eval_cli
+    import dpvr.eval.runner as runner  # dpvr eval imports evaluate from here when it runs
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_cli, "evaluate", interrupt)
+    monkeypatch.setattr(runner, "evaluate", interrupt)
     rc, _, stderr = run_cli(["eval", "--model", world["ckpt"], "--data", world["bench"], "--out", str(tmp_path)], capsys)
     assert rc == INTERRUPTED and stderr.strip() == "dpvr eval: interrupted", stderr
     assert not (tmp_path / "eval.json").exists()

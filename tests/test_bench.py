@@ -99,8 +99,13 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
         lat.Samples({"vanilla": [1.0], "lf": [1.0, 2.0]}).ratio("lf")
 
 
+# The worker imports what `dpvr bench` has imported when it calls keep_freed_memory() (the routed model
+# classes, hence transformers' model code). In a process that has imported torch alone, the worker thread
+# still faults 2,734 times a round with freed memory kept (glibc 2.36 here): docs/bench.md, "How the timings
+# are taken". Before `import dpvr` became lazy, importing cpu_malloc pulled those classes in by itself.
 _WORKER_THREAD_FAULTS = """
 import sys, threading, torch
+import dpvr.routing.classes  # as dpvr bench's setup() has, before it keeps freed memory
 from dpvr.bench.cpu_malloc import keep_freed_memory, minor_faults
 setting = keep_freed_memory() if sys.argv[1] == "keep" else None
 def work():  # tensors of a few MiB, freed in a different order than made, as a forward frees activations

@@ -170,7 +170,7 @@ def test_training_on_the_cache_is_the_training_without_it(world, tmp_path):
 
 
 def test_only_the_dpvr_method_reads_the_cache(world, tmp_path):
-    with pytest.raises(UsageError, match="--shared_stack_cache caches DPVR's frozen shared stack; --method lora"):
+    with pytest.raises(UsageError, match="--shared-stack-cache caches DPVR's frozen shared stack; --method lora"):
         run(world, tmp_path, "--method", "lora", "--shared_stack_cache", str(tmp_path / "cache"))
 
 

@@ -87,7 +87,7 @@ def test_stop_at_plateau_ends_the_run_once_the_held_out_loss_stops_falling(world
     later = json.loads(Path(train(args(world, tmp_path / "c", *held_out, "--stop_at_plateau", "true",
                                       "--plateau_min_steps", "7"))["final"], "run.json").read_text())  # fmt: skip
     assert later["steps"] == 7 and later["stopped_at_plateau"], "stopped before --plateau_min_steps"
-    with pytest.raises(UsageError, match="--stop_at_plateau watches the held-out loss"):
+    with pytest.raises(UsageError, match="--stop-at-plateau watches the held-out loss"):
         train(args(world, tmp_path / "b", "--max_steps", "3", "--stop_at_plateau", "true"))
 
 
@@ -134,7 +134,7 @@ def test_full_fine_tuning_is_llavas_language_model_and_projector(world):
     assert any(".multi_modal_projector." in n for n in _trainable(model))
     model, _ = build_model(ModelArguments(model=str(root), method="full", train_vision_tower=True))
     assert _trainable(model) == names
-    with pytest.raises(UsageError, match="--train_vision_tower is for --method full"):
+    with pytest.raises(UsageError, match="--train-vision-tower is for --method full"):
         ModelArguments(model=str(root), method="lora", train_vision_tower=True)
 
 

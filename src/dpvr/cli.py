@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from dpvr.cli_types import one_line_errors
-from dpvr.errors import UsageError
+from dpvr.cli_types import OneDefaultFormatter, one_line_errors
+from dpvr.errors import DPVRWarning, UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,20 +55,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpvr: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)} (see dpvr --help)", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    _one_line_warnings(name)
+    module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "main"):
         return _guarded(name, lambda: module.main(rest), debug="--debug" in rest)
-    sub = one_line_errors(argparse.ArgumentParser(
-        prog=f"dpvr {name}", description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    ))
-    module.add_arguments(sub)
-    sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = command_parser(name, module)
     try:
         args = sub.parse_args(rest)
     except SystemExit as exc:  # --help (0) or a usage error (2, its line already printed): a code, as documented
         return int(exc.code or 0)
     return _guarded(name, lambda: module.run(args), debug=args.debug)
+
+
+def command_parser(name: str, module=None) -> argparse.ArgumentParser:
+    """The argument parser of command `name` (one that declares `add_arguments`)."""
+    module = module or importlib.import_module(COMMANDS[name][0])
+    sub = one_line_errors(argparse.ArgumentParser(
+        prog=f"dpvr {name}", description=COMMANDS[name][1], formatter_class=OneDefaultFormatter
+    ))
+    module.add_arguments(sub)
+    sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return sub
+
+
+def _one_line_warnings(name: str) -> None:
+    """dpvr's own warnings as `dpvr NAME: warning: ...`, without the source line Python would print."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DPVRWarning):
+            print(f"dpvr {name}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _guarded(name: str, call, debug: bool) -> int:

@@ -59,6 +59,20 @@ def int_list(low: int = 1):
     return parse
 
 
+class OneDefaultFormatter(argparse.HelpFormatter):
+    """Each option's default said once: appended as "(default: X)" unless its help already says one, and left
+    out where there is nothing to say (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or (isinstance(default, (list, tuple, str)) and not default)
+        if "default" in text.lower() or action.required or empty or default is argparse.SUPPRESS:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})".strip()
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make parser (and its argument errors) print one line naming the problem and exit 2, instead of
     the usage block, which for `dpvr train` (every TrainingArguments flag) hides the error."""

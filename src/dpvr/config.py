@@ -204,6 +204,11 @@ ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_dept
 _FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
 
 
+# what a command does when a routing flag it derives is not given
+_DERIVED = {"mode": "the checkpoint's own routing; a stock model stays stock",
+            "split_layer": "the checkpoint's own; a stock model: 18/32 of its depth"}  # fmt: skip
+
+
 def _layer_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -219,7 +224,7 @@ def add_routing_arguments(group, names: tuple[str, ...] = ROUTING_FLAGS, **defau
         f, default = _FIELDS[name], defaults.get(name, _FIELDS[name].default)
         flag, help_text = "--" + name.replace("_", "-"), f.metadata["help"]
         if name in defaults:
-            help_text += f" Default here: {'derived' if default is None else default}."
+            help_text += f" (default: {_DERIVED.get(name, 'derived') if default is None else default})"
         if isinstance(f.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(f.default, tuple):
@@ -228,6 +233,14 @@ def add_routing_arguments(group, names: tuple[str, ...] = ROUTING_FLAGS, **defau
             group.add_argument(flag, default=default, choices=MODES, help=help_text)
         else:
             group.add_argument(flag, type=type(f.default), default=default, help=help_text)
+
+
+# the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
+DEFAULT_SPLIT_RATIO = 18 / 32
+
+
+def default_split(num_layers: int) -> int:
+    return max(1, min(num_layers - 1, round(DEFAULT_SPLIT_RATIO * num_layers)))
 
 
 def routing_default(name: str) -> Any:

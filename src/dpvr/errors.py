@@ -12,3 +12,8 @@ class NonFiniteError(DPVRError, FloatingPointError):
 
 class UsageError(DPVRError):
     """A command-line option value or combination that cannot work; the CLI exits 2 for it, as argparse does."""
+
+
+class DPVRWarning(UserWarning):
+    """Something runs but is probably not what was meant (an untrained side branch, say); the CLI prints
+    it as one line."""

@@ -9,40 +9,42 @@ token (prefill) and decode rates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
-import torch
-from PIL import Image
-from transformers import TextStreamer
-
 from dpvr.cli_types import at_least
-from dpvr.data.templates import render_prompt
 from dpvr.errors import DPVRError, UsageError
-from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
-from dpvr.routing import DPVRForConditionalGeneration
+from dpvr.model_flags import add_model_arguments, model_kwargs
+
+# torch, transformers and PIL are imported where they are used, so `dpvr generate --help` answers at once
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="image file (PNG/JPEG)")
     parser.add_argument("--prompt", required=True, help="the question")
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=32)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=32, help="tokens to generate at most")
     parser.add_argument("--compare", action="store_true", help="also answer with vanilla on the same weights")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (paper's decode)")
     add_model_arguments(parser)
 
 
-def build_inputs(processor, image: Image.Image, question: str, device) -> dict:
-    """The checkpoint's own chat template (as eval renders it), one image, generation prompt appended."""
+def build_inputs(processor, image, question: str, device) -> dict:
+    """The checkpoint's own chat template (as eval renders it), one image (a PIL image), generation prompt appended."""
+    from dpvr.data.templates import render_prompt
+
     text = render_prompt(processor, question, template="chat")
     return processor(images=image, text=text, return_tensors="pt").to(device)
 
 
-class _FirstTokenTimer(TextStreamer):
-    """Streams decoded text to stdout and records when the first generated token arrives."""
+class _FirstTokenTimer:
+    """A generate() streamer: records when the first generated token arrives and, with echo, streams the
+    decoded text to stdout through transformers' TextStreamer."""
 
     def __init__(self, tokenizer, echo: bool):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.echo, self.first_at, self.count, self._prompt_seen = echo, None, 0, False
+        from transformers import TextStreamer
+
+        self.echo = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if echo else None
+        self.first_at, self.count, self._prompt_seen = None, 0, False
 
     def put(self, value):
         if self._prompt_seen and self.first_at is None:
@@ -50,23 +52,25 @@ class _FirstTokenTimer(TextStreamer):
         if self._prompt_seen:
             self.count += value.numel()
         self._prompt_seen = True
-        if self.echo:
-            super().put(value)
+        if self.echo is not None:
+            self.echo.put(value)
 
     def end(self):
-        if self.echo:
-            super().end()
+        if self.echo is not None:
+            self.echo.end()
 
 
-@torch.inference_mode()
 def answer(model, processor, inputs: dict, max_new_tokens: int, use_cache: bool = True, echo: bool = True) -> dict:
     """Generate greedily; returns text, time to first token, decode ms/token."""
+    import torch
+
     streamer = _FirstTokenTimer(processor.tokenizer, echo)
     start = time.perf_counter()
-    out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache, streamer=streamer,
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )  # fmt: skip
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache, streamer=streamer,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )  # fmt: skip
     end = time.perf_counter()
     new = out[0, inputs["input_ids"].shape[1] :]
     ttft = (streamer.first_at or end) - start
@@ -76,6 +80,11 @@ def answer(model, processor, inputs: dict, max_new_tokens: int, use_cache: bool 
 
 
 def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dpvr.loading import describe, load_model
+    from dpvr.routing import DPVRForConditionalGeneration
+
     try:  # before loading the model: fail fast on a bad path
         image = Image.open(args.image).convert("RGB")
     except OSError as exc:
@@ -85,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint); this one is stock")
     inputs = build_inputs(processor, image, args.prompt, model.device)
     label = describe(model)
+    if args.compare:  # untimed warm-up of both paths: the first call pays one-off costs (kernels, allocator)
+        for mode in (None, "vanilla"):
+            with model.routing(mode=mode) if mode else contextlib.nullcontext():
+                answer(model, processor, inputs, 1, use_cache=not args.no_cache, echo=False)
     print(f"[{label}] ", end="", flush=True)
     routed = answer(model, processor, inputs, args.max_new_tokens, use_cache=not args.no_cache)
     rows = [(label, routed)]

@@ -10,43 +10,20 @@ the fly (FastV/VTW need no training; PC/KV/LF without an adapter get an untraine
 """
 from __future__ import annotations
 
-import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
-from dpvr.config import MODE_TRAITS, ROUTING_FLAGS, DPVRConfig, add_routing_arguments, routing_default
-from dpvr.errors import DPVRError
+from dpvr.config import MODE_TRAITS, DPVRConfig, default_split, routing_default
+from dpvr.errors import DPVRError, DPVRWarning
+from dpvr.model_flags import add_model_arguments, model_kwargs, resolve_device  # noqa: F401 (re-exported)
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, DPVR_PREFIX
 from dpvr.routing.backbones import backbone_of
 from dpvr.routing.schedule import compile_schedule, summary
-
-# the paper's 7B split (18 of 32 layers) as a ratio, for models of other depths
-DEFAULT_SPLIT_RATIO = 18 / 32
-
-
-def default_split(num_layers: int) -> int:
-    return max(1, min(num_layers - 1, round(DEFAULT_SPLIT_RATIO * num_layers)))
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="checkpoint dir or hub id (default: the embedded tiny LLaVA)")
-    g.add_argument("--adapter", default=None, help="DPVR side-branch (or PEFT LoRA) checkpoint to load onto --model")
-    if with_mode:
-        add_routing_arguments(g, mode=None, split_layer=None)
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_kwargs(args: argparse.Namespace) -> dict:
-    keys = ["model", "adapter", *ROUTING_FLAGS, "attn", "dtype", "device"]
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
-
 
 def resolve_model_path(model: str | None) -> str:
     if model is not None:
@@ -105,11 +82,22 @@ def load_model(
                 fusion_at=fusion_at,
             )  # fmt: skip
             net = convert(net, cfg)
+            _warn_if_untrained(cfg)
         processor_path = path
     if shallow_fastv:
         net = _with_shallow_fastv(net, fastv_layer, fastv_ratio)
     processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
-    return net.to(device).eval(), processor
+    return net.to(resolve_device(device)).eval(), processor
+
+
+def _warn_if_untrained(cfg: DPVRConfig) -> None:
+    lf_ideal = cfg.mode == "lf" and cfg.fusion_layers == 0 and not cfg.fusion_at  # its side branch is never read
+    if cfg.has_side_branch and not lf_ideal:
+        init = f"copies of layers {cfg.split_layer}..{cfg.split_layer + cfg.side_depth - 1}" if cfg.side_init == "copy" \
+            else "randomly initialised"
+        warnings.warn(f"--mode {cfg.mode} on a stock checkpoint runs an untrained side branch ({init}, split "
+                      f"{cfg.split_layer}): pass --adapter OUT/final from `dpvr train`, or a trained DPVR checkpoint "
+                      "as --model", DPVRWarning, stacklevel=3)  # fmt: skip
 
 
 def _in_mode(net: DPVRForConditionalGeneration, mode: str | None) -> DPVRForConditionalGeneration:

@@ -9,21 +9,22 @@
 Modules: probe (the attention function), saturation (three views), masking, summary (curves, split
 rule), inputs (sample selection), report (JSON/CSV/table), plots (PNG), cli.
 """
-from dpvr.analysis.masking import masking_variants, score_variants
-from dpvr.analysis.probe import ProbeState, probing
-from dpvr.analysis.saturation import BatchStats, measure_batch
-from dpvr.analysis.summary import Accumulator, Recommendation, collapse_layer, recommend_split, transition_layer
+from dpvr.lazy import lazy_names
 
-__all__ = [
-    "Accumulator",
-    "BatchStats",
-    "ProbeState",
-    "Recommendation",
-    "collapse_layer",
-    "masking_variants",
-    "measure_batch",
-    "probing",
-    "recommend_split",
-    "score_variants",
-    "transition_layer",
-]
+MASK_TOL = 0.05  # nats: blocking every layer from the split on may cost at most this much likelihood
+
+_LAZY = {
+    "masking_variants": "dpvr.analysis.masking",
+    "score_variants": "dpvr.analysis.masking",
+    "ProbeState": "dpvr.analysis.probe",
+    "probing": "dpvr.analysis.probe",
+    "BatchStats": "dpvr.analysis.saturation",
+    "measure_batch": "dpvr.analysis.saturation",
+    "Accumulator": "dpvr.analysis.summary",
+    "Recommendation": "dpvr.analysis.summary",
+    "collapse_layer": "dpvr.analysis.summary",
+    "recommend_split": "dpvr.analysis.summary",
+    "transition_layer": "dpvr.analysis.summary",
+}
+__all__ = sorted([*_LAZY, "MASK_TOL"])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -15,16 +15,13 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from dpvr.analysis.summary import MASK_TOL
+from dpvr.analysis import MASK_TOL
 from dpvr.cli_types import at_least
 from dpvr.errors import DPVRError
+from dpvr.model_flags import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpvr.loading import add_model_arguments
-
     d = parser.add_argument_group("data")
     d.add_argument("--data", default=None, help="LLaVA-665k-format JSON; none: the digit-scenes test split")
     d.add_argument("--images", default=None, help="image folder the JSON's paths are relative to; none: the "
@@ -82,6 +79,8 @@ def resolve_data(data: str | None, images: str | None) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     _check_args(args)
     threads = torch.get_num_threads()
     if args.threads is not None:
@@ -93,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from dpvr.analysis.inputs import select_samples
@@ -142,7 +142,7 @@ def _analyze(args: argparse.Namespace) -> int:
     meta = {
         "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
         "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
-        "dtype": args.dtype, "device": str(args.device), "seconds": round(time.perf_counter() - started, 1),
+        "dtype": args.dtype, "device": str(model.device), "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }  # fmt: skip
     paths = write_outputs(args.out, curves, rec, meta)

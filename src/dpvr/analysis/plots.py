@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: no backend switch for the user's process, no global registry
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpvr.analysis.summary import Recommendation  # noqa: E402
-from dpvr.atomic import atomic_write  # noqa: E402
+from dpvr.analysis.summary import Recommendation
+from dpvr.atomic import atomic_write
 
 IMAGE_C, TEXT_C = "tab:orange", "tab:blue"
 
@@ -35,7 +32,8 @@ def plot_analysis(curves: dict, rec: Recommendation, path: str | os.PathLike, ti
     L = curves["num_layers"]
     x = np.arange(L)
     masking = "dll_only" in curves
-    fig, axes = plt.subplots(2 if masking else 1, 3, figsize=(15, 8.5 if masking else 4.3), squeeze=False)
+    fig = Figure(figsize=(15, 8.5 if masking else 4.3))
+    axes = fig.subplots(2 if masking else 1, 3, squeeze=False)
     (a, b, c) = axes[0]
 
     _band(a, x, curves["cos_image"], curves["cos_image_sem"], IMAGE_C, "image tokens")
@@ -76,7 +74,6 @@ def plot_analysis(curves: dict, rec: Recommendation, path: str | os.PathLike, ti
         fig.suptitle(title)
     fig.tight_layout()
     path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return path
 
 

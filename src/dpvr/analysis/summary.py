@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dpvr.analysis import MASK_TOL
 from dpvr.analysis.saturation import BatchStats
 
 
@@ -125,7 +126,6 @@ class Recommendation:
     fusion_reason: str = ""
 
 
-MASK_TOL = 0.05  # nats: blocking every layer from the split on may cost at most this much likelihood
 
 
 def masking_split(curves: dict, tol: float = MASK_TOL) -> int | None:

@@ -21,15 +21,17 @@ import contextlib
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
-
-from dpvr.bench import latency as lat
 from dpvr.bench.cli import add_model_arguments, setup, write_outputs
 from dpvr.bench.flops import flop_counter
 from dpvr.cli_types import at_least
-from dpvr.routing.forward import observe_stages
+
+if TYPE_CHECKING:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpvr.bench import latency as lat
+# torch and the timing helpers are imported where a measurement runs: `dpvr breakdown --help` answers at once
 
 VISION = "vision tower"
 
@@ -48,7 +50,9 @@ class StageClock:
     a stage count toward the outermost only."""
 
     def __init__(self, device):
-        self.device = device
+        from dpvr.bench import latency as lat
+
+        self.device, self._sync = device, lat.sync
         self.reset()
 
     def reset(self, counter: FlopCounterMode | None = None) -> None:
@@ -61,14 +65,14 @@ class StageClock:
     def begin(self, name: str, layers: range | None = None) -> None:
         self._open.append(name)
         if len(self._open) == 1:
-            lat.sync(self.device)
+            self._sync(self.device)
             self.layers[name] = layers
             self._start = (time.perf_counter(), self.counter.get_total_flops() if self.counter else 0)
 
     def end(self) -> None:
         name = self._open.pop()
         if not self._open:
-            lat.sync(self.device)
+            self._sync(self.device)
             t0, f0 = self._start
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             if self.counter:
@@ -86,6 +90,8 @@ class StageClock:
     def watching(self, model):
         """Routed stages through the loop's stage hook; the vision tower and each stock decoder layer
         (which only vanilla calls as modules) through forward hooks."""
+        from dpvr.routing.forward import observe_stages
+
         modules = [(VISION, None, model.model.vision_tower)]
         modules += [(f"layer {i}", range(i, i + 1), m) for i, m in enumerate(model.model.language_model.layers)]
         handles = []
@@ -102,6 +108,8 @@ class StageClock:
 
 def measure(model, modes: list[str], w: lat.Workload, device, repeats: int, progress=None) -> dict:
     """Per mode: FLOPs per stage (one counted forward) and per-round seconds per stage and in total."""
+    from dpvr.bench import latency as lat
+
     clock = StageClock(device)
     out = {m: {"rounds": [], "totals": []} for m in modes}
     with clock.watching(model):
@@ -127,6 +135,8 @@ def measure(model, modes: list[str], w: lat.Workload, device, repeats: int, prog
 
 def stage_table(raw: dict, mode: str) -> dict:
     """Mode's stages next to vanilla's time and FLOPs over the same layers, with rates and excess."""
+    from dpvr.bench import latency as lat
+
     van, run = raw["vanilla"], raw[mode]
     layer_names = [n for n in van["flops"] if n.startswith("layer ")]
     van_layer_s = statistics.median(sum(r[n] for n in layer_names) for r in van["rounds"])
@@ -190,6 +200,10 @@ def summary(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from dpvr.bench import latency as lat
+
     s = setup(args)
     if len(s.modes) < 2:
         raise ValueError(f"--modes {args.modes!r} names no routed mode to break down against vanilla")

@@ -19,20 +19,22 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from dpvr.atomic import atomic_write_text
-from dpvr.bench import latency as lat
-from dpvr.bench.cpu_malloc import keep_freed_memory
 from dpvr.bench.flops import forward_flops
-from dpvr.bench.vision_flops import default_image, image_tokens
 from dpvr.bench.presets import PRESETS, build_random_model
+from dpvr.bench.vision_flops import default_image, image_tokens
 from dpvr.cli_types import at_least, int_list
-from dpvr.config import DPVRConfig
-from dpvr.config import add_routing_arguments
-from dpvr.loading import default_split
-from dpvr.routing import DPVRForConditionalGeneration, convert
+from dpvr.config import DPVRConfig, add_routing_arguments, default_split
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpvr.bench import latency as lat
+    from dpvr.routing import DPVRForConditionalGeneration
+# torch, tqdm, the timing helpers and the routed model are imported where a measurement runs, so that
+# `dpvr bench --help` answers at once
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_routing_arguments(p, ("split_layer", "fusion_layers", "fusion_at", "side_depth"), split_layer=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when one is available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: fix glibc malloc's thresholds so freed tensor memory is reused, not returned to the OS "
@@ -75,6 +77,8 @@ class Setup:
 
     def header(self, preset: str) -> dict:
         """What every result file records about the run it comes from."""
+        import torch
+
         return {"preset": preset, "device": device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "cpu_malloc": self.malloc, "routing": self.cfg.to_dict(),
                 "n_img": image_tokens(self.model.config, [default_image(self.model.config)])}  # fmt: skip
@@ -82,9 +86,16 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     """Threads, allocator, a random model of the preset's shape, converted; the --modes checked."""
+    import torch
+
+    from dpvr.bench import latency as lat
+    from dpvr.bench.cpu_malloc import keep_freed_memory
+    from dpvr.model_flags import resolve_device
+    from dpvr.routing import convert
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     malloc = keep_freed_memory() if device.type == "cpu" and args.keep_freed_memory else None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     base = build_random_model(args.preset, dtype=dtype, device=device)
@@ -102,6 +113,10 @@ def setup(args: argparse.Namespace) -> Setup:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from dpvr.bench import latency as lat
+
     setup_ = setup(args)
     model, cfg, modes, device, dtype = setup_.model, setup_.cfg, setup_.modes, setup_.device, setup_.dtype
     text_lens, batches = args.text_lens, args.batches
@@ -155,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _recompute_vs_cached(model, args, device, dtype) -> dict:
     """LF generating args.new_tokens tokens with the routed cache vs the paper's full recompute."""
+    from dpvr.bench import latency as lat
+
     w = lat.make_workload(model.config, args.recompute_text_len, 1, device, dtype)
     res = {}
     with model.routing(mode="lf"):
@@ -179,6 +196,8 @@ def _timing_fields(t: lat.Samples, modes: list[str]) -> dict:
 
 
 def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: int) -> float:
+    from dpvr.bench import latency as lat
+
     run = cfg.with_routing(**lat.MODE_ROUTING[mode])  # exactly what the timed mode runs
     # the timed prefill asks for the last position's logits only (logits_to_keep=1, as generate does): lm_head on
     # every position would add the same FLOPs to every mode and understate each mode's analytic saving
@@ -189,6 +208,8 @@ def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: in
 
 
 def summary(result: dict) -> str:
+    from dpvr.bench import latency as lat
+
     modes = result["modes"]
     lines = [f"device: {result['device']} ({result['dtype']}, {result['threads']} threads), preset {result['preset']}, "
              f"{result['n_img']} image tokens; CPU malloc: {result.get('cpu_malloc') or 'as the process found it'}"]  # fmt: skip
@@ -227,6 +248,8 @@ def summary(result: dict) -> str:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig
-
 from dpvr.errors import DPVRError
-from dpvr.routing.backbones import backbone_of
+
+# transformers and torch are imported where a preset is built, so that flags naming PRESETS parse at once
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768)  # fmt: skip
@@ -35,7 +33,9 @@ def _llama(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
                 max_position_embeddings=4096, pad_token_id=32001)  # fmt: skip
 
 
-def _llava(vision: dict, text: dict) -> LlavaConfig:
+def _llava(vision: dict, text: dict):
+    from transformers import CLIPVisionConfig, LlavaConfig
+
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision), text_config=text, image_token_index=32000, image_seq_length=576,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
@@ -47,7 +47,9 @@ QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_key_value_heads=4, max_position_embeddings=32768)  # fmt: skip
 
 
-def _qwen25_vl_7b() -> Qwen2_5_VLConfig:
+def _qwen25_vl_7b():
+    from transformers import Qwen2_5_VLConfig
+
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584)  # fmt: skip
     text = dict(QWEN2_7B, vocab_size=152064, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
@@ -55,12 +57,16 @@ def _qwen25_vl_7b() -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text)
 
 
-def _llava_onevision_7b() -> LlavaOnevisionConfig:
+def _llava_onevision_7b():
+    from transformers import LlavaOnevisionConfig
+
     # the class defaults are the 7B checkpoint's vision tower, anyres_max_9 and its 6x6 grid of 384-px tiles
     return LlavaOnevisionConfig(text_config=dict(model_type="qwen2", vocab_size=152128, **QWEN2_7B))
 
 
-def _tiny() -> LlavaConfig:
+def _tiny():
+    from transformers import LlavaConfig
+
     from dpvr.embedded import default_model_path
 
     return LlavaConfig.from_pretrained(default_model_path())
@@ -81,6 +87,8 @@ def preset_config(name: str):
     if name in PRESETS:
         return PRESETS[name]()
     if Path(name, "config.json").exists():
+        from transformers import AutoConfig
+
         return AutoConfig.from_pretrained(name)
     raise DPVRError(f"unknown architecture preset {name!r}; choose from {sorted(PRESETS)} or a checkpoint folder")
 
@@ -93,8 +101,13 @@ def preset_arg(text: str) -> str:
                                      "checkpoint folder)")  # fmt: skip
 
 
-def build_random_model(name: str, dtype: torch.dtype = torch.float32, device="cpu", attn: str = "sdpa"):
-    """A randomly initialised stock model of the preset's shape and family, in eval mode."""
+def build_random_model(name: str, dtype=None, device="cpu", attn: str = "sdpa"):
+    """A randomly initialised stock model of the preset's shape and family, in eval mode (dtype: float32 if None)."""
+    import torch
+
+    from dpvr.routing.backbones import backbone_of
+
+    dtype = torch.float32 if dtype is None else dtype
     config = preset_config(name)
     config._attn_implementation = attn
     for sub in (config.text_config, config.vision_config):

@@ -13,9 +13,12 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
 
-from dpvr.routing.backbones import backbone_of
+def backbone_of(config):
+    """The family's row of the backbone table (imported here, on use: `dpvr flops --help` needs no transformers)."""
+    from dpvr.routing.backbones import backbone_of as row
+
+    return row(config)
 
 
 def linear(tokens: int, fan_in: int, fan_out: int) -> int:
@@ -123,6 +126,7 @@ def _geometry(config) -> tuple:
 @functools.lru_cache(maxsize=64)
 def _anyres_tokens(geometry: tuple, sizes: tuple) -> list[int]:
     """Per-image token counts from the stock get_image_features of a shape twin (see the docstring)."""
+    import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     model_type, vision_type, image_size, patch, pinpoints, strategy, aspect = geometry

@@ -9,8 +9,6 @@ import argparse
 import json
 from collections import Counter
 
-from dpvr.data.digit_scenes import ensure_benchmark, load_split
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default: the cache dir for --seed)")
@@ -18,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dpvr.data.digit_scenes import ensure_benchmark, load_split  # numpy and PIL: not for --help
+
     root = ensure_benchmark(args.out, args.seed)
     manifest = json.loads((root / "MANIFEST.json").read_text())
     print(f"{root}: {manifest['version']} seed {manifest['seed']}, samples {manifest['samples']}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpvr.embedded.model import build_tiny_model
+from dpvr.lazy import lazy_names
 
 __all__ = ["build_tiny_model", "default_model_path"]
+__getattr__, __dir__ = lazy_names(__name__, {"build_tiny_model": "dpvr.embedded.model"})
 
 
 def default_model_path() -> str:

@@ -31,16 +31,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from dpvr.atomic import atomic_write
-from dpvr.data.digit_scenes import load_split, open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset
-from dpvr.data.scene_questions import TEXT_WEIGHTS
-from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
-from dpvr.embedded.score import format_table, score
-from dpvr.embedded.stages import grow, loader, patch_targets, stage_lm, stage_vision
+
+# numpy, torch and the training stages are imported in run(): `dpvr train-tiny --help` answers at once
 
 STAGES = ("vision", "existence", "text", "align", "tune")
 
@@ -78,6 +71,8 @@ def first_turns(samples: list[dict]) -> list[dict]:
 
 
 def _accuracies(model, processor, samples, images) -> dict[str, float]:
+    from dpvr.embedded.score import score
+
     fams = score(model, processor, samples, images)["families"]
     return {f: r["accuracy"] for f, r in fams.items()}
 
@@ -89,6 +84,8 @@ def _lm_params(model) -> list:
 def _vision_data(processor, train: list[dict], root: Path):
     from PIL import Image
 
+    from dpvr.embedded.stages import patch_targets
+
     scenes = [s for s in train if "image" in s]
     images = [Image.open(root / "images" / s["image"]).convert("RGB") for s in scenes]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]  # (N, 3, 48, 48)
@@ -97,7 +94,16 @@ def _vision_data(processor, train: list[dict], root: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
     from tqdm import tqdm
+
+    from dpvr.data.digit_scenes import load_split, open_benchmark
+    from dpvr.data.llava_json import LlavaJsonDataset
+    from dpvr.data.scene_questions import TEXT_WEIGHTS
+    from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
+    from dpvr.embedded.score import format_table, score
+    from dpvr.embedded.stages import grow, loader, stage_lm, stage_vision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed), np.random.seed(args.seed)
@@ -158,12 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
 def plot(log: dict, path: Path) -> None:
     """Loss over all language-model stages end to end, and the held-out accuracy per family."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, no global figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    a, b = fig.subplots(1, 2)
     offsets, offset = {}, 0
     for name in STAGES[1:]:
         offsets[name] = offset
@@ -185,4 +189,3 @@ def plot(log: dict, path: Path) -> None:
         b.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)

@@ -3,7 +3,13 @@
     from dpvr.eval import evaluate
     result = evaluate(model, processor, data_dir)      # result["scores"]["pope"]["f1"], ...
 """
-from dpvr.eval.metrics import FAMILIES, score_all
-from dpvr.eval.runner import evaluate, format_table
+from dpvr.lazy import lazy_names
 
-__all__ = ["FAMILIES", "evaluate", "format_table", "score_all"]
+_LAZY = {
+    "FAMILIES": "dpvr.eval.metrics",
+    "score_all": "dpvr.eval.metrics",
+    "evaluate": "dpvr.eval.runner",
+    "format_table": "dpvr.eval.runner",
+}
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

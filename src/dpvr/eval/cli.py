@@ -17,8 +17,7 @@ from dpvr.atomic import atomic_write_text
 from dpvr.cli_types import at_least
 from dpvr.errors import UsageError
 from dpvr.eval.metrics import FAMILIES
-from dpvr.eval.runner import evaluate, format_table
-from dpvr.loading import add_model_arguments, describe, load_model, model_kwargs
+from dpvr.model_flags import add_model_arguments, model_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dpvr.data.digit_scenes import open_benchmark
+    from dpvr.eval.runner import evaluate, format_table
+    from dpvr.loading import describe, load_model
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if not families:

@@ -44,7 +44,7 @@ class ModelArguments:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {METHODS}")
         if self.train_vision_tower and self.method != "full":
-            raise UsageError(f"--train_vision_tower is for --method full (got --method {self.method})")
+            raise UsageError(f"--train-vision-tower is for --method full (got --method {self.method})")
         if self.method == "dpvr" and self.mode not in SIDE_BRANCH_MODES:
             what = "is inference-only" if self.mode in MODES else f"is not a routing mode ({', '.join(MODES)})"
             raise UsageError(f"--mode {self.mode!r} {what}: it has nothing to train; train {', '.join(SIDE_BRANCH_MODES)} "
@@ -68,9 +68,56 @@ class DataArguments:
         default=False, metadata={"help": "end training once the held-out loss has plateaued (dpvr.train.plateau: at most "
                                  "2%% lower over the last third of the steps, from the 4th evaluation on); needs "
                                  "--eval_strategy steps"})
-    plateau_min_steps: int = field(default=0, metadata={"help": "with --stop_at_plateau: never stop before this many steps "
+    plateau_min_steps: int = field(default=0, metadata={"help": "with --stop-at-plateau: never stop before this many steps "
                                                         "(e.g. one epoch)"})  # fmt: skip
     shared_stack_cache: str | None = field(
         default=None, metadata={"help": "dpvr method: compute the frozen shared stack's output once per sample into this "
                                 "folder (and LF's text path up to its first fusion layer) and train (and score the held-out loss) "
                                 "from there (dpvr.train.shared_cache)"})
+
+
+# ----------------------------------------------------------------------------- one spelling, light help
+# dpvr's own flags are documented in kebab case with comma lists (`--split-layer 11 --fusion-at 11,13`), as
+# in every other command; HfArgumentParser also takes `--split_layer` and a space-separated `--fusion_at`.
+LIST_FLAGS = tuple(f"--{name}" for name in ("fusion_at", "fusion-at"))
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`--fusion-at 11,13` and `--fusion-at=11,13` as HfArgumentParser's `--fusion_at 11 13`."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag not in LIST_FLAGS:
+            out.append(arg)
+            continue
+        value = value if eq else next(it, "")
+        out += [flag, *(v for v in value.replace(",", " ").split() if v)]
+    return out
+
+
+def own_help(prog: str, description: str) -> str:
+    """`dpvr train --help`: dpvr's own flags (model/method and data) with their defaults, then where the
+    Trainer's are. Built without importing transformers, so it prints at once."""
+    import argparse
+    import dataclasses
+    import textwrap
+
+    from dpvr.cli_types import OneDefaultFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=OneDefaultFormatter,
+                                     add_help=False, usage=f"{prog} [dpvr flags] [TrainingArguments flags]")  # fmt: skip
+    for title, cls in (("model and method", ModelArguments), ("data", DataArguments)):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            metavar = "N,N,..." if f.name == "fusion_at" else None if f.type == "bool" else f.name.upper()
+            kwargs = dict(action="store_true") if f.type == "bool" else dict(metavar=metavar)
+            group.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata.get("help"), **kwargs)
+    trainer = ", ".join(f"--{k} {v}" for k, v in TRAINING_DEFAULTS.items() if k != "prediction_loss_only")
+    rates = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    tail = ("Trainer flags: every Hugging Face TrainingArguments flag is accepted as well (--max_steps, --learning_rate, "
+            "--bf16, --gradient_checkpointing, --resume_from_checkpoint, --deepspeed, ...); `dpvr train --help-trainer` "
+            f"lists all of them. dpvr's defaults for them: {trainer}; --learning_rate by method or mode: {rates}. "
+            "Underscored spellings (--split_layer) and space-separated lists (--fusion_at 11 13) are accepted too.")  # fmt: skip
+    return parser.format_help() + "\n" + textwrap.fill(tail, width=100) + "\n"

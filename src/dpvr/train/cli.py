@@ -1,12 +1,12 @@
 """`dpvr train`: train a DPVR side branch (or a baseline) on LLaVA-665k-format data with the HF Trainer.
 
-    dpvr train --mode lf --split_layer 9 --max_steps 300 --output_dir runs/lf          # embedded default (split: dpvr analyze)
+    dpvr train --mode lf --split-layer 9 --max_steps 300 --output_dir runs/lf          # embedded default (split: dpvr analyze)
     dpvr train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json --images DIR \\
-        --template vicuna_v1 --mode lf --split_layer 18 --bf16 --gradient_checkpointing \\
+        --template vicuna_v1 --mode lf --split-layer 18 --bf16 --gradient_checkpointing \\
         --per_device_train_batch_size 16 --output_dir runs/lf-7b
     torchrun --nproc_per_node 8 -m dpvr.cli train ...     # DDP; --deepspeed / --fsdp through the Trainer
     dpvr train ... --resume_from_checkpoint true           # after an interruption: the same final weights
-    dpvr train --method lora --lora_r 16 ...                # baselines: --method full | lora
+    dpvr train --method lora --lora-r 16 ...                # baselines: --method full | lora
 
 Every TrainingArguments flag is accepted (`--help` lists them). The seed reaches the model init, the
 side-branch init and the data order. The final side branch is written to OUTPUT_DIR/final (adapter
@@ -18,25 +18,29 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-
-import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.training_args import ParallelMode
+from typing import TYPE_CHECKING
 
 from dpvr.atomic import held_or_refused
-from dpvr.cli_types import one_line_errors
+from dpvr.cli_types import OneDefaultFormatter, one_line_errors
 from dpvr.errors import DPVRError, UsageError
-
-from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments
+from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments, normalize_argv, own_help
 from dpvr.train.launch import check_launch
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+# torch and transformers are imported when a run starts: `dpvr train --help` prints at once
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    import torch
+    from transformers import HfArgumentParser, TrainingArguments
+    from transformers.training_args import ParallelMode
+
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="dpvr train",
-                              description=__doc__.splitlines()[0])  # fmt: skip
+                              description=__doc__.splitlines()[0], formatter_class=OneDefaultFormatter)  # fmt: skip
     parser.set_defaults(**TRAINING_DEFAULTS)
     one_line_errors(parser)
-    argv = [a for a in argv if a != "--debug"]
+    argv = normalize_argv([{"--help-trainer": "--help"}.get(a, a) for a in argv if a != "--debug"])
     if not torch.accelerator.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # said for the Trainer when there is no GPU: without it, `--bf16` is refused ("doesn't support bf16/gpu")
         # although CPU autocast runs it, and under a launcher every process would train its own model
@@ -53,7 +57,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
 
         margs.attn = FP32_SDPA
     if dargs.stop_at_plateau and targs.eval_strategy == "no":
-        raise UsageError("--stop_at_plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
+        raise UsageError("--stop-at-plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
     return margs, dargs, targs
@@ -73,7 +77,7 @@ def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
         images = Path(dargs.images) if dargs.images else data.parent / "images"
     samples = load_samples(data)[:limit]
     if not samples:
-        flag = "--eval_limit" if held_out else "--limit"
+        flag = "--eval-limit" if held_out else "--limit"
         cut = f" ({flag} {limit})" if limit is not None else ""
         raise DPVRError(f"no samples to {'score' if held_out else 'train on'} in {data}{cut}: "
                         "pass a LLaVA JSON list with at least one sample")
@@ -86,7 +90,7 @@ def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
     from dpvr.train.shared_cache import CachedCollator, cached
 
     if margs.method != "dpvr":
-        raise UsageError(f"--shared_stack_cache caches DPVR's frozen shared stack; --method {margs.method} trains it")
+        raise UsageError(f"--shared-stack-cache caches DPVR's frozen shared stack; --method {margs.method} trains it")
     model.to(targs.device)  # the states are computed where the model will train
     batch = targs.per_device_eval_batch_size
     dataset = cached(model, dataset, folder, batch, "train")
@@ -126,6 +130,8 @@ def _finished_run(targs) -> dict | None:
 
 
 def _train(margs, dargs, targs) -> dict:
+    from transformers import set_seed
+
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
     from dpvr.train.plateau import PlateauStop
@@ -168,6 +174,9 @@ def _train(margs, dargs, targs) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(own_help("dpvr train", __doc__.split("\n\n")[0]))
+        return 0
     out = train(argv)
     if out.get("already_finished"):
         print(f"nothing to resume: {out['final']} holds this run, finished at step {out['steps']} "

@@ -1,5 +1,5 @@
 """Has a run's held-out loss stopped falling? One rule, used both to stop training early
-(`dpvr train --stop_at_plateau`) and to judge a finished run (`dpvr reproduce` marks the rows that did not).
+(`dpvr train --stop-at-plateau`) and to judge a finished run (`dpvr reproduce` marks the rows that did not).
 
 The held-out set is fixed, so its loss moves only with the weights: a small relative drop over the last
 part of training means more steps buy little.

@@ -3,7 +3,7 @@
 DPVR freezes everything but the side branch, so what reaches the split (vision tower, projector,
 embeddings, layers [0, split)) is the same for a sample in every step, epoch, seed and side-branch
 variant (D, and for PC/KV also K) on that base and split; so is LF's text path from the split to its
-first fusion layer, which never reads the side branch. `dpvr train --shared_stack_cache DIR` runs
+first fusion layer, which never reads the side branch. `dpvr train --shared-stack-cache DIR` runs
 that frozen part once over the data (no grad, a progress bar) into DIR/<key>-split<s>.safetensors
 (and, where LF's text path goes on, DIR/<key>-split<s>-text<t>.safetensors, computed from the first),
 then trains and scores the held-out loss from there: the forward starts at the split, with LF's text
@@ -57,9 +57,9 @@ def check_cacheable(model) -> None:
     """The shared stack must be frozen and deterministic for its output to be computed once."""
     cfg = model.dpvr_config
     if cfg.freeze == "none":
-        raise DPVRError("--shared_stack_cache needs the shared stack frozen (DPVRConfig.freeze='all_but_side_branch')")
+        raise DPVRError("--shared-stack-cache needs the shared stack frozen (DPVRConfig.freeze='all_but_side_branch')")
     if getattr(model.config.text_config, "attention_dropout", 0.0):
-        raise DPVRError("--shared_stack_cache needs a deterministic shared stack: text_config.attention_dropout is not 0")
+        raise DPVRError("--shared-stack-cache needs a deterministic shared stack: text_config.attention_dropout is not 0")
     split_schedule(cfg, model.num_text_layers)  # refuses modes without a split and shallow FastV
 
 

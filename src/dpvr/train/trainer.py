@@ -42,7 +42,7 @@ LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so fa
 
 def build_model(margs: ModelArguments):
     """(trainable model, processor) for --method dpvr / full / lora. Full fine-tuning is LLaVA's: the
-    language model and the projector (the image encoder too with --train_vision_tower)."""
+    language model and the projector (the image encoder too with --train-vision-tower)."""
     from transformers import AutoProcessor
 
     path = resolve_model_path(margs.model)
