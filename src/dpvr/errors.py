@@ -10,6 +10,10 @@ class NonFiniteError(DPVRError, FloatingPointError):
     """A layer produced NaN or inf (for example fp16 overflow); the message names the layer."""
 
 
+class UnsupportedInput(DPVRError, NotImplementedError):
+    """An input routing cannot serve exactly where the stock model could (output_attentions of an image prompt)."""
+
+
 class UsageError(DPVRError):
     """A command-line option value or combination that cannot work; the CLI exits 2 for it, as argparse does."""
 

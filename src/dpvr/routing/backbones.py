@@ -48,7 +48,6 @@ class Backbone:
     text_models: tuple[str, ...]  # text_config.model_type values verified exact
     vision_inputs: tuple[str, ...]  # forward kwargs its get_image_features takes besides pixel_values
     mrope: bool = False  # Qwen2-VL's 3-axis rope positions (else 1-D)
-    refused_inputs: tuple[str, ...] = ()  # forward kwargs routing does not handle (videos)
     vision_encoder: str = "vision_tower"  # under the stock `.model`: the image encoder ...
     projector: str = "multi_modal_projector"  # ... and what maps its features into the text (inside it for Qwen2-VL)
 
@@ -66,11 +65,11 @@ BACKBONES: dict[str, Backbone] = {b.model_type: b for b in (
     Backbone(LlavaForConditionalGeneration, _LLAVA_TEXT, _LLAVA_VISION),
     Backbone(LlavaNextForConditionalGeneration, _LLAVA_TEXT, _LLAVA_VISION),
     Backbone(LlavaOnevisionForConditionalGeneration, _LLAVA_TEXT,
-             (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images"), refused_inputs=("pixel_values_videos",)),
+             (*_LLAVA_VISION, "vision_aspect_ratio", "batch_num_images")),
     Backbone(Qwen2VLForConditionalGeneration, ("qwen2_vl_text",), ("image_grid_thw",), mrope=True,
-             refused_inputs=("pixel_values_videos", "video_grid_thw"), vision_encoder="visual", projector="visual.merger"),
+             vision_encoder="visual", projector="visual.merger"),
     Backbone(Qwen2_5_VLForConditionalGeneration, ("qwen2_5_vl_text",), ("image_grid_thw",), mrope=True,
-             refused_inputs=("pixel_values_videos", "video_grid_thw"), vision_encoder="visual", projector="visual.merger"),
+             vision_encoder="visual", projector="visual.merger"),
 )}  # fmt: skip
 
 
@@ -178,10 +177,3 @@ def decode_positions(backbone: Backbone, full_valid, n: int, position_ids, rope_
     # rope deltas are taken against the real-token count (get_rope_index counts over real tokens only)
     pos = (full_valid.long().cumsum(-1) - 1)[:, -n:]
     return (pos + rope_deltas.to(pos.device))[None].expand(3, B, n)
-
-
-def refuse_unrouted_inputs(backbone: Backbone, inputs: dict) -> None:
-    for name in backbone.refused_inputs:
-        if inputs.get(name) is not None:
-            raise DPVRError(f"{name}: video input is not routed yet; route image prompts, or run "
-                            "model.routing(mode='vanilla') for videos")  # fmt: skip

@@ -16,9 +16,10 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
 from dpvr.config import DPVRConfig
-from dpvr.errors import DPVRError
+from dpvr.errors import DPVRError, UnsupportedInput
 from dpvr.routing import backbones as bb
 from dpvr.routing import guards
+from dpvr.routing import inputs as routed_inputs
 from dpvr.routing.adapter import save_adapter
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.forward import routed_decode, routed_decoder, shared_stack
@@ -95,17 +96,19 @@ class RoutedModel:
                 labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs,
             )  # fmt: skip
+        routed_inputs.check_forward_kwargs(kwargs, inputs_embeds)
         if input_ids is None:
-            raise DPVRError("routing needs input_ids (to find image positions); inputs_embeds alone is not supported")
+            raise DPVRError("input_ids: routing needs them (to find the image positions)")
         guards.check_attention(self.config.text_config, cfg)
         if output_attentions:
             return self._stock_attentions(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                           position_ids=position_ids, past_key_values=past_key_values, labels=labels,
                                           logits_to_keep=logits_to_keep, use_cache=use_cache,
                                           output_hidden_states=output_hidden_states, **kwargs)  # fmt: skip
-        bb.refuse_unrouted_inputs(self.backbone, kwargs)
+        cache_position, return_dict = kwargs.pop("cache_position", None), kwargs.pop("return_dict", None)
         shared = kwargs.pop("shared_states", None)
         cache = None if shared is not None else self._routed_cache(past_key_values, use_cache, input_ids.shape[0])
+        routed_inputs.check_cache_position(cache_position, cache.seen if cache is not None else 0, input_ids.shape[1])
         if shared is None and (cache is None or cache.seen == 0) and isinstance(logits_to_keep, int) and logits_to_keep == 1:
             guards.refuse_image_at_end(input_ids, attention_mask, self.config.image_token_id)  # generate()'s prefill
         all_hidden, image_features = ([] if output_hidden_states else None), None
@@ -120,6 +123,12 @@ class RoutedModel:
             hidden, all_hidden, image_features = self._routed_prefill(
                 cache, input_ids, pixel_values, attention_mask, position_ids, bool(output_hidden_states), kwargs
             )
+        out = self._output(hidden, logits_to_keep, labels, kwargs.get("num_items_in_batch"), cache=cache,
+                           hidden_states=all_hidden, image_features=image_features)  # fmt: skip
+        return out if return_dict is None or return_dict else out.to_tuple()  # the stock forward's tuple for False
+
+    def _output(self, hidden, logits_to_keep, labels, num_items_in_batch, cache, hidden_states, image_features):
+        """The logits (of the positions logits_to_keep names), the loss, and the output object."""
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -129,14 +138,9 @@ class RoutedModel:
         if labels is not None:
             # num_items_in_batch (Trainer: supervised tokens of the whole step, all micro-batches and ranks), as stock
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      num_items_in_batch=kwargs.get("num_items_in_batch"))  # fmt: skip
-        return LlavaCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=cache,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            image_hidden_states=image_features,
-        )
+                                      num_items_in_batch=num_items_in_batch)  # fmt: skip
+        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, image_hidden_states=image_features,
+                                           hidden_states=tuple(hidden_states) if hidden_states is not None else None)  # fmt: skip
 
     def _stock_attentions(self, input_ids, pixel_values, past_key_values, **inputs):
         """output_attentions=True: a text-only prompt runs every layer on every token in every mode, so the
@@ -145,7 +149,7 @@ class RoutedModel:
         text_only = pixel_values is None and "shared_states" not in inputs and not bool(
             (input_ids == self.config.image_token_id).any())  # fmt: skip
         if not text_only or (isinstance(past_key_values, RoutedCache) and past_key_values.seen > 0):
-            raise NotImplementedError(
+            raise UnsupportedInput(
                 "output_attentions is not available under routing for image prompts (layers see different "
                 "token sets); use `dpvr analyze` for attention statistics, or mode='vanilla'"
             )
@@ -216,10 +220,11 @@ class RoutedModel:
         if isinstance(past_key_values, RoutedCache):
             past_key_values.check_compatible(cfg, batch)
             return past_key_values
-        if past_key_values is not None and not _is_empty_cache(past_key_values):
+        if past_key_values is not None:  # filled, its layers hold the stock token sets; empty, the caller would
+            # read it back unfilled (routing returns a RoutedCache) and decode as if from a new prompt
             raise DPVRError(
-                f"mode {cfg.mode!r} cannot continue from a {type(past_key_values).__name__}: its layers hold "
-                "the stock model's token sets; use the RoutedCache that generate() creates, or use_cache=False"
+                f"past_key_values: mode {cfg.mode!r} cannot continue from a {type(past_key_values).__name__}, nor fill "
+                "one; use the RoutedCache that generate() or use_cache=True creates, or use_cache=False"
             )
         if not use_cache:
             return None
@@ -284,6 +289,8 @@ class RoutedModel:
             rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
             raise DPVRError(f"rows {rows} are right-padded: generation continues after the last token, so pad "
                             "on the left (processor/tokenizer padding_side='left')")  # fmt: skip
+        if self.dpvr_config.mode != "vanilla":
+            routed_inputs.check_generate(self.generation_config, kwargs)
         # an explicit None is "not given": generate() would otherwise encode pixel_values=None up front
         # (its pre-encoding of images for forwards that take mm_encoder_outputs) and crash in the tower
         return super().generate(*args, **{k: v for k, v in kwargs.items() if v is not None})
@@ -355,6 +362,3 @@ def _valid_mask(attention_mask, input_ids, is_img) -> torch.Tensor:
         raise DPVRError(f"attention_mask masks out image tokens in rows {masked_img} (padding inside an image span)")
     return valid
 
-
-def _is_empty_cache(cache) -> bool:
-    return hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0
