@@ -38,14 +38,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True)
     g.add_argument("--adapter", default=None, help="DPVR side-branch (or PEFT LoRA) checkpoint to load onto --model")
     if with_mode:
         add_routing_arguments(g, mode=None, split_layer=None)
+        g.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                       help="the routing `dpvr analyze` recommends in DIR (a `dpvr demo` or analyze output folder), "
+                            "with the side branch trained for it there if any (dpvr.recommended)")  # fmt: skip
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
+    """load_model's keyword arguments from the command line; with `--from DIR`, the routing DIR's analysis
+    recommends (printed in a line)."""
     keys = ["model", "adapter", *ROUTING_FLAGS, "attn", "dtype", "device"]
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    kwargs = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if getattr(args, "from_dir", None) is None:
+        return kwargs
+    from dpvr.recommended import from_folder
+
+    kwargs, line = from_folder(args.from_dir, kwargs)
+    print(line, flush=True)
+    return kwargs
 
 
 def resolve_model_path(model: str | None) -> str:
