@@ -34,7 +34,8 @@ def plot_bench(result: dict, path: Path) -> None:
     _settings(axes[1, 2], result)
     for ax in axes.flat:
         ax.tick_params(axis="x", labelsize=9)
-    fig.suptitle(f"dpvr bench: {result['preset']} on {result['device']} ({result['dtype']})")
+    preset = Path(result["preset"]).name if Path(result["preset"]).is_dir() else result["preset"]  # no machine path
+    fig.suptitle(f"dpvr bench: {preset} on {result['device']} ({result['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -53,7 +54,7 @@ def _plot_prefill(ax, result: dict, colors: dict) -> None:
     ax.set_xlabel("text tokens")
     ax.set_ylabel("prefill time / vanilla")
     ax.set_title(f"prefill, batch {batch}, {result['n_img']} image tokens\n(bars: quartiles; dashed: FLOPs)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
 
 
@@ -68,7 +69,7 @@ def _plot_peak_memory(ax, result: dict) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("peak memory / vanilla")
     ax.set_title("peak memory above the weights")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
 
 
 def _settings(ax, result: dict) -> None:

@@ -13,10 +13,12 @@ from dpvr.demo.report import figure, table, write_report
 from dpvr.demo.summary import verdicts, versus
 
 TRAIN_VS_HELD_OUT = (
-    "The two curves score different questions: the training loss is over train.json's multi-turn conversations "
-    "(about 8 questions a scene: mostly which digit is where and sums of two digits, ten or more possible answers), "
-    "the held-out loss over the first {n} samples of val.json (one question each, two thirds of them yes/no or a "
-    "choice of four letters), so the held-out loss is lower at every step; only the shapes of the curves compare.")
+    "The two curves score different questions, so the held-out loss sits below the training loss at every step and "
+    "only their shapes compare: the training loss is over train.json's conversations (about 8 questions a scene, "
+    "most of them which digit sits in a cell or the sum of two digits), the held-out loss over the first {n} "
+    "questions of val.json (two thirds of them yes/no or one of four letters). The stock model, before any "
+    "training, already scores lower on those {n} than on the first {n} training samples: scripts/heldout_gap.py "
+    "measures it.")
 
 
 def build_report(out: Path, rows: list[dict], rec, held_out: int = 256) -> Path:
@@ -62,9 +64,12 @@ def _analysis_section(out: Path, rec) -> str:
             f"<p>Recommended fusion layers: <b>{html.escape(at)}</b>. {html.escape(rec.fusion_reason)}</p>"
             f"<p><code>dpvr eval --from {html.escape(_shown(str(out)))}</code> and <code>dpvr generate --from "
             f"{html.escape(_shown(str(out)))} ...</code> run this routing with the side branch trained for it here.</p>")  # fmt: skip
-    caption = ("Per-layer statistics of the stock model: the three saturation views (image-state cosine, text-to-image "
-               "attention mass, logit-lens KL) and the answer's log-likelihood with text-to-image attention blocked at "
-               "one layer or from a layer on; the split and fusion layers come from these curves.")  # fmt: skip
+    caption = ("dpvr analyze on the stock model, per layer: (a) cosine between a token's states before and after the "
+               "layer, (b) share of the text's attention on the image, (c) logit-lens KL to the last layer, (d, e) the "
+               "answer's log-likelihood and accuracy with text-to-image attention blocked at layer l only (red) or in "
+               "every layer from l on (purple). The split is where blocking every later layer costs almost nothing "
+               "(purple near 0); the fusion layers are the deep layers where blocking one layer alone still costs "
+               "more than its noise (red dips after the split).")  # fmt: skip
     return figure(out / "analyze" / "analysis.png", caption) + text
 
 

@@ -126,15 +126,15 @@ def versus(row: dict) -> str:
 def summary_text(rows: list[dict]) -> str:
     fams = list(rows[0]["families"])
     w = max(len(r["method"]) for r in rows) + 2
-    head = f"{'method':<{w}}{'mean':>6}" + "".join(f"{f[:8]:>9}" for f in fams)
-    head += f"{'vs vanilla':>16}{'trainable':>11}{'FLOPs':>7}{'prefill':>8}{'decode':>8}  configuration"
+    head = f"{'method':<{w}}{'mean':>6}{'vs vanilla':>17}" + "".join(f"{f[:8]:>9}" for f in fams)
+    head += f"{'trainable':>11}{'FLOPs':>7}{'prefill':>8}{'decode':>8}  configuration"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r['families'][f]:>9.3f}" for f in fams)
-        lines.append(f"{r['method']:<{w}}{r['mean']:>6.3f}{cells}{versus(r):>16}{r['trainable']:>11,d}{r['flop_ratio']:>7.2f}"
+        lines.append(f"{r['method']:<{w}}{r['mean']:>6.3f}{versus(r):>17}{cells}{r['trainable']:>11,d}{r['flop_ratio']:>7.2f}"
                      f"{r['prefill_ratio']:>8.2f}{r['decode_ratio']:>8.2f}  {r['configuration']}")  # fmt: skip
-    lines.append("accuracy: POPE F1, MME acc+, MMBench circular, else exact match; mean: over the image families; vs vanilla: "
-                 "mean minus vanilla's, +- its paired-bootstrap standard error over the questions; FLOPs/prefill/"
-                 f"decode: ratio to vanilla (analytic prefill FLOPs; measured prefill time and cached decode ms/token "
+    lines.append("accuracy: POPE F1, MME acc+, MMBench circular, else exact match; mean: over the image families\n"
+                 "vs vanilla: mean minus vanilla's, +- its paired-bootstrap standard error over the questions\n"
+                 f"FLOPs/prefill/decode: ratio to vanilla (analytic prefill FLOPs; measured prefill time and cached decode ms/token "
                  f"at {rows[0]['n_txt']} text + {rows[0]['n_img']} image tokens, batch 1)")  # fmt: skip
     return "\n".join(lines)
