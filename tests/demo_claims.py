@@ -42,3 +42,24 @@ def disagreements(sentence: str, table: list[tuple[str, float, float]]) -> list[
         if name in said or name not in {n for n, _, _ in table}:
             wrong.append(f"{name} is said to be beaten but is best at a cost or not in the table")
     return wrong
+
+
+NOISE = re.compile(r"((?:[^;,]|,(?! ))+?) \(([+-]\d\.\d\d\d) ± (\d\.\d\d\d)\)")
+
+
+def noise_disagreements(sentence: str, table: list[tuple[str, float, float]]) -> list[str]:
+    """The bootstrap sentence against `table` [(method, mean - vanilla's, its SE)]: the methods before "within
+    two standard errors" must have |difference| <= 2 SE, those after "by more" not, with the table's numbers."""
+    near_part, _, far_part = sentence.partition("within two standard errors")
+    if "by more" in near_part:  # no method is near: the sentence only has the far clause
+        near_part, far_part = "", sentence
+    rows = {name: (d, se) for name, d, se in table}
+    wrong = []
+    for part, near in ((near_part, True), (far_part, False)):
+        for name, d, se in NOISE.findall(part):
+            name = re.sub(r"^(?:By a paired bootstrap over the questions, | ?and )", "", name.strip()).strip()
+            if rows.get(name) != (float(d), float(se)):
+                wrong.append(f"{name}: {d} ± {se} in the sentence, {rows.get(name)} in the table")
+            elif (abs(float(d)) <= 2 * float(se)) != near:
+                wrong.append(f"{name} ({d} ± {se}) is said to be {'within' if near else 'beyond'} two standard errors")
+    return wrong

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from demo_claims import disagreements
+from demo_claims import disagreements, noise_disagreements
 from dpvr.cli import main
 from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.recommended import read_recommendation, routing
@@ -97,11 +97,14 @@ def test_the_sentences_under_the_table_agree_with_it(demo):
     page = Page((root / "out" / "report.html").read_text())
     head, *body = page.tables[0]
     col = {h: head.index(h) for h in ("method", "mean", "prefill FLOPs", "prefill time")}
-    sentences = [p for p in page.paragraphs if p.startswith("By ")]
+    sentences = [p for p in page.paragraphs if p.startswith(("By analytic", "By measured"))]
     assert len(sentences) == 2 and len(body) == 3 + (2 if read_recommendation(root / "out").fusion_at else 1)
     for sentence, cost in zip(sentences, ("prefill FLOPs", "prefill time")):
         table = [(r[col["method"]], float(r[col["mean"]]), float(r[col[cost]])) for r in body]
         assert disagreements(sentence, table) == [], sentence
+    (said,) = [p for p in page.paragraphs if p.startswith("By a paired bootstrap")]
+    versus = [(r[col["method"]], *map(float, r[head.index("mean - vanilla's")].split(" ± "))) for r in body[1:]]
+    assert noise_disagreements(said, versus) == [], said
 
 
 def test_a_rerun_reuses_finished_steps(demo, capsys):

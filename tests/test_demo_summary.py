@@ -57,3 +57,18 @@ def test_the_paired_bootstrap_is_zero_for_the_same_answers_and_grows_with_disagr
     se = paired_se(samples, {"vanilla": right, "same": dict(right), "half": half}, "vanilla", rounds=200)
     assert se["vanilla"] == se["same"] == 0.0
     assert 0.04 < se["half"] < 0.09  # a half-wrong method: sd of a mean of 60 coin flips, about 0.065
+
+
+def test_the_noise_sentence_says_which_differences_are_within_two_standard_errors():
+    from demo_claims import noise_disagreements
+    from dpvr.demo.summary import noise
+
+    diffs = {"vanilla": (0, 0), "FastV": (-0.032, 0.012), "VTW": (0.008, 0.015), "DPVR-LF at 11,13": (-0.006, 0.012)}
+    rows = [{"method": m, "vs_vanilla": d, "vs_vanilla_se": se} for m, (d, se) in diffs.items()]
+    sentence = noise(rows)
+    table = [(m, d, se) for m, (d, se) in diffs.items() if m != "vanilla"]
+    assert noise_disagreements(sentence, table) == [], sentence
+    assert "FastV (-0.032 ± 0.012) differs from it by more" in sentence
+    assert noise_disagreements(sentence.replace("VTW (+0.008", "VTW (+0.048"), table)  # the check can fail
+    far = noise([{**r, "vs_vanilla_se": 0.001} for r in rows])
+    assert "within" not in far and noise_disagreements(far, [(m, d, 0.001) for m, d, _ in table]) == []

@@ -110,8 +110,25 @@ def verdict(rows: list[dict], cost: str) -> str:
     return f"By {COSTS[cost]} against vanilla's, the most accurate method is: {listed}{tail}."
 
 
+def noise(rows: list[dict]) -> str:
+    """One sentence: which methods' means this run cannot tell apart from vanilla's (within two paired
+    standard errors), and which differ by more."""
+    others = [r for r in rows if r["method"] != "vanilla"]
+    near = [r for r in others if abs(r["vs_vanilla"]) <= 2 * r["vs_vanilla_se"]]
+    far = [r for r in others if not any(r is n for n in near)]
+    said = [f"{_and([_signed(r) for r in near])} {'is' if len(near) == 1 else 'are'} within two standard errors of "
+            "vanilla's mean (not told apart from it at this many questions)"] if near else []  # fmt: skip
+    said += [f"{_and([_signed(r) for r in far])} {'differs' if len(far) == 1 else 'differ'} from it by more"] if far else []
+    return f"By a paired bootstrap over the questions, {'; '.join(said)}."
+
+
+def _signed(row: dict) -> str:
+    return f"{row['method']} ({row['vs_vanilla']:+.3f} ± {row['vs_vanilla_se']:.3f})"
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    return [verdict(rows, cost) for cost in COSTS]
+    """What wins at what cost, by FLOPs and by measured time; then what of it is noise."""
+    return [*(verdict(rows, cost) for cost in COSTS), noise(rows)]
 
 
 def _and(names: list[str]) -> str:
