@@ -17,14 +17,16 @@ MARKERS = "osD^vP*X"
 def plot_cost_accuracy(rows: list[dict], path: Path) -> Path:
     """Mean score against analytic prefill FLOPs (left) and measured prefill time (right), both against
     vanilla; the front (the most accurate method at or below each cost) joined by a line, its members
-    filled, the methods it beats hollow."""
+    filled, the methods it beats hollow; bars: +- the paired standard error of each mean minus vanilla's."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     for ax, cost in zip(axes, COSTS):
         top = front(rows, cost)
-        ax.plot([shown(r, cost) for r in top], [shown(r, "mean") for r in top], "-", color="0.55", lw=1.5, zorder=1,
+        xs = [shown(r, cost) for r in top] + [max(shown(r, cost) for r in rows)]  # the last stays best to the right
+        ax.plot(xs, [shown(r, "mean") for r in top] + [shown(top[-1], "mean")], "-", color="0.55", lw=1.5, zorder=1,
                 drawstyle="steps-post", label="front: best at or below each cost")  # fmt: skip
         for i, r in enumerate(rows):
             on = any(r is t for t in top)
+            ax.errorbar(r[cost], r["mean"], yerr=r.get("vs_vanilla_se") or None, color=f"C{i}", capsize=3, lw=1, zorder=2)
             ax.scatter(r[cost], r["mean"], s=90, marker=MARKERS[i % len(MARKERS)], zorder=3, linewidths=1.8,
                        color=f"C{i}" if on else "white", edgecolors=f"C{i}", label=r["method"])  # fmt: skip
         ax.set_xlabel(f"{COSTS[cost]} / vanilla")

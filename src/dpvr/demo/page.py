@@ -47,7 +47,9 @@ def _cost_section(rows: list[dict], png: Path) -> str:
     caption = ("Mean score over the question families against prefill cost, both relative to vanilla: analytic FLOPs "
                "(left) and measured time on this machine (right). The grey line is the front: for any cost on the "
                "x-axis, the last filled marker at or left of it is the most accurate method that costs no more. "
-               "Hollow markers are beaten by a method that costs no more.")  # fmt: skip
+               "Hollow markers are beaten by a method that costs no more. Bars: ± the paired-bootstrap standard error of "
+               "each method's mean minus vanilla's (the table's column): differences within about two of them are "
+               "noise at this many questions.")  # fmt: skip
     said = "".join(f"<p class='verdict'>{html.escape(v)}</p>" for v in verdicts(rows))
     note = (f"Scores: the digit-scenes test split, the same questions for every method (POPE F1, MME acc+, MMBench "
             f"circular, else exact match); mean: over the image families. Mean - vanilla's: ± its standard error by a "
