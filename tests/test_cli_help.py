@@ -114,3 +114,15 @@ def test_cli_prints_the_warning_as_one_line(tiny_checkpoint, tmp_path, capsys):
     assert rc == 0
     lines = [line for line in err.splitlines() if "untrained side branch" in line]
     assert len(lines) == 1 and lines[0].startswith("dpvr generate: warning: --mode lf"), err
+
+
+def test_no_library_module_switches_the_plotting_backend():
+    """Plots go through matplotlib's Figure: importing dpvr must not change a user's backend or pyplot state."""
+    from pathlib import Path
+
+    import dpvr
+
+    src = Path(dpvr.__file__).parent
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "matplotlib.use(" in p.read_text() or "import matplotlib.pyplot" in p.read_text()]  # fmt: skip
+    assert not offenders, offenders

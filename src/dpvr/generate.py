@@ -2,6 +2,7 @@
 
     dpvr generate --image scene.png --prompt "which digit is in the top-left cell?"
     dpvr generate --model llava-hf/llava-1.5-7b-hf --adapter runs/lf --image cat.jpg --prompt "..." --compare
+    dpvr generate --from runs/demo --image scene.png --prompt "..."   # the routing the demo's analysis recommends
 
 `--compare` also answers with the vanilla model on the same weights and prints both times to first
 token (prefill) and decode rates.

@@ -4,53 +4,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no backend switch for the user's process, no global registry
 
 from dpvr.bench.latency import saving_shares
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
 def plot_bench(result: dict, path: Path) -> None:
+    """Two rows of three panels: prefill, decode and KV cache; peak memory, LF's saving share and the settings."""
     modes = result["modes"]
-    fig, axes = plt.subplots(1, 5, figsize=(23, 4.2))
-    ax = axes[0]
-    batch = result["prefill"][0]["batch"]
-    rows = [r for r in result["prefill"] if r["batch"] == batch]
-    xs = [r["n_txt"] for r in rows]
-    for i, m in enumerate(modes):
-        color = f"C{i}"
-        ratio = [r["ratio"][m] for r in rows]
-        spread = [[x - r["ratio_iqr"][m][0] for x, r in zip(ratio, rows)], [r["ratio_iqr"][m][1] - x for x, r in zip(ratio, rows)]]
-        ax.errorbar(xs, ratio, yerr=spread, fmt="o-", color=color, capsize=2, label=f"{m} measured")
-        ax.plot(xs, [r["flop_ratio"][m] for r in rows], "--", color=color, alpha=0.6)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("text tokens")
-    ax.set_ylabel("prefill time / vanilla (bars: quartiles; dashed: FLOPs)")
-    ax.set_title(f"prefill, batch {batch}, {result['n_img']} image tokens")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-
-    ax = axes[1]
+    colors = {m: f"C{i}" for i, m in enumerate(modes)}
+    fig = Figure(figsize=(16, 9.5))
+    axes = fig.subplots(2, 3)
+    _plot_prefill(axes[0, 0], result, colors)
     dec = result["decode"]
-    ax.bar(list(dec), [d["ms_per_token"] for d in dec.values()], color=[f"C{modes.index(m)}" for m in dec])
+    ax = axes[0, 1]
+    ax.bar(list(dec), [d["ms_per_token"] for d in dec.values()], color=[colors[m] for m in dec])
     ax.set_ylabel("ms / token")
-    ax.set_title("cached decode")
-    if "recompute" in result:
-        r = result["recompute"]
-        ax.text(0.02, 0.95, f"LF, {r['new_tokens']} tokens: routed cache {r['speedup']:.1f}x faster than recompute",
-                transform=ax.transAxes, fontsize=8, va="top")  # fmt: skip
-
-    ax = axes[2]
+    ax.set_title(f"cached decode, {next(iter(dec.values()))['new_tokens']} new tokens")
     kv = result["kv_cache_bytes"]
-    ax.bar(list(kv), [kv[m] / kv["vanilla"] for m in kv], color=[f"C{modes.index(m)}" for m in kv])
+    ax = axes[0, 2]
+    ax.bar(list(kv), [kv[m] / kv["vanilla"] for m in kv], color=[colors[m] for m in kv])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("KV-cache bytes / vanilla")
     ax.set_title("KV cache after prefill")
+    _plot_peak_memory(axes[1, 0], result)
+    _plot_lf_share(axes[1, 1], result)
+    _settings(axes[1, 2], result)
+    for ax in axes.flat:
+        ax.tick_params(axis="x", labelsize=9)
+    preset = Path(result["preset"]).name if Path(result["preset"]).is_dir() else result["preset"]  # no machine path
+    fig.suptitle(f"dpvr bench: {preset} on {result['device']} ({result['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
-    ax = axes[3]
-    last, dec = result["prefill"][-1], result["decode"]
+
+def _plot_prefill(ax, result: dict, colors: dict) -> None:
+    batch = result["prefill"][0]["batch"]
+    rows = [r for r in result["prefill"] if r["batch"] == batch]
+    xs = [r["n_txt"] for r in rows]
+    for m in result["modes"]:
+        ratio = [r["ratio"][m] for r in rows]
+        spread = [[x - r["ratio_iqr"][m][0] for x, r in zip(ratio, rows)], [r["ratio_iqr"][m][1] - x for x, r in zip(ratio, rows)]]
+        ax.errorbar(xs, ratio, yerr=spread, fmt="o-", color=colors[m], capsize=2, label=f"{m} measured")
+        ax.plot(xs, [r["flop_ratio"][m] for r in rows], "--", color=colors[m], alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("text tokens")
+    ax.set_ylabel("prefill time / vanilla")
+    ax.set_title(f"prefill, batch {batch}, {result['n_img']} image tokens\n(bars: quartiles; dashed: FLOPs)", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def _plot_peak_memory(ax, result: dict) -> None:
+    modes, last, dec = result["modes"], result["prefill"][-1], result["decode"]
     x = range(len(modes))
     ax.bar([i - 0.2 for i in x], [last["peak_bytes"][m] / last["peak_bytes"]["vanilla"] for m in modes], width=0.4,
            label=f"prefill B={last['batch']}, text {last['n_txt']}")  # fmt: skip
@@ -59,13 +64,22 @@ def plot_bench(result: dict, path: Path) -> None:
     ax.set_xticks(list(x), modes)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("peak memory / vanilla")
-    ax.set_title("peak memory (bytes allocated above the weights)")
-    ax.legend(fontsize=7)
-    _plot_lf_share(axes[4], result)
-    fig.suptitle(f"dpvr bench: {result['preset']} on {result['device']} ({result['dtype']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set_title("peak memory above the weights")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+
+
+def _settings(ax, result: dict) -> None:
+    """The run's settings and the routed-cache-vs-recompute result, as text (no bar to overlap)."""
+    ax.axis("off")
+    r = result.get("routing", {})
+    lines = [f"routing: split {r.get('split_layer')}, " + (f"fusion at {r.get('fusion_at')}" if r.get("fusion_at")
+             else f"K={r.get('fusion_layers')}") + f", D={r.get('side_depth')}",  # fmt: skip
+             f"{result.get('threads')} threads; ratios: medians of paired,", "interleaved runs against vanilla"]
+    if "recompute" in result:
+        rc = result["recompute"]
+        lines += ["", f"LF generating {rc['new_tokens']} tokens:", f"routed cache {rc['speedup']:.1f}x faster than",
+                  "the paper's full recompute"]
+    ax.text(0.02, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=11)
 
 
 def _plot_lf_share(ax, result: dict) -> None:
@@ -97,8 +111,8 @@ def plot_breakdown(result: dict, path: Path) -> None:
     one segment per stage in run order, and each stage's excess over vanilla's layer rate."""
     modes = list(result["modes"])
     n_stages = max(len(t["stages"]) for t in result["modes"].values()) + 1
-    fig, axes = plt.subplots(len(modes), 2, figsize=(15, len(modes) * (2.4 + 0.12 * n_stages)), squeeze=False,
-                             gridspec_kw={"width_ratios": [2.4, 1]})  # fmt: skip
+    fig = Figure(figsize=(15, len(modes) * (2.4 + 0.12 * n_stages)))
+    axes = fig.subplots(len(modes), 2, squeeze=False, gridspec_kw={"width_ratios": [2.4, 1]})
     for row, mode in zip(axes, modes):
         t = result["modes"][mode]
         names = [s["name"] for s in t["stages"]] + ["everything else"]
@@ -132,4 +146,3 @@ def plot_breakdown(result: dict, path: Path) -> None:
                  f"{result['n_img']} image + {result['n_txt']} text tokens", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

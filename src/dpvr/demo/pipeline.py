@@ -3,13 +3,16 @@
     dpvr demo                     # -> runs/demo/report.html and a summary table
     dpvr demo --train-steps 100   # exactly 100 side-branch training steps instead of the recipe
 
-1. analyze the tiny LLaVA's visual saturation and pick the split (`dpvr analyze`);
-2. convert to DPVR-LF at that split and train the side branch with the reproduction's recipe (`dpvr train`:
-   at least one epoch, then on to the held-out loss's plateau, from the shared-stack cache; dpvr.demo.recipe);
-3. evaluate vanilla, FastV, VTW and DPVR-LF side by side (`dpvr eval`);
-4. benchmark prefill and cached decode for the same modes (`dpvr bench --preset tiny`);
-5. write a summary table and a self-contained HTML report with the plots.
+1. analyze the tiny LLaVA's visual saturation: the split and where to fuse (`dpvr analyze`);
+2. train DPVR-LF's side branch twice with the reproduction's recipe (`dpvr train`: at least one epoch, then
+   on to the held-out loss's plateau, from one shared-stack cache; dpvr.demo.recipe): at the paper's
+   default (K = 1, the last layer) and fused where the analysis says text still reads the image (`fusion_at`);
+3. evaluate vanilla, FastV, VTW and both LF side by side (`dpvr eval`);
+4. benchmark prefill and cached decode for the same routings (`dpvr bench --preset <the model>`);
+5. a summary table, which method is best at which cost (said from the numbers), and a static HTML report
+   whose first figure is accuracy against prefill cost.
 Each step is a dpvr command run in-process into its own folder, reused on a rerun (see steps.py).
+`dpvr eval --from OUT` and `dpvr generate --from OUT` then run the recommended routing (dpvr.recommended).
 """
 from __future__ import annotations
 
@@ -21,14 +24,17 @@ from pathlib import Path
 from dpvr.cli_types import at_least
 from dpvr.demo.recipe import CACHE_FOLDER, HELD_OUT_LIMIT, budget, epoch_steps, training_flags
 from dpvr.demo.steps import Step, model_fingerprint
+from dpvr.demo.summary import Method
 
-METHODS = ("vanilla", "fastv", "vtw", "lf")
+BASELINES = ("vanilla", "fastv", "vtw")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (steps inside it are reused on reruns)")
     p.add_argument("--model", default=None, help="stock llava checkpoint (default: the embedded tiny LLaVA)")
-    p.add_argument("--analyze-samples", type=at_least(1), default=64)
+    p.add_argument("--analyze-samples", type=at_least(1), default=200,
+                   help="samples `dpvr analyze` reads (200, as `dpvr reproduce`: fewer leave the masking curve too noisy "
+                        "to place the fusion layers)")
     p.add_argument("--train-steps", type=at_least(1), default=None,
                    help="exactly this many side-branch training steps (default: the recipe, one epoch and on to the "
                         "held-out plateau)")
@@ -38,55 +44,79 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def lf_variants(rec, num_layers: int) -> dict:
+    """{method key: DPVRConfig}: LF at the paper's K = 1, and (when it differs) at the analysis's placement."""
+    from dpvr.config import DPVRConfig
+    from dpvr.recommended import routing, same_routing
+
+    paper = DPVRConfig(mode="lf", split_layer=rec.split, fusion_layers=1)
+    chosen = routing(rec)
+    chosen.validate_for(num_layers)
+    return {"lf": paper} if same_routing(chosen, paper) else {"lf": paper, "lf-at": chosen}
+
+
+def train_flags(args: argparse.Namespace, out: Path) -> tuple[int, list[str]]:
+    """(the step cap, `dpvr train` flags after it) of every LF run."""
+    if args.train_steps:  # a short budget: every step trains, and a cache would cost more than it saves
+        return args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps)
+    steps, min_steps = budget(epoch_steps())  # the reproduction's recipe
+    return steps, training_flags(steps, held_out=args.held_out, min_steps=min_steps, cache=str(out / CACHE_FOLDER))
+
+
+def routing_flags(cfg, style: str) -> list[str]:
+    """The split and fusion of an LF config as `dpvr train` (underscores) or `dpvr bench` flags."""
+    if style == "train":
+        fusion = ["--fusion_at", *map(str, cfg.fusion_at)] if cfg.fusion_at else ["--fusion_layers", str(cfg.fusion_layers)]
+        return ["--split_layer", str(cfg.split_layer), *fusion]
+    fusion = ["--fusion-at", ",".join(map(str, cfg.fusion_at))] if cfg.fusion_at else ["--fusion-layers", str(cfg.fusion_layers)]
+    return ["--split-layer", str(cfg.split_layer), *fusion]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     from dpvr.loading import resolve_model_path
+    from dpvr.recommended import read_analysis, read_recommendation
 
     out = Path(args.out)
     model = [] if args.model is None else ["--model", args.model]
     base = resolve_model_path(args.model)
-    new_step = partial(Step, model=model_fingerprint(base))  # every step reads this checkpoint
-    analyze = new_step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
-                                   "--batch-size", "8"], out / "analyze")  # fmt: skip
-    analyze.run(args.fresh)
-    rec = json.loads((out / "analyze" / "analysis.json").read_text())["recommendation"]
-    split = int(rec["split"])
-    print(f"[demo] recommended split_layer = {split}: {rec['reason']}", flush=True)
+    step = partial(Step, model=model_fingerprint(base))  # every step reads this checkpoint
+    step("analyze", ["analyze", *model, "--out", str(out / "analyze"), "-n", str(args.analyze_samples),
+                     "--batch-size", "8"], out / "analyze").run(args.fresh)  # fmt: skip
+    rec = read_recommendation(out)
+    print(f"[demo] recommended split_layer = {rec.split}: {rec.reason}\n[demo] {rec.fusion_reason}", flush=True)
+    variants = lf_variants(rec, read_analysis(out)["curves"]["num_layers"])
 
-    if args.train_steps:  # a short budget: every step trains, and a cache would cost more than it saves
-        steps, recipe = args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps)
-    else:  # the reproduction's recipe
-        steps, min_steps = budget(epoch_steps())
-        recipe = training_flags(steps, held_out=args.held_out, min_steps=min_steps, cache=str(out / CACHE_FOLDER))
-    train = new_step("train", ["train", *model, "--mode", "lf", "--split_layer", str(split), "--max_steps", str(steps),
-                               *recipe, "--output_dir", str(out / "train")], out / "train")  # fmt: skip
-    train.run(args.fresh)
-    adapter = out / "train" / "final"
+    cap, recipe = train_flags(args, out)
+    for key, cfg in variants.items():
+        folder = out / ("train" if key == "lf" else f"train-{key.removeprefix('lf-')}")
+        step(f"train {key}", ["train", *model, "--mode", "lf", *routing_flags(cfg, "train"), "--max_steps", str(cap),
+                              *recipe, "--output_dir", str(folder)], folder).run(args.fresh)  # fmt: skip
+    methods = [Method.baseline(k, rec.split, out) for k in BASELINES]
+    methods += [Method.lf(k, cfg, out, "train" if k == "lf" else f"train-{k.removeprefix('lf-')}") for k, cfg in variants.items()]
 
     limit = [] if args.eval_per_family is None else ["--limit-per-family", str(args.eval_per_family)]
-    routing = {"vanilla": [], "fastv": ["--mode", "fastv"], "vtw": ["--mode", "vtw", "--split-layer", str(split)],
-               "lf": ["--adapter", str(adapter)]}  # fmt: skip
-    evals = {}
-    for name in METHODS:
-        step = new_step(f"eval {name}", ["eval", *model, *routing[name], *limit, "--out", str(out / f"eval-{name}")],
-                        out / f"eval-{name}", reads=(adapter,) if name == "lf" else ())  # fmt: skip
-        step.run(args.fresh)
-        evals[name] = json.loads((out / f"eval-{name}" / "eval.json").read_text())
+    for m in methods:
+        step(f"eval {m.key}", ["eval", *model, *m.eval_flags, *limit, "--out", str(m.eval_dir)], m.eval_dir,
+             reads=(m.adapter,) if m.adapter else ()).run(args.fresh)  # fmt: skip
 
-    bench = new_step("bench", ["bench", "--preset", base, "--split-layer", str(split), "--modes", ",".join(METHODS),
-                               "--text-lens", "16,32,64,128", "--batches", "1", "--repeats", "3", "--new-tokens", "16",
-                               "--recompute-text-len", "16", "--no-train-step", "--out", str(out / "bench")],
-                     out / "bench")  # fmt: skip
-    bench.run(args.fresh)
-    bench_result = json.loads((out / "bench" / "bench.json").read_text())
+    bench = ["bench", "--preset", base, "--batches", "1", "--repeats", "3", "--new-tokens", "16", "--no-train-step"]
+    step("bench", [*bench, *routing_flags(variants["lf"], "bench"), "--modes", "vanilla,fastv,vtw,lf",
+                   "--text-lens", "16,32,64,128", "--recompute-text-len", "16", "--out", str(out / "bench")],
+         out / "bench").run(args.fresh)  # fmt: skip
+    for m in methods:
+        if m.bench_dir != out / "bench":  # LF at the analysis's placement: a bench of its own, against vanilla
+            step(f"bench {m.key}", [*bench, *routing_flags(m.config, "bench"), "--modes", "vanilla,lf", "--text-lens", "16",
+                                    "--recompute-text-len", "0", "--out", str(m.bench_dir)], m.bench_dir).run(args.fresh)  # fmt: skip
 
-    from dpvr.demo.summary import build_report, summary_rows, summary_text
+    from dpvr.demo.page import build_report
+    from dpvr.demo.summary import summary_rows, summary_text, verdicts
 
-    rows = summary_rows(evals, bench_result, split, out / "train" / "final" / "run.json")
-    print(summary_text(rows, evals))
-    report = build_report(out, rows, evals, bench_result, rec)
-    print(f"[demo] report: {report}")
+    rows = summary_rows(methods)
+    print(summary_text(rows))
+    print("\n".join(verdicts(rows)))
+    print(f"[demo] report: {build_report(out, rows, rec)}")
     return 0

@@ -1,15 +1,12 @@
-"""A self-contained HTML report: tables and PNG figures inlined, nothing fetched when it opens.
-
-A small script in the page checks, once loaded, that every image decoded and every table has rows,
-and writes the verdict into #render-check, which `dpvr.demo.browser.render_check` reads back through
-headless Chromium.
-"""
+"""A self-contained static HTML report: tables and PNG figures inlined, no script, nothing fetched when it opens.
+tests/test_demo.py parses it (every figure decodes, every table has rows, no absolute path)."""
 from __future__ import annotations
 
 import base64
 import html
 import os
 from pathlib import Path
+
 from dpvr.atomic import atomic_write_text
 
 STYLE = """
@@ -21,21 +18,14 @@ th { background: #f3f3f3; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 .note { font-size: 0.85em; color: #555; }
-#render-check { font-size: 0.7em; color: #aaa; }
-"""
-
-CHECK_SCRIPT = """
-window.addEventListener("load", () => {
-  const imgs = [...document.images], bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0));
-  const tables = [...document.querySelectorAll("table")], empty = tables.filter(t => t.rows.length < 2);
-  document.getElementById("render-check").textContent =
-    `images ${imgs.length} broken ${bad.length} tables ${tables.length} empty ${empty.length}`;
-});
+td.l, th.l { text-align: left; }
+code { font-size: 0.95em; }
+.verdict { font-size: 1.05em; }
 """
 
 
-def table(headers: list[str], rows: list[list], caption: str = "") -> str:
-    """An HTML table; floats get 3 significant decimals, None shows as a dash."""
+def table(headers: list[str], rows: list[list], caption: str = "", left: tuple[int, ...] = (0,)) -> str:
+    """An HTML table; floats get 3 decimals, None shows as a dash; the columns `left` are left-aligned (text)."""
 
     def cell(v) -> str:
         if v is None:
@@ -44,8 +34,11 @@ def table(headers: list[str], rows: list[list], caption: str = "") -> str:
             return f"{v:.3f}"
         return html.escape(str(v))
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    def cls(i: int) -> str:
+        return ' class="l"' if i in left else ""
+
+    head = "".join(f"<th{cls(i)}>{html.escape(h)}</th>" for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{cell(v)}</td>" for i, v in enumerate(row)) + "</tr>" for row in rows)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -62,7 +55,7 @@ def write_report(path: str | os.PathLike, title: str, sections: list[tuple[str, 
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
-        + f"\n<div id='render-check'>pending</div><script>{CHECK_SCRIPT}</script></body></html>\n"
+        + "\n</body></html>\n"
     )
     path = atomic_write_text(path, page)
     return path

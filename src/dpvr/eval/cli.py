@@ -4,6 +4,7 @@
     dpvr eval --mode fastv --fastv-layer 2 --fastv-ratio 0.5
     dpvr eval --mode vtw --split-layer 9
     dpvr eval --model BASE --adapter runs/train/lf/final   # a trained side branch on its base
+    dpvr eval --from runs/demo                             # the routing the demo's analysis recommends (dpvr.recommended)
 
 Writes OUT/eval.json (every metric, per POPE subset too, and every reply) and prints a table.
 """

@@ -7,14 +7,11 @@ import shutil
 import statistics
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no backend switch for the user's process, no global registry
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dpvr.atomic import atomic_write_text  # noqa: E402
-from dpvr.demo.reproduce.claims import verdicts  # noqa: E402
-from dpvr.train.plateau import held_out_curve, plateau  # noqa: E402
+from dpvr.atomic import atomic_write_text
+from dpvr.demo.reproduce.claims import verdicts
+from dpvr.train.plateau import held_out_curve, plateau
 
 
 def summarise(results: dict, ratios: dict, lrs: dict) -> dict[str, dict]:
@@ -138,21 +135,23 @@ def write_report(out: Path, summaries: dict, split: int, lrs: dict, zero_grad: d
 
 
 def _plot_curves(out: Path, summaries: dict) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for i, s in enumerate(x for x in summaries.values() if x["sweep"] is None and x["held_out_curves"]
                           and any(x["held_out_curves"])):  # fmt: skip
         for j, curve in enumerate(s["held_out_curves"]):
             if curve:
                 ax.plot(*zip(*curve), color=f"C{i}", alpha=1.0 if j == 0 else 0.4, label=s["name"] if j == 0 else None)
     ax.set_xlabel("step"), ax.set_ylabel("held-out (val) loss"), ax.set_yscale("log"), ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110)
 
 
 def _plot_sweeps(out: Path, summaries: dict, split: int) -> None:
     main = summaries.get("DPVR-LF")
     if main is None:  # a run cut short before its main row: nothing to place the sweeps against
         return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)  # one scale: a flat sweep looks flat
+    fig = Figure(figsize=(12, 3.5))
+    axes = fig.subplots(1, 3, sharey=True)  # one scale: a flat sweep looks flat
     at = {"split": split, "fusion": 1, "depth": 1}  # where the main DPVR-LF row sits on each sweep
     for ax, (kind, label) in zip(axes, [("split", "split layer s"), ("fusion", "fusion layers K"),
                                         ("depth", "side depth D")]):  # fmt: skip
@@ -162,4 +161,4 @@ def _plot_sweeps(out: Path, summaries: dict, split: int) -> None:
         ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3)
         ax.set_xticks(xs), ax.set_xlabel(label), ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean score (± std over seeds)")
-    fig.tight_layout(), fig.savefig(out / "sweeps.png", dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(out / "sweeps.png", dpi=110)
