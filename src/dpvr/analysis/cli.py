@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from dpvr.analysis.inputs import select_samples
@@ -143,7 +142,7 @@ def _analyze(args: argparse.Namespace) -> int:
         "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
         "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
         "dtype": args.dtype, "device": str(model.device), "seconds": round(time.perf_counter() - started, 1),
-        "torch": torch.__version__,
+        "torch": _torch_version(),
     }  # fmt: skip
     paths = write_outputs(args.out, curves, rec, meta)
     title = f"{Path(meta['model']).name}: {len(items)} samples ({n_mask} masked), {L} layers"
@@ -153,3 +152,9 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"skipped samples: {dict(skipped)}")
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

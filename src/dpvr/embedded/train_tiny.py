@@ -93,6 +93,14 @@ def _vision_data(processor, train: list[dict], root: Path):
     return pixels, patch_targets([s["meta"]["cells"] for s in scenes], side)  # (N, side*side)
 
 
+def _new_log(args: argparse.Namespace, steps: dict) -> dict:
+    """The training log's header: the command that reproduces the run, its seed and step budget."""
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                     if k not in ("out", "data", "threads", "debug"))  # fmt: skip
+    return {"command": f"dpvr train-tiny {flags}", "seed": args.seed, "steps": steps, "steps_taken": {}, "loss": [],
+            "val": []}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -101,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from dpvr.data.digit_scenes import load_split, open_benchmark
     from dpvr.data.llava_json import LlavaJsonDataset
     from dpvr.data.scene_questions import TEXT_WEIGHTS
-    from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model, save_checkpoint
+    from dpvr.embedded.model import TEXT_LAYERS, build_tiny_model
     from dpvr.embedded.score import format_table, score
     from dpvr.embedded.stages import grow, loader, stage_lm, stage_vision
 
@@ -113,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
     model, processor = build_tiny_model(args.seed, text_layers=args.shallow_layers)
     pad = processor.tokenizer.pad_token_id
     steps = {name: getattr(args, f"{name}_steps") for name in STAGES}
-    log = {"command": "dpvr train-tiny " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                                                    if k not in ("out", "data", "threads", "debug")),
-           "seed": args.seed, "steps": steps, "steps_taken": {}, "loss": [], "val": []}  # fmt: skip
+    log = _new_log(args, steps)
     train = load_split(root, "train")
     text = load_split(root, "text")
     held = {part: [s for s in text if s["meta"]["part"] == part] for part in TEXT_WEIGHTS}
@@ -152,13 +158,19 @@ def run(args: argparse.Namespace) -> int:
     log["final_text_val"] = check_text()
     log["wall_minutes"] = round((time.monotonic() - t0) / 60, 2)
     print(format_table(log["final_val"]))
+    return _save(model, processor, args.out, log)
+
+
+def _save(model, processor, out: str, log: dict) -> int:
+    """The checkpoint with its training log and curve, written atomically."""
+    from dpvr.embedded.model import save_checkpoint
 
     def extra(tmp: Path) -> None:
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
         plot(log, tmp / "training_curve.png")
 
-    out = save_checkpoint(model, processor, args.out, extra)
-    print(f"wrote {out} in {log['wall_minutes']} min")
+    path = save_checkpoint(model, processor, out, extra)
+    print(f"wrote {path} in {log['wall_minutes']} min")
     return 0
 
 
