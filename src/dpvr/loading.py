@@ -82,11 +82,12 @@ def load_model(
                 fusion_at=fusion_at,
             )  # fmt: skip
             net = convert(net, cfg)
-            _warn_if_untrained(cfg)
         processor_path = path
     if shallow_fastv:
         net = _with_shallow_fastv(net, fastv_layer, fastv_ratio)
     processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
+    if adapter is None and mode is not None:  # converted here, and nothing refused it: say what it runs
+        _warn_if_untrained(net.dpvr_config)
     return net.to(resolve_device(device)).eval(), processor
 
 
