@@ -83,7 +83,7 @@ def test_generating_the_image_token_id_continues_like_stock(mode):
 @torch.no_grad()
 def test_prompt_lookup_and_assisted_decoding_get_the_one_line_refusal():
     ids = torch.tensor([prompt(3, 4)])
-    with pytest.raises(DPVRError, match="prompt_lookup_num_tokens are not supported in routed modes"):
+    with pytest.raises(DPVRError, match="prompt_lookup_num_tokens=2 is not supported in routed modes"):
         gen(routed("lf"), ids, pixels(1), prompt_lookup_num_tokens=2)
     model = routed("lf")  # vanilla routing on the same weights keeps HF's assisted decoding
     with model.routing(mode="vanilla"):
