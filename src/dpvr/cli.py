@@ -79,16 +79,25 @@ def command_parser(name: str, module=None) -> argparse.ArgumentParser:
 
 
 def _one_line_warnings(name: str) -> None:
-    """dpvr's own warnings as `dpvr NAME: warning: ...`, without the source line Python would print."""
+    """dpvr's own warnings as `dpvr NAME: warning: ...`, without the source line Python would print.
+    Installed once per process; later commands (tests call main() many times) only rename it."""
+    global _COMMAND
+    _COMMAND = name
+    if getattr(warnings.showwarning, "_dpvr", False):
+        return
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DPVRWarning):
-            print(f"dpvr {name}: warning: {message}", file=file or sys.stderr)
+            print(f"dpvr {_COMMAND}: warning: {message}", file=file or sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
 
+    show._dpvr = True
     warnings.showwarning = show
+
+
+_COMMAND = "dpvr"
 
 
 def _guarded(name: str, call, debug: bool) -> int:

@@ -26,6 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_mode: bool = True)
 
 
 def resolve_device(device: str) -> str:
+    """'auto' as the device to use (cuda when one is available); any other name as it is."""
     if device != "auto":
         return device
     import torch
@@ -37,9 +38,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """load_model's keyword arguments from the command line; with `--from DIR`, the routing DIR's analysis
     recommends (printed in a line)."""
     keys = ["model", "adapter", *ROUTING_FLAGS, "attn", "dtype", "device"]
-    kwargs = {k: getattr(args, k) for k in keys if hasattr(args, k)}
-    if "device" in kwargs:
-        kwargs["device"] = resolve_device(kwargs["device"])
+    kwargs = {k: getattr(args, k) for k in keys if hasattr(args, k)}  # load_model resolves --device auto
     if getattr(args, "from_dir", None) is None:
         return kwargs
     from dpvr.recommended import from_folder
