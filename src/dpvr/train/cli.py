@@ -9,8 +9,8 @@
     dpvr train --method lora --lora-r 16 ...                # baselines: --method full | lora
 
 Every TrainingArguments flag is accepted (`--help-trainer` lists them; `--help`, dpvr's own). The
-seed reaches the model init, the side-branch init and the data order. The final side branch is written to OUTPUT_DIR/final (adapter
-files) with run.json (trainable parameters, loss curve).
+seed reaches the model init, the side-branch init and the data order. The final side branch is
+written to OUTPUT_DIR/final (adapter files) with run.json (trainable parameters, loss curve).
 """
 from __future__ import annotations
 
