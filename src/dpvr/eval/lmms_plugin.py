@@ -11,8 +11,12 @@ importing this module needs no lmms-eval. Unlike lmms-eval's own llava_hf model,
 turned into empty answers (a routing bug must not show up as a quietly low score) and batches larger
 than 1 work (left padding). `loglikelihood` returns (negative summed log-probability, greedy): lmms-eval
 0.7.3 picks a multiple-choice answer by argmin over that first value (its models return a loss), so a
-log-probability there would pick the least likely choice. One process only: under torchrun/accelerate
-it refuses in one line. The request-handling logic lives in plain functions (`generate_texts`,
+log-probability there would pick the least likely choice. Under `accelerate launch` or torchrun with N
+processes it runs data-parallel as lmms-eval's own models do: each process loads the model on its own
+device (cuda:LOCAL_RANK, or the CPU) and answers the share of documents lmms-eval gives its rank, and
+lmms-eval gathers the results (on CPUs: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes
+N`, gloo). The
+request-handling logic lives in plain functions (`generate_texts`,
 `continuation_logprobs`, `lmms_loglikelihoods`) that the tests exercise without lmms-eval installed.
 """
 from __future__ import annotations
@@ -144,13 +148,26 @@ def lmms_loglikelihoods(logprobs: list[tuple[float, bool]]) -> list[tuple[float,
     return [(-lp, greedy) for lp, greedy in logprobs]
 
 
-def refuse_multi_process() -> None:
+def process_setup(device: str):
+    """(accelerator or None, this process's device, rank, world size) for the processes the launcher
+    started. Several: an Accelerator (lmms-eval gathers through it), and a bare "cuda" becomes this
+    process's own GPU; one: no Accelerator, the device as given."""
     from dpvr.errors import DPVRError
     from dpvr.train.launch import launched_world
 
-    if launched_world() > 1:
-        raise DPVRError(f"dpvr_llava runs in one process, but {launched_world()} were launched; run `python -m "
-                        "lmms_eval --model dpvr_llava ...` without torchrun/accelerate (batch_size batches inside it)")  # fmt: skip
+    launched = launched_world()
+    if launched == 1:
+        return None, device, 0, 1
+    from accelerate import Accelerator
+
+    acc = Accelerator()  # lmms-eval's main made it already (one state per process): this reads it
+    if acc.num_processes != launched:  # each process would evaluate every document as a world of one
+        raise DPVRError(f"dpvr_llava: the launcher started {launched} processes but accelerate sees {acc.num_processes} "
+                        "(without GPUs accelerate needs ACCELERATE_USE_CPU=1 to join CPU processes): run "
+                        "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m lmms_eval ...`")  # fmt: skip
+    if device == "cuda":
+        device = f"cuda:{acc.local_process_index}"
+    return acc, device, acc.process_index, acc.num_processes
 
 
 try:  # the lmms-eval model class exists only where lmms-eval is installed
@@ -174,11 +191,13 @@ if lmms is not None:
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, **kwargs) -> None:  # fmt: skip
             super().__init__()
-            refuse_multi_process()
             if kwargs:
                 raise ValueError(f"dpvr_llava: unexpected model_args {sorted(kwargs)}")
             from dpvr.loading import load_model
 
+            accelerator, device, self._rank, self._world_size = process_setup(device)
+            if accelerator is not None:  # lmms-eval gathers the ranks' results through it
+                self.accelerator = accelerator
             self._model, self.processor = load_model(
                 model=pretrained, adapter=adapter, mode=mode,
                 split_layer=None if split_layer is None else int(split_layer), fusion_layers=int(fusion_layers),
@@ -188,7 +207,6 @@ if lmms is not None:
             )  # fmt: skip
             self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
             self.use_cache = _flag(use_cache)
-            self._rank, self._world_size = 0, 1
 
         @property
         def model(self):
