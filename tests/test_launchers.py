@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.errors import DPVRError
-from dpvr.train.launch import check_launch, launched_world
+from dpvr.train.launch import check_launch, check_sharding, launched_world, sharding_asked
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK"))}
 ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -35,17 +38,33 @@ def test_mismatches_are_refused_in_one_line():
         check_launch(1, False, {"OMPI_COMM_WORLD_SIZE": "2"})
 
 
+def test_sharding_asked_but_not_set_up_is_refused_in_one_line():
+    assert sharding_asked(None, None, {}) is None
+    assert sharding_asked(None, None, {"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
+    assert sharding_asked("full_shard", None, {}) == "FSDP"
+    assert sharding_asked(None, "zero3.json", {}) == "DeepSpeed"
+    assert sharding_asked(None, None, {"ACCELERATE_USE_DEEPSPEED": "true"}) == "DeepSpeed"
+    check_sharding(None, False, False)  # DDP or one process, as asked
+    check_sharding("FSDP", True, False)
+    check_sharding("DeepSpeed", False, True)
+    with pytest.raises(DPVRError, match="FSDP was asked for but the Trainer runs without it") as e:
+        check_sharding("FSDP", False, False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DPVRError, match="DeepSpeed was asked for"):
+        check_sharding("DeepSpeed", False, False)
+
+
 @pytest.fixture(scope="module")
 def world(tiny_checkpoint, tmp_path_factory):
     data = ensure_benchmark(tmp_path_factory.mktemp("bench"), seed=3, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
     return tiny_checkpoint, data
 
 
-def train_args(world, out) -> list[str]:
+def train_args(world, out, steps: int = 1, batch: int = 2) -> list[str]:
     root, data = world
     return ["train", "--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "6",
-            "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
-            "--output_dir", str(out)]  # fmt: skip
+            "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--save_strategy", "no",
+            "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
 
 
 def accelerate(*args) -> list[str]:
@@ -68,3 +87,44 @@ def test_accelerate_multi_gpu_launch_trains_one_model_on_two_cpu_processes(world
     assert res.returncode == 0, res.stderr[-3000:]
     digests = [(tmp_path / f"trainable_digest_rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1], "the two ranks ended with different weights"
+
+
+def side_branch(out) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "side_branch.safetensors")
+
+
+@pytest.mark.e2e
+def test_accelerate_fsdp_on_cpu_is_refused_not_run_as_ddp(world, tmp_path):
+    cmd = accelerate("--num_processes", "2", "--main_process_port", "29572", "--use_fsdp", "--fsdp_version", "2",
+                     "-m", "dpvr.cli", *train_args(world, tmp_path), "--ddp_backend", "gloo", "--use_cpu", "true")  # fmt: skip
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "FSDP was asked for but the Trainer runs without it" in res.stderr, res.stderr[-2000:]
+    assert not list(tmp_path.glob("trainable_digest_rank*.txt")), "it trained anyway"
+
+
+@pytest.mark.e2e
+def test_fsdp2_on_two_cpu_processes_saves_the_single_process_side_branch(world, tmp_path):
+    # 2 ranks x batch 2 under FSDP2 (tests/fsdp_on_cpu.py lifts accelerate's GPU-only gate) against 1 process
+    # x batch 4: the same samples in each step, so the same side branch; the saved one must be whole
+    # (gathered from the ranks' shards) and load with from_pretrained
+    from dpvr import DPVRForConditionalGeneration
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    subprocess.run([sys.executable, "-m", "dpvr.cli", *train_args(world, one, steps=2, batch=4), "--use_cpu", "true"],
+                   env=ENV, check=True, capture_output=True)  # fmt: skip
+    shim = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+    cmd = accelerate("--num_processes", "2", "--main_process_port", "29573", "--use_fsdp", "--fsdp_version", "2", shim,
+                     *train_args(world, two, steps=2, batch=2), "--ddp_backend", "gloo", "--use_cpu", "true")  # fmt: skip
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "find_unused_parameters" not in res.stderr, "it ran as DDP, not FSDP"
+    want, got = side_branch(one), side_branch(two)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    loaded = DPVRForConditionalGeneration.from_pretrained(two / "final")
+    for k, v in loaded.side_branch.state_dict().items():
+        assert torch.equal(v, got[f"side_branch.{k}"]), k
+    digests = [(two / f"trainable_digest_rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1], "the two ranks gathered different weights"
