@@ -43,6 +43,32 @@ LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so fa
 def build_model(margs: ModelArguments):
     """(trainable model, processor) for --method dpvr / full / lora. Full fine-tuning is LLaVA's: the
     language model and the projector (the image encoder too with --train-vision-tower)."""
+    with whole_at_construction():
+        return _build_model(margs)
+
+
+@contextlib.contextmanager
+def whole_at_construction():
+    """Once TrainingArguments name a ZeRO-3 config, transformers builds every model under DeepSpeed's
+    zero.Init, partitioned as it is constructed; convert() builds on the meta device and copies layers of
+    the loaded base, which fails there ("Cannot copy out of meta tensor") and needs them whole. So models
+    are built whole (every rank holds one until the Trainer prepares it; DeepSpeed partitions it then), as
+    accelerate's zero3_init_flag: false asks."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter: set/unset are the public API
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def _build_model(margs: ModelArguments):
     from transformers import AutoProcessor
 
     path = resolve_model_path(margs.model)
