@@ -260,22 +260,41 @@ class DPVRTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        loss_file = Path(resume_from_checkpoint) / LOSS_SUM
-        if loss_file.exists():
-            self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
         model = model or self._unwrapped()
         adapter = Path(resume_from_checkpoint) / ADAPTER_CONFIG
         if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
+            self._read_loss_sum(resume_from_checkpoint)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # compared as normalised configs: JSON gives lists where the live config has tuples
-        saved, now = DPVRConfig.from_dict(read_adapter_config(resume_from_checkpoint)["dpvr"]), model.dpvr_config
-        if saved != now:
-            changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
-            raise DPVRError(f"cannot resume from {resume_from_checkpoint}: routing config changed {changed} (saved, now)")
+        self._check_resume(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
         state = {k.removeprefix("side_branch."): v for k, v in load_file(Path(resume_from_checkpoint) / WEIGHTS).items()}
         load_side_branch(model, state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # under DeepSpeed HF resumes the weights from DeepSpeed's own checkpoint and never calls
+        # _load_from_checkpoint; this runs on every resume, so the same checks happen here
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            model = self._unwrapped()
+            if isinstance(model, DPVRForConditionalGeneration) and (Path(checkpoint) / ADAPTER_CONFIG).exists():
+                self._check_resume(checkpoint, model)
+            else:
+                self._read_loss_sum(checkpoint)
+        return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _read_loss_sum(self, checkpoint: str) -> None:
+        loss_file = Path(checkpoint) / LOSS_SUM
+        if loss_file.exists():
+            self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
+
+    def _check_resume(self, checkpoint: str, model) -> None:
+        """Refuse a checkpoint made with another routing config; keep its summed loss for train_loss."""
+        self._read_loss_sum(checkpoint)
+        # compared as normalised configs: JSON gives lists where the live config has tuples
+        saved, now = DPVRConfig.from_dict(read_adapter_config(checkpoint)["dpvr"]), model.dpvr_config
+        if saved != now:
+            changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
+            raise DPVRError(f"cannot resume from {checkpoint}: routing config changed {changed} (saved, now)")
 
     # ---------------------------------------------------------------- atomic checkpoints
     def _get_output_dir(self, trial):
