@@ -2,6 +2,7 @@
 process while several were asked for, never several independent models."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,31 @@ def side_branch(out) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "side_branch.safetensors")
 
 
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The side branch of 2 steps in one process at batch 4: what 2 ranks x batch 2 must save."""
+    out = tmp_path_factory.mktemp("one")
+    subprocess.run([sys.executable, "-m", "dpvr.cli", *train_args(world, out, steps=2, batch=4), "--use_cpu", "true"],
+                   env=ENV, check=True, capture_output=True)  # fmt: skip
+    return side_branch(out)
+
+
+def assert_whole_and_loads(out, want: dict[str, torch.Tensor]) -> None:
+    """The saved side branch is the one-process one (gathered whole from the ranks, not a shard or an
+    empty ZeRO-3 placeholder), it loads with from_pretrained, and both ranks ended with the same weights."""
+    from dpvr import DPVRForConditionalGeneration
+
+    got = side_branch(out)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    loaded = DPVRForConditionalGeneration.from_pretrained(out / "final")
+    for k, v in loaded.side_branch.state_dict().items():
+        assert torch.equal(v, got[f"side_branch.{k}"]), k
+    digests = [(out / f"trainable_digest_rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1], "the two ranks ended with different weights"
+
+
 @pytest.mark.e2e
 def test_accelerate_fsdp_on_cpu_is_refused_not_run_as_ddp(world, tmp_path):
     cmd = accelerate("--num_processes", "2", "--main_process_port", "29572", "--use_fsdp", "--fsdp_version", "2",
@@ -104,27 +130,33 @@ def test_accelerate_fsdp_on_cpu_is_refused_not_run_as_ddp(world, tmp_path):
 
 
 @pytest.mark.e2e
-def test_fsdp2_on_two_cpu_processes_saves_the_single_process_side_branch(world, tmp_path):
+def test_fsdp2_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path):
     # 2 ranks x batch 2 under FSDP2 (tests/fsdp_on_cpu.py lifts accelerate's GPU-only gate) against 1 process
-    # x batch 4: the same samples in each step, so the same side branch; the saved one must be whole
-    # (gathered from the ranks' shards) and load with from_pretrained
-    from dpvr import DPVRForConditionalGeneration
-
-    one, two = tmp_path / "one", tmp_path / "fsdp"
-    subprocess.run([sys.executable, "-m", "dpvr.cli", *train_args(world, one, steps=2, batch=4), "--use_cpu", "true"],
-                   env=ENV, check=True, capture_output=True)  # fmt: skip
+    # x batch 4: the same samples in each step, so the same side branch
     shim = str(Path(__file__).with_name("fsdp_on_cpu.py"))
     cmd = accelerate("--num_processes", "2", "--main_process_port", "29573", "--use_fsdp", "--fsdp_version", "2", shim,
-                     *train_args(world, two, steps=2, batch=2), "--ddp_backend", "gloo", "--use_cpu", "true")  # fmt: skip
+                     *train_args(world, tmp_path, steps=2, batch=2), "--ddp_backend", "gloo", "--use_cpu", "true")  # fmt: skip
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "find_unused_parameters" not in res.stderr, "it ran as DDP, not FSDP"
-    want, got = side_branch(one), side_branch(two)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    loaded = DPVRForConditionalGeneration.from_pretrained(two / "final")
-    for k, v in loaded.side_branch.state_dict().items():
-        assert torch.equal(v, got[f"side_branch.{k}"]), k
-    digests = [(two / f"trainable_digest_rank{r}.txt").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1], "the two ranks gathered different weights"
+    assert_whole_and_loads(tmp_path, one_process)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path, stage):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not in the pinned stack (docs/train.md: installing it)")
+    zero = {"stage": stage}
+    if stage == 3:  # partition every parameter: by default ZeRO-3 keeps ones under 1e5 elements (all of the tiny model's) whole
+        zero["stage3_param_persistence_threshold"] = 0
+    config = tmp_path / "zero.json"
+    config.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+                                  "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                  "gradient_clipping": "auto"}))  # fmt: skip
+    cmd = accelerate("--num_processes", "2", "--main_process_port", str(29574 + stage), "--use_deepspeed",
+                     "--deepspeed_config_file", str(config), "--zero3_init_flag", "false", "-m", "dpvr.cli",
+                     *train_args(world, tmp_path / "out", steps=2, batch=2), "--ddp_backend", "gloo")  # fmt: skip
+    res = subprocess.run(cmd, env={**ENV, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "out" / "final" / "latest").exists(), "DeepSpeed's whole checkpoint landed in final/"
+    assert_whole_and_loads(tmp_path / "out", one_process)
