@@ -298,7 +298,8 @@ def stage_sharded(args, work: Path, out: Path) -> dict:
     train = ["train", "--model", str(work / "tiny"), "--data", str(bench / "train.json"), "--mode", "lf",
              "--split_layer", "6", "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
              "--disable_tqdm", "true"]  # fmt: skip
-    result = {"plain": _dpvr([*train, "--output_dir", str(work / "plain")], args.stage_limit, out / "sharded-plain.log")}
+    plain = _dpvr([*train, "--output_dir", str(work / "plain")], args.stage_limit, out / "sharded-plain.log")
+    result = {"plain": plain}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     for name, opts in _sharded_launches(work).items():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -307,7 +308,8 @@ def stage_sharded(args, work: Path, out: Path) -> dict:
         t0 = time.perf_counter()
         with open(out / f"sharded-{name}.log", "w") as f:
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.stage_limit, env=env, cwd=ROOT).returncode
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.stage_limit, env=env,
+                                    cwd=ROOT).returncode  # fmt: skip
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         result[name] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1)}

@@ -2,6 +2,7 @@
 process while several were asked for, never several independent models."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -143,11 +144,12 @@ def test_fsdp2_on_two_cpu_processes_saves_the_one_process_side_branch(world, one
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed is not in the pinned stack (docs/train.md, Sharded training: installing it)")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path, stage):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not in the pinned stack (docs/train.md: installing it)")
     zero = {"stage": stage}
-    if stage == 3:  # partition every parameter: by default ZeRO-3 keeps ones under 1e5 elements (all of the tiny model's) whole
+    if stage == 3:  # partition every parameter: ZeRO-3 keeps ones under 1e5 elements whole (all the tiny model's)
         zero["stage3_param_persistence_threshold"] = 0
     config = tmp_path / "zero.json"
     config.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",

@@ -58,7 +58,8 @@ def save_adapter(model, save_directory, state_dict: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     own = model.side_branch.state_dict()
     if state_dict is not None and set(state_dict) != set(own):
-        raise DPVRError(f"side-branch state_dict keys differ from the side branch's: {sorted(set(state_dict) ^ set(own))[:4]}")
+        differ = sorted(set(state_dict) ^ set(own))[:4]
+        raise DPVRError(f"side-branch state_dict keys differ from the side branch's: {differ}")
     state = {f"side_branch.{k}": v.detach().contiguous().cpu() for k, v in (state_dict or own).items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = {
