@@ -166,6 +166,21 @@ def load_side_branch(model, state: dict[str, torch.Tensor]) -> None:
         model.side_branch.load_state_dict(state, strict=True)
 
 
+def saved_loss_sum(checkpoint: str) -> float | None:
+    """The summed step losses a checkpoint recorded (LOSS_SUM), or None."""
+    loss_file = Path(checkpoint) / LOSS_SUM
+    return json.loads(loss_file.read_text())["loss_sum"] if loss_file.exists() else None
+
+
+def check_resume_routing(checkpoint: str, model) -> None:
+    """Refuse to resume from a checkpoint made with another routing config, naming the changed fields."""
+    # compared as normalised configs: JSON gives lists where the live config has tuples
+    saved, now = DPVRConfig.from_dict(read_adapter_config(checkpoint)["dpvr"]), model.dpvr_config
+    if saved != now:
+        changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
+        raise DPVRError(f"cannot resume from {checkpoint}: routing config changed {changed} (saved, now)")
+
+
 class DPVRTrainer(Trainer):
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
@@ -260,12 +275,13 @@ class DPVRTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if (loss_sum := saved_loss_sum(resume_from_checkpoint)) is not None:
+            self._loss_before_resume = loss_sum
         model = model or self._unwrapped()
         adapter = Path(resume_from_checkpoint) / ADAPTER_CONFIG
         if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
-            self._read_loss_sum(resume_from_checkpoint)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._check_resume(resume_from_checkpoint, model)
+        check_resume_routing(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
         state = {k.removeprefix("side_branch."): v for k, v in load_file(Path(resume_from_checkpoint) / WEIGHTS).items()}
@@ -273,28 +289,14 @@ class DPVRTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # under DeepSpeed HF resumes the weights from DeepSpeed's own checkpoint and never calls
-        # _load_from_checkpoint; this runs on every resume, so the same checks happen here
+        # _load_from_checkpoint; this runs on every resume, so its checks happen here
         if checkpoint is not None and self.is_deepspeed_enabled:
+            if (loss_sum := saved_loss_sum(checkpoint)) is not None:
+                self._loss_before_resume = loss_sum
             model = self._unwrapped()
             if isinstance(model, DPVRForConditionalGeneration) and (Path(checkpoint) / ADAPTER_CONFIG).exists():
-                self._check_resume(checkpoint, model)
-            else:
-                self._read_loss_sum(checkpoint)
+                check_resume_routing(checkpoint, model)
         return super()._load_optimizer_and_scheduler(checkpoint)
-
-    def _read_loss_sum(self, checkpoint: str) -> None:
-        loss_file = Path(checkpoint) / LOSS_SUM
-        if loss_file.exists():
-            self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
-
-    def _check_resume(self, checkpoint: str, model) -> None:
-        """Refuse a checkpoint made with another routing config; keep its summed loss for train_loss."""
-        self._read_loss_sum(checkpoint)
-        # compared as normalised configs: JSON gives lists where the live config has tuples
-        saved, now = DPVRConfig.from_dict(read_adapter_config(checkpoint)["dpvr"]), model.dpvr_config
-        if saved != now:
-            changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
-            raise DPVRError(f"cannot resume from {checkpoint}: routing config changed {changed} (saved, now)")
 
     # ---------------------------------------------------------------- atomic checkpoints
     def _get_output_dir(self, trial):
