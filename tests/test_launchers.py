@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,10 +63,11 @@ def world(tiny_checkpoint, tmp_path_factory):
     return tiny_checkpoint, data
 
 
-def train_args(world, out, steps: int = 1, batch: int = 2) -> list[str]:
+def train_args(world, out, steps: int = 1, batch: int = 2, save_steps: int | None = None) -> list[str]:
     root, data = world
+    save = ["--save_strategy", "steps", "--save_steps", str(save_steps)] if save_steps else ["--save_strategy", "no"]
     return ["train", "--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "6",
-            "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--save_strategy", "no",
+            "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), *save,
             "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
 
 
@@ -130,35 +132,58 @@ def test_accelerate_fsdp_on_cpu_is_refused_not_run_as_ddp(world, tmp_path):
     assert not list(tmp_path.glob("trainable_digest_rank*.txt")), "it trained anyway"
 
 
-@pytest.mark.e2e
-def test_fsdp2_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path):
-    # 2 ranks x batch 2 under FSDP2 (tests/fsdp_on_cpu.py lifts accelerate's GPU-only gate) against 1 process
-    # x batch 4: the same samples in each step, so the same side branch
-    shim = str(Path(__file__).with_name("fsdp_on_cpu.py"))
-    cmd = accelerate("--num_processes", "2", "--main_process_port", "29573", "--use_fsdp", "--fsdp_version", "2", shim,
-                     *train_args(world, tmp_path, steps=2, batch=2), "--ddp_backend", "gloo", "--use_cpu", "true")  # fmt: skip
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "find_unused_parameters" not in res.stderr, "it ran as DDP, not FSDP"
-    assert_whole_and_loads(tmp_path, one_process)
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not in the pinned stack (docs/train.md, Sharded training)")
+
+
+def sharded(kind: str, argv: list[str], folder: Path, port: int) -> subprocess.CompletedProcess:
+    """`dpvr train argv` on 2 CPU processes (gloo) under kind: fsdp2 (through tests/fsdp_on_cpu.py, which
+    lifts accelerate's GPU-only gate), zero2 or zero3 (every parameter partitioned: ZeRO-3 keeps ones under
+    1e5 elements whole by default, which is all of the tiny model's)."""
+    if kind == "fsdp2":
+        shim = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+        opts, entry, env = ["--use_fsdp", "--fsdp_version", "2"], [shim, *argv, "--use_cpu", "true"], ENV
+    else:
+        zero = {"stage": int(kind[-1]), **({"stage3_param_persistence_threshold": 0} if kind == "zero3" else {})}
+        config = folder / f"{kind}.json"
+        config.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+                                      "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+                                      "gradient_clipping": "auto"}))  # fmt: skip
+        opts = ["--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", "false"]
+        entry, env = ["-m", "dpvr.cli", *argv], {**ENV, "DS_ACCELERATOR": "cpu"}
+    cmd = accelerate("--num_processes", "2", "--main_process_port", str(port), *opts, *entry, "--ddp_backend", "gloo")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="DeepSpeed is not in the pinned stack (docs/train.md, Sharded training: installing it)")
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path, stage):
-    zero = {"stage": stage}
-    if stage == 3:  # partition every parameter: ZeRO-3 keeps ones under 1e5 elements whole (all the tiny model's)
-        zero["stage3_param_persistence_threshold"] = 0
-    config = tmp_path / "zero.json"
-    config.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
-                                  "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-                                  "gradient_clipping": "auto"}))  # fmt: skip
-    cmd = accelerate("--num_processes", "2", "--main_process_port", str(29574 + stage), "--use_deepspeed",
-                     "--deepspeed_config_file", str(config), "--zero3_init_flag", "false", "-m", "dpvr.cli",
-                     *train_args(world, tmp_path / "out", steps=2, batch=2), "--ddp_backend", "gloo")  # fmt: skip
-    res = subprocess.run(cmd, env={**ENV, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("kind", ["fsdp2", pytest.param("zero2", marks=needs_deepspeed),
+                                  pytest.param("zero3", marks=needs_deepspeed)])  # fmt: skip
+def test_sharded_training_on_two_cpu_processes_saves_the_one_process_side_branch(world, one_process, tmp_path, kind):
+    # 2 ranks x batch 2 against 1 process x batch 4: the same samples in each step, so the same side branch
+    res = sharded(kind, train_args(world, tmp_path / "out", steps=2, batch=2), tmp_path, 29574)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "find_unused_parameters" not in res.stderr, "it ran as DDP"
     assert not (tmp_path / "out" / "final" / "latest").exists(), "DeepSpeed's whole checkpoint landed in final/"
     assert_whole_and_loads(tmp_path / "out", one_process)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["fsdp2", pytest.param("zero3", marks=needs_deepspeed)])
+def test_sharded_resume_gives_the_uninterrupted_run_and_checks_the_routing(world, tmp_path, kind):
+    straight, resumed, changed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "changed"
+    res = sharded(kind, train_args(world, straight, steps=2, save_steps=1), tmp_path, 29575)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for out in (resumed, changed):
+        shutil.copytree(straight / "checkpoint-1", out / "checkpoint-1")
+    res = sharded(kind, [*train_args(world, resumed, steps=2, save_steps=1), "--resume_from_checkpoint", "true"],
+                  tmp_path, 29576)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    want, got = side_branch(straight), side_branch(resumed)
+    assert all(torch.equal(got[k], want[k]) for k in want), "the resumed side branch differs"
+    record = [json.loads((out / "final" / "run.json").read_text())["train_loss"] for out in (straight, resumed)]
+    assert record[0] == pytest.approx(record[1], rel=1e-6), "train_loss is not the whole run's after the resume"
+    argv = [*train_args(world, changed, steps=2, save_steps=1), "--resume_from_checkpoint", "true"]
+    argv[argv.index("--split_layer") + 1] = "5"
+    res = sharded(kind, argv, tmp_path, 29577)
+    assert res.returncode != 0
+    assert "routing config changed {'split_layer': (6, 5)}" in res.stderr, res.stderr[-2000:]
