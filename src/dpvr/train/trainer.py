@@ -105,9 +105,8 @@ def param_digest(model: torch.nn.Module) -> str:
     """sha256 of every trainable parameter, in name order: equal digests = bit-identical weights. Under
     FSDP2 / ZeRO-3 the parameters are gathered whole first, so every rank must call this."""
     h = hashlib.sha256()
-    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    with gathered(p for _, p in named):
-        for name, p in named:
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        with gathered([p]):  # one at a time: under full fine-tuning the trainable weights are the whole model
             h.update(name.encode())
             h.update(whole(p.detach()).float().cpu().numpy().tobytes())
     return h.hexdigest()
