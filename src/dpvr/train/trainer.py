@@ -43,7 +43,8 @@ LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so fa
 def build_model(margs: ModelArguments):
     """(trainable model, processor) for --method dpvr / full / lora. Full fine-tuning is LLaVA's: the
     language model and the projector (the image encoder too with --train-vision-tower)."""
-    with whole_at_construction():
+    # convert() needs the base whole; full and LoRA keep transformers' partitioned load under ZeRO-3
+    with whole_at_construction() if margs.method == "dpvr" else contextlib.nullcontext():
         return _build_model(margs)
 
 
@@ -51,9 +52,9 @@ def build_model(margs: ModelArguments):
 def whole_at_construction():
     """Once TrainingArguments name a ZeRO-3 config, transformers builds every model under DeepSpeed's
     zero.Init, partitioned as it is constructed; convert() builds on the meta device and copies layers of
-    the loaded base, which fails there ("Cannot copy out of meta tensor") and needs them whole. So models
-    are built whole (every rank holds one until the Trainer prepares it; DeepSpeed partitions it then), as
-    accelerate's zero3_init_flag: false asks."""
+    the loaded base, which fails there ("Cannot copy out of meta tensor") and needs them whole. In this
+    block models are built whole (every rank holds one until the Trainer prepares it; DeepSpeed partitions
+    it then), as accelerate's zero3_init_flag: false asks."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter: set/unset are the public API
