@@ -8,6 +8,7 @@ Checkpoints: `checkpoint-N` is written under `.partial/` and renamed into place 
 so a crash (kill -9 included) never leaves a half-written checkpoint that resume would pick. For the
 DPVR method a checkpoint holds the side branch (adapter files) plus the optimizer, scheduler, RNG
 and trainer state; resuming checks that the routing config is the one the checkpoint was made with.
+Under FSDP / DeepSpeed ZeRO-3 the side branch is gathered whole on every rank and rank 0 writes it.
 """
 from __future__ import annotations
 
