@@ -3,6 +3,8 @@
 #   here, once:   scripts/gpu-wheels.sh            (downloads the pinned wheels the device image lacks into .whl/)
 #   device run:   carry [".whl"], command: bash scripts/gpu-check.sh          (< 8 min; results under $OUT)
 #   CPU dry run:  bash scripts/gpu-check.sh --device cpu --quick --out runs/gpu-check
+#   sharded:      scripts/gpu-wheels.sh --deepspeed here, then `bash scripts/gpu-check.sh --stages sharded` there:
+#                 side-branch training under FSDP2, FSDP1 and ZeRO-3 through accelerate (~2 min; sharded.json)
 # The device image has its own torch (2.11 + CUDA, seen 2026-11); dpvr's pinned transformers / tokenizers /
 # peft travel as wheels and shadow the image's copies through PYTHONPATH. Any other argument goes to
 # scripts/gpu_check.py.

@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py --device cuda --out $OUT            # on a lent GPU machine (< 8 min)
     python scripts/gpu_check.py --device cpu --quick --out runs/gpu  # the same code paths here, ~2 min
+    python scripts/gpu_check.py --stages sharded --out $OUT          # FSDP2 / FSDP1 / ZeRO-3 side-branch saves
 
 `scripts/gpu-check.sh` is the entry point on a bare device machine (it installs the carried wheels first).
 Every stage runs under its own time limit and writes what it measured even when a later stage fails;
@@ -243,6 +244,81 @@ def stage_breakdown(args, work: Path, out: Path) -> list[dict]:
     return runs
 
 
+def _side_branch_diff(got: Path, want: Path) -> dict:
+    """Max abs difference of two saved side branches, and whether `got` loads with from_pretrained."""
+    from safetensors.torch import load_file
+
+    from dpvr import DPVRForConditionalGeneration
+
+    a, b = load_file(got / "side_branch.safetensors"), load_file(want / "side_branch.safetensors")
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return {"same_shapes": False}
+    loaded = DPVRForConditionalGeneration.from_pretrained(got)
+    loads = all(torch.equal(v.cpu(), a[f"side_branch.{k}"]) for k, v in loaded.side_branch.state_dict().items())
+    return {"same_shapes": True, "max_abs_diff": max((a[k].float() - b[k].float()).abs().max().item() for k in a),
+            "loads": loads}  # fmt: skip
+
+
+def _sharded_launches(work: Path) -> dict[str, list[str]]:
+    """accelerate launch options per sharded run. One process: the machine has one GPU and NCCL takes one
+    rank per GPU; a world of 1 still shards through the same code (FSDP2 DTensors, FSDP1 flat parameters,
+    ZeRO-3 partitioned parameters), which is what the side-branch save must gather. (FSDP on 2 CPU
+    processes, DeepSpeed ZeRO-2/3 on 2 CPU processes: tests/test_launchers.py, e2e.)"""
+    zero3 = work / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                 "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))  # fmt: skip
+    runs = {"fsdp2": ["--use_fsdp", "--fsdp_version", "2"],
+            "fsdp1": ["--use_fsdp", "--fsdp_version", "1", "--fsdp_use_orig_params", "true"]}  # fmt: skip
+    try:
+        import deepspeed  # noqa: F401  (carried by scripts/gpu-wheels.sh --deepspeed)
+
+        runs["zero3"] = ["--use_deepspeed", "--deepspeed_config_file", str(zero3), "--zero3_init_flag", "false"]
+    except ImportError:
+        pass
+    return runs
+
+
+def stage_sharded(args, work: Path, out: Path) -> dict:
+    """Side-branch training under FSDP2, FSDP1 and (if installed) DeepSpeed ZeRO-3 through accelerate: the
+    saved side branch equals a plain run's within fp32 tolerance and loads with from_pretrained."""
+    if args.device == "cpu":
+        return {"skipped": "accelerate sets FSDP and DeepSpeed up on GPUs; on CPU see tests/test_launchers.py (e2e)"}
+    from dpvr.data.digit_scenes import ensure_benchmark
+    from dpvr.embedded import build_tiny_model
+
+    work = work / "sharded"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model, processor = build_tiny_model(seed=0)
+    model.save_pretrained(work / "tiny")
+    processor.save_pretrained(work / "tiny")
+    bench = ensure_benchmark(work / "bench", seed=3, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2},
+                             progress=False)  # fmt: skip
+    train = ["train", "--model", str(work / "tiny"), "--data", str(bench / "train.json"), "--mode", "lf",
+             "--split_layer", "6", "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+             "--disable_tqdm", "true"]  # fmt: skip
+    plain = _dpvr([*train, "--output_dir", str(work / "plain")], args.stage_limit, out / "sharded-plain.log")
+    result = {"plain": plain}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    for name, opts in _sharded_launches(work).items():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", *opts, "-m", "dpvr.cli", *train,
+               "--output_dir", str(work / name)]  # fmt: skip
+        t0 = time.perf_counter()
+        with open(out / f"sharded-{name}.log", "w") as f:
+            try:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.stage_limit, env=env,
+                                    cwd=ROOT).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        result[name] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+        if rc == 0 and result["plain"]["rc"] == 0:
+            result[name].update(_guard(_side_branch_diff, work / name / "final", work / "plain" / "final"))
+    _write(out / "sharded.json", result)
+    return result
+
+
 def environment(device: str) -> dict:
     import transformers
 
@@ -272,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu-check"))
     p.add_argument("--stage-limit", type=int, default=240, help="seconds allowed to the bench and each breakdown")
     p.add_argument("--stages", default="equivalence,bench,breakdown",
-                   help="comma-separated, from equivalence, bench, breakdown, bench-qwen (Qwen2.5-VL-7B's shape)")  # fmt: skip
+                   help="comma-separated, from equivalence, bench, breakdown, bench-qwen (Qwen2.5-VL-7B's shape), "
+                        "sharded (side-branch training under FSDP2 / FSDP1 / ZeRO-3, ~2 min)")  # fmt: skip
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda but torch sees no GPU; use --device cpu --quick for the dry run", file=sys.stderr)
@@ -284,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = {"equivalence": lambda: stage_equivalence(args, out),
               "bench": lambda: stage_bench(args, work, out),
               "breakdown": lambda: stage_breakdown(args, work, out),
-              "bench-qwen": lambda: stage_bench_qwen(args, work, out)}  # fmt: skip
+              "bench-qwen": lambda: stage_bench_qwen(args, work, out),
+              "sharded": lambda: stage_sharded(args, work, out)}  # fmt: skip
     for name in args.stages.split(","):
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)

@@ -58,6 +58,20 @@ def test_side_branch_only_round_trip(tmp_path):
     torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=0)
 
 
+def test_side_branch_only_save_takes_gathered_weights(tmp_path):
+    # what a sharded run passes (DPVRTrainer.save_model): the side branch's whole weights, gathered from the
+    # ranks, while the module holds shards; they are what is written, and other keys are refused
+    model, source = trained_like(seed=0), trained_like(seed=1)
+    gathered = {k: v.clone() for k, v in source.side_branch.state_dict().items()}
+    model.save_pretrained(tmp_path, side_branch_only=True, state_dict=gathered)
+    again = DPVRForConditionalGeneration.from_pretrained(tmp_path, base_model=tiny_llava(seed=0))
+    for k, v in again.side_branch.state_dict().items():
+        assert torch.equal(v, gathered[k]), k
+    with pytest.raises(DPVRError, match="side-branch state_dict keys differ") as e:
+        model.save_pretrained(tmp_path / "bad", side_branch_only=True, state_dict={"layers.0.x": torch.zeros(1)})
+    assert "\n" not in str(e.value)
+
+
 def test_adapter_finds_its_recorded_base(tmp_path):
     tiny_llava(seed=0).save_pretrained(tmp_path / "base")
     model = trained_like(cfg=CFG)

@@ -49,12 +49,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_adapter(model, save_directory) -> None:
+def save_adapter(model, save_directory, state_dict: dict | None = None) -> None:
+    """state_dict: the side branch's weights (keys as in `model.side_branch.state_dict()`) when the module's
+    own are not whole, e.g. gathered from the ranks of a sharded (FSDP, ZeRO-3) run."""
     if model.side_branch is None:
         raise DPVRError(f"mode {model.dpvr_config.mode!r} has no side branch to save; save the full model instead")
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {f"side_branch.{k}": v.detach().contiguous().cpu() for k, v in model.side_branch.state_dict().items()}
+    own = model.side_branch.state_dict()
+    if state_dict is not None and set(state_dict) != set(own):
+        differ = sorted(set(state_dict) ^ set(own))[:4]
+        raise DPVRError(f"side-branch state_dict keys differ from the side branch's: {differ}")
+    state = {f"side_branch.{k}": v.detach().contiguous().cpu() for k, v in (state_dict or own).items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = {
         "format_version": FORMAT_VERSION,

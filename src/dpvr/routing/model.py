@@ -342,9 +342,9 @@ class RoutedModel:
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory, side_branch_only: bool = False, **kwargs):
-        if side_branch_only:
+        if side_branch_only:  # a state_dict= holds the side branch's weights alone (its own keys)
             guards.check_side_branch_only_save(self.dpvr_config)
-            return save_adapter(self, save_directory)
+            return save_adapter(self, save_directory, kwargs.get("state_dict"))
         return super().save_pretrained(save_directory, **kwargs)
 
 

@@ -24,7 +24,7 @@ from dpvr.atomic import held_or_refused
 from dpvr.cli_types import OneDefaultFormatter, one_line_errors
 from dpvr.errors import DPVRError, UsageError
 from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments, normalize_argv, own_help
-from dpvr.train.launch import check_launch
+from dpvr.train.launch import check_launch, check_sharding, sharding_asked
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -149,6 +149,7 @@ def _train(margs, dargs, targs) -> dict:
     stop = PlateauStop(dargs.plateau_min_steps) if dargs.stop_at_plateau else None
     trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
                           callbacks=[DigestCallback(), *filter(None, [stop])])  # fmt: skip
+    check_sharding(sharding_asked(targs.fsdp, targs.deepspeed), trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled)
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     resume = targs.resume_from_checkpoint

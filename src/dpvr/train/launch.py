@@ -7,6 +7,10 @@ Launchers and what they set:
   accelerate launch without --multi_gpu (or with --cpu):  ACCELERATE_USE_CPU and no size; it starts ONE
       process whatever --num_processes says (its "simple" launcher), so a single process under accelerate is
       refused: it is either a silent one-of-N run or the same as a plain `dpvr train`
+
+Sharding (FSDP, DeepSpeed) asked for, through the launcher (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED)
+or the Trainer's flags (--fsdp, --deepspeed), but not set up by accelerate is refused too: accelerate
+enables them for GPU-like devices only, and on CPU processes it runs plain DDP (seen with accelerate 1.15).
 """
 from __future__ import annotations
 
@@ -41,4 +45,24 @@ def check_launch(world_size: int, distributed: bool, env: Mapping[str, str] | No
         raise DPVRError(
             f"launched as {launched} processes but the Trainer runs {world_size} "
             f"({'distributed' if distributed else 'not distributed'}); each process would train its own model"
+        )
+
+
+def sharding_asked(fsdp, deepspeed, env: Mapping[str, str] | None = None) -> str | None:
+    """'DeepSpeed' or 'FSDP' when the launcher or the Trainer's flags (--deepspeed, --fsdp) ask for it."""
+    env = os.environ if env is None else env
+    if deepspeed or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "DeepSpeed"
+    if fsdp or env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    return None
+
+
+def check_sharding(asked: str | None, fsdp_on: bool, deepspeed_on: bool) -> None:
+    """Refuse, in one line, a run that asked for FSDP or DeepSpeed and got neither (the Trainer's accelerator
+    decides: Trainer.is_fsdp_enabled / is_deepspeed_enabled); it would train unsharded, a silent DDP run."""
+    if asked is not None and not {"FSDP": fsdp_on, "DeepSpeed": deepspeed_on}[asked]:
+        raise DPVRError(
+            f"{asked} was asked for but the Trainer runs without it (accelerate enables FSDP and DeepSpeed on "
+            f"GPU-like devices only; on CPU processes it would run plain DDP): run on GPUs, or drop the {asked} flags"
         )

@@ -8,6 +8,7 @@ Checkpoints: `checkpoint-N` is written under `.partial/` and renamed into place 
 so a crash (kill -9 included) never leaves a half-written checkpoint that resume would pick. For the
 DPVR method a checkpoint holds the side branch (adapter files) plus the optimizer, scheduler, RNG
 and trainer state; resuming checks that the routing config is the one the checkpoint was made with.
+Under FSDP / DeepSpeed ZeRO-3 the side branch is gathered whole on every rank and rank 0 writes it.
 """
 from __future__ import annotations
 
@@ -43,6 +44,33 @@ LOSS_SUM = "dpvr_loss_sum.json"  # in a checkpoint: the summed step losses so fa
 def build_model(margs: ModelArguments):
     """(trainable model, processor) for --method dpvr / full / lora. Full fine-tuning is LLaVA's: the
     language model and the projector (the image encoder too with --train-vision-tower)."""
+    # convert() needs the base whole; full and LoRA keep transformers' partitioned load under ZeRO-3
+    with whole_at_construction() if margs.method == "dpvr" else contextlib.nullcontext():
+        return _build_model(margs)
+
+
+@contextlib.contextmanager
+def whole_at_construction():
+    """Once TrainingArguments name a ZeRO-3 config, transformers builds every model under DeepSpeed's
+    zero.Init, partitioned as it is constructed; convert() builds on the meta device and copies layers of
+    the loaded base, which fails there ("Cannot copy out of meta tensor") and needs them whole. In this
+    block models are built whole (every rank holds one until the Trainer prepares it; DeepSpeed partitions
+    it then), as accelerate's zero3_init_flag: false asks."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter: set/unset are the public API
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def _build_model(margs: ModelArguments):
     from transformers import AutoProcessor
 
     path = resolve_model_path(margs.model)
@@ -76,13 +104,45 @@ def build_model(margs: ModelArguments):
 
 
 def param_digest(model: torch.nn.Module) -> str:
-    """sha256 of every trainable parameter, in name order: equal digests = bit-identical weights."""
+    """sha256 of every trainable parameter, in name order: equal digests = bit-identical weights. Under
+    FSDP2 / ZeRO-3 the parameters are gathered whole first, so every rank must call this."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        with gathered([p]):  # one at a time: under full fine-tuning the trainable weights are the whole model
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(whole(p.detach()).float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- sharded runs (FSDP2, DeepSpeed ZeRO-3)
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """t as a plain, full tensor. FSDP2 holds each parameter as a DTensor whose local part is this rank's
+    shard; it is all-gathered, so every rank must call this for the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank: int | None = None):
+    """ZeRO-3 partitions each parameter (outside this block its .data is an empty placeholder): gather them
+    whole for the block, on every rank (a collective); with modifier_rank, what that rank writes into them
+    is partitioned again at the end. Without ZeRO-3 there is nothing to gather."""
+    params = [p for p in params if hasattr(p, "ds_id")]  # the attribute ZeRO-3 gives the parameters it partitions
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def side_branch_state(model) -> dict[str, torch.Tensor]:
+    """The side branch's full weights as CPU copies (keys as side_branch.state_dict()'s), on every rank:
+    a collective under FSDP2 / ZeRO-3; the copies outlive ZeRO-3's gather, which frees the whole tensors."""
+    with gathered(model.side_branch.parameters()):
+        return {k: whole(v).detach().cpu().clone() for k, v in model.side_branch.state_dict().items()}
 
 
 class DigestCallback(TrainerCallback):
@@ -92,6 +152,34 @@ class DigestCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         rank = args.process_index
         Path(args.output_dir, f"trainable_digest_rank{rank}.txt").write_text(param_digest(model) + "\n")
+
+
+def load_side_branch(model, state: dict[str, torch.Tensor]) -> None:
+    """Load the side branch's full weights into a live side branch that may be sharded: under FSDP2 each
+    tensor is cut to this rank's shard as the parameter is laid out (every rank calls this), under ZeRO-3
+    the parameters are gathered, written and partitioned again."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    live = model.side_branch.state_dict()
+    state = {k: distribute_tensor(v.to(live[k].device), live[k].device_mesh, live[k].placements)
+             if isinstance(live.get(k), DTensor) else v for k, v in state.items()}  # fmt: skip
+    with gathered(model.side_branch.parameters(), modifier_rank=0):
+        model.side_branch.load_state_dict(state, strict=True)
+
+
+def saved_loss_sum(checkpoint: str) -> float | None:
+    """The summed step losses a checkpoint recorded (LOSS_SUM), or None."""
+    loss_file = Path(checkpoint) / LOSS_SUM
+    return json.loads(loss_file.read_text())["loss_sum"] if loss_file.exists() else None
+
+
+def check_resume_routing(checkpoint: str, model) -> None:
+    """Refuse to resume from a checkpoint made with another routing config, naming the changed fields."""
+    # compared as normalised configs: JSON gives lists where the live config has tuples
+    saved, now = DPVRConfig.from_dict(read_adapter_config(checkpoint)["dpvr"]), model.dpvr_config
+    if saved != now:
+        changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
+        raise DPVRError(f"cannot resume from {checkpoint}: routing config changed {changed} (saved, now)")
 
 
 class DPVRTrainer(Trainer):
@@ -157,32 +245,59 @@ class DPVRTrainer(Trainer):
             self._total_loss_scalar = whole * steps_now - float(self._tr_loss)
         return super()._finalize_training(trial, num_train_samples, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def _saves_side_branch(self) -> bool:
         model = self._unwrapped()
-        if isinstance(model, DPVRForConditionalGeneration) and model.side_branch is not None:
-            output_dir = output_dir or self.args.output_dir
-            model.save_pretrained(output_dir, side_branch_only=True)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-            return
-        super()._save(output_dir, state_dict)
+        return isinstance(model, DPVRForConditionalGeneration) and model.side_branch is not None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._saves_side_branch():
+            return super().save_model(output_dir, _internal_call)
+        # HF's save_model gathers the whole model under FSDP (and saves nothing with a sharded state dict)
+        # and under ZeRO-3 only with stage3_gather_16bit_weights_on_model_save; a DPVR checkpoint is the
+        # side branch alone, so every rank gathers just it (a collective) and rank 0 writes it
+        state = self._side_branch_state()
+        if self.args.should_save:
+            self._save(output_dir, state)
+
+    def _side_branch_state(self) -> dict[str, torch.Tensor]:
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            # FSDP1 flattens parameters into shards that only its state_dict hooks reassemble: the whole
+            # model's full state dict (rank 0 gets it, as in HF's save_model), side branch kept
+            full = self.accelerator.get_state_dict(self.model)
+            return {k.removeprefix("side_branch."): v for k, v in full.items() if k.startswith("side_branch.")}
+        return side_branch_state(self._unwrapped())
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._saves_side_branch():
+            return super()._save(output_dir, state_dict)
+        # state_dict: the side branch's gathered weights (save_model's); None: the module's own, whole
+        output_dir = output_dir or self.args.output_dir
+        self._unwrapped().save_pretrained(output_dir, side_branch_only=True, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        loss_file = Path(resume_from_checkpoint) / LOSS_SUM
-        if loss_file.exists():
-            self._loss_before_resume = json.loads(loss_file.read_text())["loss_sum"]
+        if (loss_sum := saved_loss_sum(resume_from_checkpoint)) is not None:
+            self._loss_before_resume = loss_sum
         model = model or self._unwrapped()
         adapter = Path(resume_from_checkpoint) / ADAPTER_CONFIG
         if not isinstance(model, DPVRForConditionalGeneration) or not adapter.exists():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # compared as normalised configs: JSON gives lists where the live config has tuples
-        saved, now = DPVRConfig.from_dict(read_adapter_config(resume_from_checkpoint)["dpvr"]), model.dpvr_config
-        if saved != now:
-            changed = {k: (v, getattr(now, k)) for k, v in saved.to_dict().items() if v != getattr(now, k)}
-            raise DPVRError(f"cannot resume from {resume_from_checkpoint}: routing config changed {changed} (saved, now)")
+        check_resume_routing(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
         state = {k.removeprefix("side_branch."): v for k, v in load_file(Path(resume_from_checkpoint) / WEIGHTS).items()}
-        model.side_branch.load_state_dict(state, strict=True)
+        load_side_branch(model, state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # under DeepSpeed HF resumes the weights from DeepSpeed's own checkpoint and never calls
+        # _load_from_checkpoint; this runs on every resume, so its checks happen here
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            if (loss_sum := saved_loss_sum(checkpoint)) is not None:
+                self._loss_before_resume = loss_sum
+            model = self._unwrapped()
+            if isinstance(model, DPVRForConditionalGeneration) and (Path(checkpoint) / ADAPTER_CONFIG).exists():
+                check_resume_routing(checkpoint, model)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     # ---------------------------------------------------------------- atomic checkpoints
     def _get_output_dir(self, trial):
