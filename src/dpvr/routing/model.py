@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError, UnsupportedInput
+from dpvr.hf_compat import CHECKPOINTING_RENAMED, activation_checkpointing, stock_checkpointing_enable
 from dpvr.routing import backbones as bb
 from dpvr.routing import guards
 from dpvr.routing import inputs as routed_inputs
@@ -171,7 +172,7 @@ class RoutedModel:
             is_img,
             valid,
             pos,
-            checkpointing=self.is_activation_checkpointing and self.training,
+            checkpointing=activation_checkpointing(self) and self.training,
             keep_hidden=keep_hidden,
             keep_kv=cache is not None,
         )
@@ -211,7 +212,7 @@ class RoutedModel:
         pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
         out = routed_decoder(self.model.language_model, active_side_branch(self.side_branch), self.dpvr_config,
                              shared.to(self.dtype), is_img, valid, pos,
-                             checkpointing=self.is_activation_checkpointing and self.training, shared=True)  # fmt: skip
+                             checkpointing=activation_checkpointing(self) and self.training, shared=True)  # fmt: skip
         return out.hidden
 
     def _routed_cache(self, past_key_values, use_cache, batch: int) -> RoutedCache | None:
@@ -228,7 +229,7 @@ class RoutedModel:
             )
         if not use_cache:
             return None
-        if self.training and self.is_activation_checkpointing:
+        if self.training and activation_checkpointing(self):
             logger.warning_once("use_cache=True is incompatible with activation checkpointing; caching is off")
             return None
         return RoutedCache(self.num_text_layers, cfg)
@@ -315,14 +316,22 @@ class RoutedModel:
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     # ------------------------------------------------------------------ training helpers
-    def _activation_checkpointing_enable(self, *args, **kwargs):
-        super()._activation_checkpointing_enable(*args, **kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options):
+        """transformers' activation checkpointing, without its input-embedding grad hook. Every version
+        reaches this: before 5.23 through `gradient_checkpointing_enable` (below), after it through the
+        deprecated alias of that name, which calls this one."""
+        stock_checkpointing_enable(super(), activation_checkpointing_kwargs, **options)
         # transformers also makes the input embeddings require grad, so that *reentrant* checkpoints
         # of a frozen stack still reach trainable weights (PEFT's case). dpvr checkpoints its layers
         # non-reentrantly, so here that hook only sends the backward pass through every frozen layer
         # below the side branch (the whole shared stack): measured, it erased LF's training saving.
         if hasattr(self, "_require_grads_hook"):
             self.disable_input_require_grads()
+
+    if not CHECKPOINTING_RENAMED:  # 5.16-5.22: the Trainer enables it by this name, which does the work itself
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options):
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def apply_freeze(self) -> None:
         cfg = self.dpvr_config

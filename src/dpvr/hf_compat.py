@@ -1,0 +1,56 @@
+"""The one place where dpvr follows an API that moved inside the transformers range it supports
+(pyproject.toml's pin, tested at both ends). Each helper says which versions differ and why; the rest
+of dpvr calls the helper, never the moved name."""
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import PreTrainedModel
+
+# transformers 5.17 moved Qwen2-VL's and Qwen2.5-VL's multimodal-rope fold (each section of the head dim
+# taken from its own position axis) out of the attention and into the rotary embedding
+_ATTENTION_FOLDS_MROPE = Version(transformers.__version__) < Version("5.17")
+# transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
+# `is_activation_checkpointing`); the old names, 5.16-5.22's only ones, stay as aliases that warn FutureWarning
+CHECKPOINTING_RENAMED = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether the model's layers checkpoint their activations, by this version's name for it."""
+    return model.is_activation_checkpointing if CHECKPOINTING_RENAMED else model.is_gradient_checkpointing
+
+
+def stock_checkpointing_enable(stock, kwargs: dict | None = None, **options) -> None:
+    """Turn activation checkpointing on through `stock` (a PreTrainedModel, or super() in a subclass that
+    overrides the enabling), by this version's name for it; kwargs go to torch's checkpoint."""
+    if CHECKPOINTING_RENAMED:
+        stock.activation_checkpointing_enable(kwargs, **options)
+    else:
+        stock.gradient_checkpointing_enable(kwargs, **options)
+
+
+def rope_tables(lm: torch.nn.Module, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (B, T, hd) of the language model's rotary embedding at positions pos (B, T) or (3, B, T):
+    what Llama-style rotation and every routed gather take. Before 5.17 a multimodal-rope model's
+    rotary embedding returns one table per axis (3, B, T, hd); they are folded here as 5.17+ folds them."""
+    cos, sin = lm.rotary_emb(h, pos)
+    if cos.dim() == 4:
+        section = lm.config.rope_parameters["mrope_section"]
+        cos, sin = _fold_axes(cos, section), _fold_axes(sin, section)
+    return cos, sin
+
+
+def _fold_axes(table: torch.Tensor, section: list[int]) -> torch.Tensor:
+    # the head dim is [section, section] (cos/sin repeat for the rotated halves); chunk i from axis i % 3
+    return torch.cat([m[i % 3] for i, m in enumerate(table.split(section * 2, dim=-1))], dim=-1)
+
+
+def layer_rope(layer: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded (cos, sin) as this stock decoder layer's `position_embeddings` takes them. Before 5.17 a
+    multimodal-rope attention folds per-axis tables itself: it gets three copies of the folded table,
+    which its fold maps back to the same table."""
+    rope = getattr(layer.self_attn.config, "rope_parameters", None) or {}
+    if _ATTENTION_FOLDS_MROPE and "mrope_section" in rope:
+        return cos.expand(3, *cos.shape), sin.expand(3, *sin.shape)
+    return cos, sin
