@@ -54,3 +54,30 @@ def layer_rope(layer: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> 
     if _ATTENTION_FOLDS_MROPE and "mrope_section" in rope:
         return cos.expand(3, *cos.shape), sin.expand(3, *sin.shape)
     return cos, sin
+
+
+def llava_output(loss, logits, cache, hidden_states, image_features):
+    """The stock LLaVA output object (every family's routed forward returns it). transformers 5.24 renamed
+    its `past_key_values` field to `cache` and replaced `image_hidden_states` by `image_outputs`, the image
+    encoder's output, whose pooler_output the `image_hidden_states` property now reads."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast as Output
+
+    if "image_outputs" not in Output.__dataclass_fields__:
+        return Output(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden_states,
+                      image_hidden_states=image_features)  # fmt: skip
+    images = None if image_features is None else BaseModelOutputWithPooling(pooler_output=image_features)
+    return Output(loss=loss, logits=logits, cache=cache, hidden_states=hidden_states, image_outputs=images)
+
+
+def _layer_cache_kwarg() -> str:
+    # transformers 5.24 renamed the decoder layers' `past_key_values` argument to `cache` in every verified
+    # family at once; the old name still works there, through a FutureWarning on every call
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+LAYER_CACHE_KWARG = _layer_cache_kwarg()  # the name a decoder layer takes its cache by

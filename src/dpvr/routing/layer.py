@@ -24,7 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dpvr.attention import SDPA_LIKE
-from dpvr.hf_compat import layer_rope
+from dpvr.hf_compat import LAYER_CACHE_KWARG, layer_rope
 from dpvr.routing.tokens import attention_bias
 
 
@@ -139,7 +139,7 @@ def routed_layer(
     # the switch is touched only when on: a generator context per layer call costs decode time
     checkpointed = getattr(layer, "gradient_checkpointing", False)
     with _unchecked(layer) if checkpointed else contextlib.nullcontext():
-        out = layer(h, attention_mask=bias, position_embeddings=layer_rope(layer, cos, sin), past_key_values=keys)
+        out = layer(h, attention_mask=bias, position_embeddings=layer_rope(layer, cos, sin), **{LAYER_CACHE_KWARG: keys})
     probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, order, valid, probe_rows, window)
     return out, (keys.joined if keep_keys else None), probs
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError, UnsupportedInput
-from dpvr.hf_compat import CHECKPOINTING_RENAMED, activation_checkpointing, stock_checkpointing_enable
+from dpvr.hf_compat import CHECKPOINTING_RENAMED, activation_checkpointing, llava_output, stock_checkpointing_enable
 from dpvr.routing import backbones as bb
 from dpvr.routing import guards
 from dpvr.routing import inputs as routed_inputs
@@ -140,8 +139,7 @@ class RoutedModel:
             # num_items_in_batch (Trainer: supervised tokens of the whole step, all micro-batches and ranks), as stock
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       num_items_in_batch=num_items_in_batch)  # fmt: skip
-        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, image_hidden_states=image_features,
-                                           hidden_states=tuple(hidden_states) if hidden_states is not None else None)  # fmt: skip
+        return llava_output(loss, logits, cache, tuple(hidden_states) if hidden_states is not None else None, image_features)
 
     def _stock_attentions(self, input_ids, pixel_values, past_key_values, **inputs):
         """output_attentions=True: a text-only prompt runs every layer on every token in every mode, so the
