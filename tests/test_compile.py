@@ -1,6 +1,7 @@
 """torch.compile of a routed model (issue 42): the compiled forward and generate() equal eager (fp32).
 The routed loop graph-breaks on its data-dependent token sets (which positions hold image tokens), so
-dynamo compiles it in pieces; it needs dynamic=False, which recompiles per prompt length."""
+dynamo compiles it in pieces; static (dynamic=False, a recompile per prompt length) and dynamic shapes
+(dynamic=True: symbolic lengths) both hold."""
 from __future__ import annotations
 
 import pytest
@@ -18,11 +19,12 @@ def _fresh_dynamo():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
 @torch.no_grad()
-def test_compiled_lf_prefill_equals_eager_at_two_prompt_lengths():
+def test_compiled_lf_prefill_equals_eager_at_three_prompt_lengths(dynamic):
     model = convert(tiny_llava(layers=4), DPVRConfig(mode="lf", split_layer=2))
-    compiled = torch.compile(model, dynamic=False)
-    for pre, post in [(2, 2), (4, 3)]:  # another length: a recompile, still exact
+    compiled = torch.compile(model, dynamic=dynamic)
+    for pre, post in [(2, 2), (4, 3), (3, 6)]:  # other lengths: recompiled (static) or symbolic (dynamic)
         ids, px = torch.tensor([prompt(pre, post)]), pixels(1)
         want = model(input_ids=ids, pixel_values=px).logits
         got = compiled(input_ids=ids, pixel_values=px).logits
@@ -31,14 +33,15 @@ def test_compiled_lf_prefill_equals_eager_at_two_prompt_lengths():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
 @torch.no_grad()
-def test_generate_with_a_compiled_forward_equals_eager_with_the_routed_cache():
+def test_generate_with_a_compiled_forward_equals_eager_with_the_routed_cache(dynamic):
     model = convert(tiny_llava(layers=4), DPVRConfig(mode="lf", split_layer=2))
     ids, px = torch.tensor([prompt(2, 2)]), pixels(1)
     args = dict(input_ids=ids, pixel_values=px, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                 output_logits=True)  # fmt: skip
     want = model.generate(**args)
-    model.forward = torch.compile(model.forward, dynamic=False)  # as transformers documents for generate()
+    model.forward = torch.compile(model.forward, dynamic=dynamic)  # as transformers documents for generate()
     got = model.generate(**args)
     assert torch.equal(got.sequences, want.sequences)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got.logits, want.logits))

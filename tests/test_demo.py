@@ -70,6 +70,7 @@ def steps_of(out):
     return ["analyze", "train", "eval-vanilla", "eval-fastv", "eval-vtw", "eval-lf", "bench", *extra]
 
 
+@pytest.mark.e2e
 def test_demo_writes_every_step_and_a_static_report(demo):
     root, _ = demo
     out = root / "out"
@@ -90,6 +91,7 @@ def test_demo_writes_every_step_and_a_static_report(demo):
     assert steps == list(range(len(steps))) and len(steps) >= 4, f"the held-out curve, from step 0: {steps}"
 
 
+@pytest.mark.e2e
 def test_the_sentences_under_the_table_agree_with_it(demo):
     """For each cost (FLOPs, measured time): the method named best up to each cost has the highest mean
     in the table among the methods at or below it, and every other method is said to be beaten."""
@@ -107,6 +109,7 @@ def test_the_sentences_under_the_table_agree_with_it(demo):
     assert noise_disagreements(said, versus) == [], said
 
 
+@pytest.mark.e2e
 def test_a_rerun_reuses_finished_steps(demo, capsys):
     root, argv = demo
     before = {p: p.stat().st_mtime for p in (root / "out").glob("*/step.json")}
@@ -115,6 +118,7 @@ def test_a_rerun_reuses_finished_steps(demo, capsys):
     assert {p: p.stat().st_mtime for p in (root / "out").glob("*/step.json")} == before
 
 
+@pytest.mark.e2e
 def test_eval_from_the_demo_folder_runs_the_recommended_routing(demo, capsys):
     """`dpvr eval --from OUT` reads OUT's analysis (and the model it analysed), finds the side branch the demo
     trained for its routing, and scores exactly what the demo's own evaluation of that method scored."""
@@ -129,6 +133,7 @@ def test_eval_from_the_demo_folder_runs_the_recommended_routing(demo, capsys):
     assert json.loads((root / "from" / "eval.json").read_text())["scores"] == demo_eval["scores"]
 
 
+@pytest.mark.e2e
 def test_generate_from_the_demo_folder_and_a_clash(demo, capsys):
     root, _ = demo
     out = root / "out"

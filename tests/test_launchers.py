@@ -60,6 +60,7 @@ def test_accelerate_cpu_with_two_processes_is_refused_not_run_as_one(world, tmp_
     assert not list(tmp_path.glob("trainable_digest_rank*.txt")), "it trained anyway"
 
 
+@pytest.mark.e2e
 def test_accelerate_multi_gpu_launch_trains_one_model_on_two_cpu_processes(world, tmp_path):
     cmd = accelerate("--multi_gpu", "--num_processes", "2", "--main_process_port", "29571", "-m", "dpvr.cli",
                      *train_args(world, tmp_path), "--ddp_backend", "gloo")  # fmt: skip

@@ -6,12 +6,15 @@ import json
 import shutil
 import time
 
+import pytest
+
 from dpvr.cli import main
 from dpvr.demo.reproduce.claims import verdicts
 from dpvr.demo.reproduce.jobs import Job, run_jobs
 from dpvr.train.plateau import plateau
 
 
+@pytest.mark.e2e
 def test_reproduce_quick(tiny_checkpoint, tmp_path):
     # No wall-clock assert: how long --quick takes depends on the machine and its load, and a timing target
     # is a measurement (about 5 minutes on 2 idle cores: 334 s in a fresh-clone run), not a test.

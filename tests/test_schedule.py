@@ -16,7 +16,7 @@ from dpvr.bench.flops import forward_flops
 from dpvr.loading import describe
 from dpvr.routing import forward
 from dpvr.routing.cache import RoutedCache
-from dpvr.routing.schedule import ALL, TEXT, compile_schedule, layer_contents, summary
+from dpvr.routing.schedule import ALL, TEXT, Span, compile_schedule, layer_contents, summary
 
 L = 6
 CASES = [
@@ -116,7 +116,7 @@ def test_cache_holds_what_the_schedule_says(cfg):
 
 def test_text_only_prompts_run_every_layer_on_every_token():
     for cfg in CASES:
-        assert [(s.layers, s.queries) for s in compile_schedule(cfg, L, has_images=False)] == [(range(L), ALL)]
+        assert [(s.layers, s.queries) for s in compile_schedule(cfg, L, has_images=False)] == [(Span(0, L), ALL)]
 
 
 def test_lf_schedules_read_plainly():

@@ -119,6 +119,7 @@ def test_bf16_autocast_trains_without_a_gpu_and_tracks_fp32(world, tmp_path):
     assert abs(losses["true"] - losses["false"]) < 0.01 * losses["false"], losses
 
 
+@pytest.mark.e2e
 def test_ddp_two_processes_train_one_consistent_model(world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "dpvr.cli", "train", *args(world, tmp_path, "--max_steps", "3", "--ddp_backend", "gloo",

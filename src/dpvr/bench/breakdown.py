@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from dpvr.bench.cli import add_model_arguments, setup, write_outputs
 from dpvr.bench.flops import flop_counter
 from dpvr.cli_types import at_least
+from dpvr.routing.schedule import Span
 
 if TYPE_CHECKING:
     from torch.utils.flop_counter import FlopCounterMode
@@ -59,10 +60,10 @@ class StageClock:
         self.counter = counter
         self.seconds: dict[str, float] = {}  # in the order the stages ran
         self.flops: dict[str, int] = {}
-        self.layers: dict[str, range | None] = {}
+        self.layers: dict[str, Span | None] = {}
         self._open: list[str] = []
 
-    def begin(self, name: str, layers: range | None = None) -> None:
+    def begin(self, name: str, layers: Span | None = None) -> None:
         self._open.append(name)
         if len(self._open) == 1:
             self._sync(self.device)
@@ -79,7 +80,7 @@ class StageClock:
                 self.flops[name] = self.flops.get(name, 0) + self.counter.get_total_flops() - f0
 
     @contextlib.contextmanager
-    def stage(self, name: str, layers: range | None = None):
+    def stage(self, name: str, layers: Span | None = None):
         self.begin(name, layers)
         try:
             yield
@@ -93,7 +94,7 @@ class StageClock:
         from dpvr.routing.forward import observe_stages
 
         modules = [(VISION, None, model.model.vision_tower)]
-        modules += [(f"layer {i}", range(i, i + 1), m) for i, m in enumerate(model.model.language_model.layers)]
+        modules += [(f"layer {i}", Span(i, i + 1), m) for i, m in enumerate(model.model.language_model.layers)]
         handles = []
         for name, layers, m in modules:
             handles.append(m.register_forward_pre_hook(lambda *_, n=name, r=layers: self.begin(n, r)))

@@ -26,7 +26,7 @@ from dpvr.errors import DPVRError, NonFiniteError
 from dpvr.hf_compat import rope_tables
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.layer import KV, project_kv, routed_layer
-from dpvr.routing.schedule import ALL, IMAGE, TEXT, compile_schedule, split_schedule
+from dpvr.routing.schedule import ALL, IMAGE, TEXT, Span, compile_schedule, split_schedule
 from dpvr.routing.tokens import TokenSet
 
 
@@ -41,11 +41,11 @@ class RoutedOutput:
 # Observers of the schedule's stages (a run of layers on one token set, the side branch, a text-query
 # layer): each is entered around every stage as hook(name, layers) and may time it or count its FLOPs
 # (`dpvr breakdown` does both). Stages are also labelled for torch.profiler traces.
-STAGE_HOOKS: list[Callable[[str, range | None], ContextManager]] = []
+STAGE_HOOKS: list[Callable[[str, Span | None], ContextManager]] = []
 
 
 @contextlib.contextmanager
-def observe_stages(hook: Callable[[str, range | None], ContextManager]):
+def observe_stages(hook: Callable[[str, Span | None], ContextManager]):
     """Enter hook(name, layers) around every stage of the routed forwards run inside this block."""
     STAGE_HOOKS.append(hook)
     try:
@@ -55,15 +55,11 @@ def observe_stages(hook: Callable[[str, range | None], ContextManager]):
 
 
 @contextlib.contextmanager
-def _stage(name: str, layers: range | None = None):
+def _stage(name: str, layers: Span | None = None):
     with torch.profiler.record_function(f"dpvr: {name}"), contextlib.ExitStack() as stack:
         for hook in STAGE_HOOKS:  # usually none: the label is all a stage costs (~10 us)
             stack.enter_context(hook(name, layers))
         yield
-
-
-def _layers_name(idx: range) -> str:
-    return f"layer {idx.start}" if len(idx) == 1 else f"layers {idx.start}-{idx.stop - 1}"
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -98,14 +94,14 @@ class _Loop:
             self.flags.append((name, _all_finite(checked)))
         return out, keys, probs
 
-    def layers(self, idx: range, S: TokenSet, h: torch.Tensor, extra: Callable[[int], KV] | None = None, probe=None):
+    def layers(self, idx: Span, S: TokenSet, h: torch.Tensor, extra: Callable[[int], KV] | None = None, probe=None):
         """Text layers idx, in turn, on set S of the full states h (B, T, D). The set is gathered once and
         scattered back once, however many layers run on it (LF's 13 text-only layers at 7B): per-layer
         gather/scatter of the full sequence was measurable next to a 64-token layer on CPU. extra(i):
         layer i's key/value-only tokens. Returns the new full states and the last layer's probe probabilities."""
         if not idx:
             return h, None
-        with _stage(f"{_layers_name(idx)} on {S.name} ({S.width} tokens)", idx):
+        with _stage(f"{idx} on {S.name} ({S.width} tokens)", idx):
             hs, cos, sin = S.gather(h), S.gather(self.cos), S.gather(self.sin)  # (B, N, D), (B, N, hd) x 2
             # prefill extras (DPVR-KV's image keys) may sit after some queries: never mask-free then
             dense = S.dense and extra is None
@@ -121,12 +117,12 @@ class _Loop:
             # with hidden states kept, the last layer's full states were just scattered: reuse them
             return (self.hidden[-1] if self.hidden is not None else S.scatter(h, hs)), probs
 
-    def text_queries(self, idx: range, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
+    def text_queries(self, idx: Span, TXT: TokenSet, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
         """Layers idx with text queries only: the image states of h, fixed, give keys/values (norm, k/v
         projection, rotary) and nothing else, no query, o_proj or MLP; h's image positions are left as
         they are. DPVR-KV's deep layers, and the last layer of an LF fusion run, whose image outputs
         nothing would read."""
-        name = f"{_layers_name(idx)}: {TXT.name} queries, {IMG.name} keys/values ({TXT.width} + {IMG.width} tokens)"
+        name = f"{idx}: {TXT.name} queries, {IMG.name} keys/values ({TXT.width} + {IMG.width} tokens)"
         with _stage(name, idx):
             img, cos, sin = IMG.gather(h), IMG.gather(self.cos), IMG.gather(self.sin)
 
@@ -140,7 +136,7 @@ class _Loop:
         keeping text + the image tokens it attends to most)."""
         S, valid = sets[ALL], sets.valid
         last = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # (B,) last valid position
-        h, probs = self.layers(range(f, f + 1), S, h, probe=_row_in(S, last))
+        h, probs = self.layers(Span(f, f + 1), S, h, probe=_row_in(S, last))
         return h, fastv_keep(probs, S, sets.is_img, valid, self.cfg.fastv_ratio)
 
     def side(self, side_branch: nn.ModuleList, IMG: TokenSet, h: torch.Tensor) -> torch.Tensor:
@@ -245,7 +241,7 @@ def shared_stack(lm: nn.Module, cfg: DPVRConfig, h, is_img, valid, pos, start: i
     sets = _Sets(valid, is_img)
     frozen = split_schedule(cfg, len(lm.layers), has_images=bool((is_img & valid).any()))[0]
     for step in frozen if text_path else frozen[:1]:
-        h, _ = loop.layers(range(max(start, step.layers.start), step.layers.stop), sets[step.queries], h)
+        h, _ = loop.layers(Span(max(start, step.layers.start), step.layers.stop), sets[step.queries], h)
     loop.raise_if_not_finite()
     return h
 

@@ -35,10 +35,29 @@ ALL, TEXT, IMAGE = "all", "text", "image"
 
 
 @dataclass(frozen=True)
+class Span:
+    """Layers start..stop-1, iterated like range(start, stop). Not a range because torch.compile
+    cannot carry a range across the routed loop's graph breaks (a resumed frame rebuilds it from
+    symbolic ints and fails); a dataclass of two ints it guards like any attribute."""
+
+    start: int
+    stop: int
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __str__(self) -> str:
+        return f"layer {self.start}" if len(self) == 1 else f"layers {self.start}-{self.stop - 1}"
+
+
+@dataclass(frozen=True)
 class Step:
     """One stage of a routed forward."""
 
-    layers: range  # decoder layers run in turn (for the side branch: its layers 0..D-1)
+    layers: Span  # decoder layers run in turn (for the side branch: its layers 0..D-1)
     queries: str = ALL  # token set whose positions issue queries and are updated: all, text or image
     side: bool = False  # the side branch (on the image positions), not decoder layers
     image_from_side: bool = False  # before the step, image positions take the side-branch output
@@ -54,9 +73,9 @@ class Step:
 def _shared(cfg: DPVRConfig, n: int, prune: bool) -> list[Step]:
     """Layers [0, n) on every token; with `prune`, FastV at cfg.fastv_layer (< n, validate_for)."""
     if not prune:
-        return [Step(range(0, n))]
+        return [Step(Span(0, n))]
     f = cfg.fastv_layer
-    return [Step(range(0, f)), Step(range(f, f + 1), prune=True), Step(range(f + 1, n))]
+    return [Step(Span(0, f)), Step(Span(f, f + 1), prune=True), Step(Span(f + 1, n))]
 
 
 def fusion_layers_of(cfg: DPVRConfig, L: int) -> tuple[int, ...]:
@@ -66,34 +85,34 @@ def fusion_layers_of(cfg: DPVRConfig, L: int) -> tuple[int, ...]:
 
 def _lf(cfg: DPVRConfig, L: int) -> list[Step]:
     fusion = set(fusion_layers_of(cfg, L))
-    steps = [Step(range(cfg.side_depth), IMAGE, side=True)] if fusion else []  # LF-ideal never runs it
+    steps = [Step(Span(0, cfg.side_depth), IMAGE, side=True)] if fusion else []  # LF-ideal never runs it
     i = cfg.split_layer
     while i < L:
         j = i
         while j + 1 < L and (j + 1 in fusion) == (i in fusion):
             j += 1  # [i, j]: a run of text-only layers, or of consecutive fusion layers
         if i not in fusion:
-            steps.append(Step(range(i, j + 1), TEXT))
+            steps.append(Step(Span(i, j + 1), TEXT))
         else:
             if j > i:
-                steps.append(Step(range(i, j), ALL, image_from_side=True))
-            steps.append(Step(range(j, j + 1), TEXT, image_from_side=j == i, image_kv=True))
+                steps.append(Step(Span(i, j), ALL, image_from_side=True))
+            steps.append(Step(Span(j, j + 1), TEXT, image_from_side=j == i, image_kv=True))
         i = j + 1
     return steps
 
 
 def _pc(cfg: DPVRConfig, L: int) -> list[Step]:
-    side = Step(range(cfg.side_depth), IMAGE, side=True)
-    return [side] + [Step(range(i, i + 1), ALL, image_from_side=True) for i in range(cfg.split_layer, L)]
+    side = Step(Span(0, cfg.side_depth), IMAGE, side=True)
+    return [side] + [Step(Span(i, i + 1), ALL, image_from_side=True) for i in range(cfg.split_layer, L)]
 
 
 def _kv(cfg: DPVRConfig, L: int) -> list[Step]:
-    side = Step(range(cfg.side_depth), IMAGE, side=True)
-    return [side, Step(range(cfg.split_layer, L), TEXT, image_from_side=True, image_kv=True)]
+    side = Step(Span(0, cfg.side_depth), IMAGE, side=True)
+    return [side, Step(Span(cfg.split_layer, L), TEXT, image_from_side=True, image_kv=True)]
 
 
 def _vtw(cfg: DPVRConfig, L: int) -> list[Step]:
-    return [Step(range(cfg.split_layer, L), TEXT)]
+    return [Step(Span(cfg.split_layer, L), TEXT)]
 
 
 # deep-layer schedules of the modes with a split; vanilla and fastv have no deep part
@@ -125,14 +144,14 @@ def split_schedule(cfg: DPVRConfig, num_layers: int, has_images: bool = True) ->
         what = "shallow_fastv prunes inside it" if cfg.shallow_fastv else f"mode {cfg.mode!r} has no split"
         raise DPVRError(f"no shared stack to cache: {what}")
     s, steps = cfg.split_layer, compile_schedule(cfg, num_layers)
-    assert steps[0] == Step(range(0, s)), f"the schedule does not start with the shared stack: {summary(steps)}"
+    assert steps[0] == Step(Span(0, s)), f"the schedule does not start with the shared stack: {summary(steps)}"
     t = s  # how deep the text path goes before a step reads the side branch
     for step in (x for x in steps[1:] if not x.side):
         if step.queries != TEXT or step.image_from_side or step.image_kv:
             break
         t = step.layers.stop
     if not has_images:
-        stock = [Step(range(0, s)), Step(range(s, t)), Step(range(t, num_layers))]
+        stock = [Step(Span(0, s)), Step(Span(s, t)), Step(Span(t, num_layers))]
         return [x for x in stock[:2] if len(x.layers)], [x for x in stock[2:] if len(x.layers)]
     return [x for x in steps if not x.side and x.layers.stop <= t], [x for x in steps if x.side or x.layers.start >= t]
 
@@ -157,10 +176,6 @@ def layer_contents(steps: list[Step], num_layers: int) -> list[tuple[str, bool]]
     return out
 
 
-def _span(r: range) -> str:
-    return f"layer {r.start}" if len(r) == 1 else f"layers {r.start}-{r.stop - 1}"
-
-
 def summary(steps: list[Step]) -> str:
     """The plan in one line, e.g. 'layers 0-17 all | side x1 image | layers 18-30 text | layer 31 text+image kv'."""
     parts = []
@@ -169,5 +184,5 @@ def summary(steps: list[Step]) -> str:
             parts.append(f"side x{len(s.layers)} image")
             continue
         what = "text+image kv" if s.image_kv else s.queries
-        parts.append(f"{_span(s.layers)} {'image<-side ' if s.image_from_side else ''}{what}{' FastV' if s.prune else ''}")
+        parts.append(f"{s.layers} {'image<-side ' if s.image_from_side else ''}{what}{' FastV' if s.prune else ''}")
     return " | ".join(parts)
