@@ -1,12 +1,17 @@
 """The one place where dpvr follows an API that moved inside the transformers range it supports
-(pyproject.toml's pin, tested at both ends). Each helper says which versions differ and why; the rest
+(pyproject.toml's transformers range, CI tests both ends). Each helper says which versions differ and why; the rest
 of dpvr calls the helper, never the moved name."""
 from __future__ import annotations
+
+import dataclasses
+import inspect
 
 import torch
 import transformers
 from packaging.version import Version
 from transformers import PreTrainedModel
+
+from dpvr.errors import DPVRError
 
 # transformers 5.17 moved Qwen2-VL's and Qwen2.5-VL's multimodal-rope fold (each section of the head dim
 # taken from its own position axis) out of the attention and into the rotary embedding
@@ -73,11 +78,56 @@ def llava_output(loss, logits, cache, hidden_states, image_features):
 def _layer_cache_kwarg() -> str:
     # transformers 5.24 renamed the decoder layers' `past_key_values` argument to `cache` in every verified
     # family at once; the old name still works there, through a FutureWarning on every call
-    import inspect
-
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     return "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 
 
 LAYER_CACHE_KWARG = _layer_cache_kwarg()  # the name a decoder layer takes its cache by
+
+
+def _takes_cache(fn) -> bool:
+    # transformers 5.24 renamed `past_key_values` to `cache` at once in the families' forwards, in generate()
+    # (and the model_kwargs it keeps the cache under) and in the output classes; the old argument name still
+    # works there, through a FutureWarning on every call (inspect follows the deprecation wrapper's __wrapped__)
+    return "cache" in inspect.signature(fn).parameters
+
+
+def _stock_cache_kwarg() -> str:
+    from transformers import LlavaForConditionalGeneration
+
+    return "cache" if _takes_cache(LlavaForConditionalGeneration.forward) else "past_key_values"
+
+
+def _generate_cache_key() -> str:
+    from transformers.generation.utils import GenerationMixin
+
+    # generate() passes its model_kwargs to prepare_inputs_for_generation: the key is that parameter's name
+    return "cache" if _takes_cache(GenerationMixin.prepare_inputs_for_generation) else "past_key_values"
+
+
+STOCK_CACHE_KWARG = _stock_cache_kwarg()  # the name a stock forward (a family's, its language model's) takes its cache by
+GENERATE_CACHE_KEY = _generate_cache_key()  # where generate() keeps its cache in model_kwargs
+
+
+def forward_cache(past_key_values, kwargs: dict):
+    """The cache a forward call was given, by either name: `past_key_values` (dpvr's own, and the stock one
+    before 5.24) or `cache` (the stock name from 5.24, what generate() passes); `cache` is popped from kwargs."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise DPVRError("pass the cache once: as past_key_values or as cache, not both")
+    return past_key_values if cache is None else cache
+
+
+def output_cache(out):
+    """The cache a forward returned on its output object (`cache` from 5.24, `past_key_values` before;
+    the old name is a property there that logs a deprecation)."""
+    names = {f.name for f in dataclasses.fields(out)}
+    return out.cache if "cache" in names else out.past_key_values
+
+
+def train_loss_steps(trainer) -> int:
+    """The step count the Trainer divides its summed loss by for train()'s train_loss: from 5.19 the steps
+    of this train() call (it records the step it resumed at as `_initial_global_step`), before 5.19 every
+    step of the run, so the resumed ones too (a resumed run's train_loss there is too small)."""
+    return trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)

@@ -16,7 +16,15 @@ from transformers.utils import logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError, UnsupportedInput
-from dpvr.hf_compat import CHECKPOINTING_RENAMED, activation_checkpointing, llava_output, stock_checkpointing_enable
+from dpvr.hf_compat import (
+    CHECKPOINTING_RENAMED,
+    GENERATE_CACHE_KEY,
+    STOCK_CACHE_KWARG,
+    activation_checkpointing,
+    forward_cache,
+    llava_output,
+    stock_checkpointing_enable,
+)
 from dpvr.routing import backbones as bb
 from dpvr.routing import guards
 from dpvr.routing import inputs as routed_inputs
@@ -89,10 +97,11 @@ class RoutedModel:
     ):
         """The stock forward's arguments; family inputs (image_sizes, image_grid_thw, ...) come in kwargs."""
         cfg = self.dpvr_config
+        past_key_values = forward_cache(past_key_values, kwargs)
         if cfg.mode == "vanilla":
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                position_ids=position_ids, **{STOCK_CACHE_KWARG: past_key_values}, inputs_embeds=inputs_embeds,
                 labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs,
             )  # fmt: skip
@@ -299,16 +308,16 @@ class RoutedModel:
         paper's code does); vanilla keeps the stock DynamicCache."""
         if self.dpvr_config.mode == "vanilla":
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        given = model_kwargs.get("past_key_values")
+        given = model_kwargs.get(GENERATE_CACHE_KEY)
         if given is not None and not isinstance(given, RoutedCache):
             raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
         if given is None and generation_config.use_cache:
-            model_kwargs["past_key_values"] = RoutedCache(self.num_text_layers, self.dpvr_config)
+            model_kwargs[GENERATE_CACHE_KEY] = RoutedCache(self.num_text_layers, self.dpvr_config)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Qwen2-VL continues a cached conversation from `self.model.rope_deltas`, which the last prompt
         # generated for set, maybe another conversation's; the RoutedCache holds this one's own deltas
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(GENERATE_CACHE_KEY)
         if self.backbone.mrope and isinstance(cache, RoutedCache) and cache.seen and cache.rope_deltas is not None:
             self.model.rope_deltas = cache.rope_deltas
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
