@@ -7,9 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pins=$(python3 - <<'PY'
-import tomllib
+import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-print(" ".join(d for d in deps if d.split("==")[0] in {"transformers", "tokenizers", "peft"}))
+# a pin or a range (transformers': pip downloads its highest release)
+print(" ".join(d for d in deps if re.split("[=<>!~]", d)[0] in {"transformers", "tokenizers", "peft"}))
 PY
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -103,16 +103,25 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 # classes, hence transformers' model code). In a process that has imported torch alone, the worker thread
 # still faults 2,734 times a round with freed memory kept (glibc 2.36 here): docs/bench.md, "How the timings
 # are taken". Before `import dpvr` became lazy, importing cpu_malloc pulled those classes in by itself.
+# With memory kept, the worker takes its blocks from the main arena (M_ARENA_MAX 1, set here, not by
+# keep_freed_memory): a thread's own arena grows by extra heaps, and glibc unmaps a heap that empties
+# whatever the trim threshold, so whether a round faults depends on where the arena's blocks lie. On
+# transformers 5.16-5.19, which import scikit-learn with the model code, that gave 1,173 or 6,838 faults a
+# round in 4 of 6 runs, 0 in 6 of 6 with one arena. The cap stays out of keep_freed_memory(): in `dpvr bench`
+# the intra-op threads would then share one arena's lock, a change to the timed calls themselves, and
+# the bench already counts each timed call's page faults (bench.json), so a fault there is seen.
 _WORKER_THREAD_FAULTS = """
 import sys, threading, torch
 import dpvr.routing.classes  # as dpvr bench's setup() has, before it keeps freed memory
 from dpvr.bench.cpu_malloc import keep_freed_memory, minor_faults
 setting = keep_freed_memory() if sys.argv[1] == "keep" else None
+if setting:  # one arena (glibc's M_ARENA_MAX): see the note above
+    import ctypes; ctypes.CDLL(None).mallopt(-8, 1)
 def work():  # tensors of a few MiB, freed in a different order than made, as a forward frees activations
     a = torch.ones(2_000_000); b = torch.ones(6_000_000); del a
     c = torch.ones(1_000_000); del b
     d = torch.ones(7_000_000); del c, d
-def worker():  # off the main thread, as an intra-op worker allocates: glibc serves it from another arena
+def worker():  # off the main thread, as an intra-op worker allocates: glibc serves it from another arena (default)
     for _ in range(3):
         work()
     before = minor_faults()

@@ -21,6 +21,7 @@ from dpvr.analysis.probe import ProbeState, probing
 from dpvr.analysis.saturation import inputs_to_device
 from dpvr.data.llava_json import IGNORE
 from dpvr.errors import DPVRError
+from dpvr.hf_compat import STOCK_CACHE_KWARG, output_cache
 
 
 def masking_variants(num_layers: int) -> torch.Tensor:
@@ -61,8 +62,8 @@ def score_variants(
         where = (target != IGNORE).nonzero().flatten()  # predicting positions
         if len(where) == 0 or int(where[0]) < p:
             raise DPVRError(f"batch row {b}: the answer must come after the image and the question")
-        prefix = lm(inputs_embeds=embeds[b : b + 1, :p], position_ids=inputs["position_ids"][..., b : b + 1, :p],
-                    use_cache=True).past_key_values  # fmt: skip
+        prefix = output_cache(lm(inputs_embeds=embeds[b : b + 1, :p], position_ids=inputs["position_ids"][..., b : b + 1, :p],
+                                 use_cache=True))  # fmt: skip
         suffix = embeds[b : b + 1, p:n]  # (1, S, D)
         for rows in torch.arange(V).split(max_rows):
             C = len(rows)
@@ -72,7 +73,7 @@ def score_variants(
                                num_layers=L, blocked=blocked[rows].to(embeds.device), measure_mass=False)  # fmt: skip
             with probing(model, probe):
                 hidden = lm(inputs_embeds=suffix.expand(C, -1, -1), position_ids=inputs["position_ids"][..., b : b + 1, p:n],
-                            past_key_values=cache, use_cache=True).last_hidden_state  # (C, S, D), final norm applied  # fmt: skip
+                            **{STOCK_CACHE_KWARG: cache}, use_cache=True).last_hidden_state  # (C, S, D), final norm applied  # fmt: skip
             logp = F.log_softmax(model.lm_head(hidden[:, where - p]).float(), dim=-1)  # (C, A, vocab)
             tok = target[where]  # (A,)
             ll[b, rows] = logp.gather(-1, tok[None, :, None].expand(C, -1, 1)).squeeze(-1).sum(-1).cpu()

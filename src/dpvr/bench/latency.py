@@ -20,6 +20,7 @@ import torch
 
 from dpvr.bench.cpu_malloc import minor_faults
 from dpvr.bench.vision_flops import crops, default_image, family, image_tokens, patch_grids
+from dpvr.hf_compat import STOCK_CACHE_KWARG, output_cache
 from dpvr.routing import DPVRForConditionalGeneration
 from dpvr.routing.cache import RoutedCache
 
@@ -132,13 +133,13 @@ def decode_steps(model, out, n_steps: int):
     """Continue a cached forward `out` by n_steps greedy tokens, one token per step."""
     for _ in range(n_steps):
         nxt = _greedy_text_token(model, out.logits)
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=nxt, **{STOCK_CACHE_KWARG: output_cache(out)}, use_cache=True, logits_to_keep=1)
     return out
 
 
 @torch.inference_mode()
 def kv_cache_bytes(model, w: Workload) -> int:
-    cache = prefill(model, w, use_cache=True).past_key_values
+    cache = output_cache(prefill(model, w, use_cache=True))
     if isinstance(cache, RoutedCache):
         return cache.nbytes()
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)

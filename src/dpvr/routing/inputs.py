@@ -18,6 +18,7 @@ FORWARD_INPUTS: dict[str, str] = {
     "attention_mask": EXACT,  # left padding and holes; refused when it masks an image token
     "position_ids": EXACT,
     "past_key_values": EXACT,  # a RoutedCache; refused: a cache of any other type, empty or filled
+    "cache": EXACT,  # past_key_values by the stock name from transformers 5.24 (what generate() passes there)
     "cache_position": EXACT,  # refused unless it is the positions the cache's length implies
     "use_cache": EXACT,
     "labels": EXACT,

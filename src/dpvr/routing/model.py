@@ -12,11 +12,19 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError, UnsupportedInput
+from dpvr.hf_compat import (
+    CHECKPOINTING_RENAMED,
+    GENERATE_CACHE_KEY,
+    STOCK_CACHE_KWARG,
+    activation_checkpointing,
+    forward_cache,
+    llava_output,
+    stock_checkpointing_enable,
+)
 from dpvr.routing import backbones as bb
 from dpvr.routing import guards
 from dpvr.routing import inputs as routed_inputs
@@ -89,10 +97,11 @@ class RoutedModel:
     ):
         """The stock forward's arguments; family inputs (image_sizes, image_grid_thw, ...) come in kwargs."""
         cfg = self.dpvr_config
+        past_key_values = forward_cache(past_key_values, kwargs)
         if cfg.mode == "vanilla":
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                position_ids=position_ids, **{STOCK_CACHE_KWARG: past_key_values}, inputs_embeds=inputs_embeds,
                 labels=labels, logits_to_keep=logits_to_keep, use_cache=use_cache,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs,
             )  # fmt: skip
@@ -139,8 +148,7 @@ class RoutedModel:
             # num_items_in_batch (Trainer: supervised tokens of the whole step, all micro-batches and ranks), as stock
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       num_items_in_batch=num_items_in_batch)  # fmt: skip
-        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, image_hidden_states=image_features,
-                                           hidden_states=tuple(hidden_states) if hidden_states is not None else None)  # fmt: skip
+        return llava_output(loss, logits, cache, tuple(hidden_states) if hidden_states is not None else None, image_features)
 
     def _stock_attentions(self, input_ids, pixel_values, past_key_values, **inputs):
         """output_attentions=True: a text-only prompt runs every layer on every token in every mode, so the
@@ -171,7 +179,7 @@ class RoutedModel:
             is_img,
             valid,
             pos,
-            checkpointing=self.is_activation_checkpointing and self.training,
+            checkpointing=activation_checkpointing(self) and self.training,
             keep_hidden=keep_hidden,
             keep_kv=cache is not None,
         )
@@ -211,7 +219,7 @@ class RoutedModel:
         pos, _ = bb.prefill_positions(self, self.backbone, input_ids, valid, position_ids, inputs)
         out = routed_decoder(self.model.language_model, active_side_branch(self.side_branch), self.dpvr_config,
                              shared.to(self.dtype), is_img, valid, pos,
-                             checkpointing=self.is_activation_checkpointing and self.training, shared=True)  # fmt: skip
+                             checkpointing=activation_checkpointing(self) and self.training, shared=True)  # fmt: skip
         return out.hidden
 
     def _routed_cache(self, past_key_values, use_cache, batch: int) -> RoutedCache | None:
@@ -228,7 +236,7 @@ class RoutedModel:
             )
         if not use_cache:
             return None
-        if self.training and self.is_activation_checkpointing:
+        if self.training and activation_checkpointing(self):
             logger.warning_once("use_cache=True is incompatible with activation checkpointing; caching is off")
             return None
         return RoutedCache(self.num_text_layers, cfg)
@@ -300,29 +308,37 @@ class RoutedModel:
         paper's code does); vanilla keeps the stock DynamicCache."""
         if self.dpvr_config.mode == "vanilla":
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        given = model_kwargs.get("past_key_values")
+        given = model_kwargs.get(GENERATE_CACHE_KEY)
         if given is not None and not isinstance(given, RoutedCache):
             raise DPVRError(f"mode {self.dpvr_config.mode!r} generates with a RoutedCache, not {type(given).__name__}")
         if given is None and generation_config.use_cache:
-            model_kwargs["past_key_values"] = RoutedCache(self.num_text_layers, self.dpvr_config)
+            model_kwargs[GENERATE_CACHE_KEY] = RoutedCache(self.num_text_layers, self.dpvr_config)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Qwen2-VL continues a cached conversation from `self.model.rope_deltas`, which the last prompt
         # generated for set, maybe another conversation's; the RoutedCache holds this one's own deltas
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(GENERATE_CACHE_KEY)
         if self.backbone.mrope and isinstance(cache, RoutedCache) and cache.seen and cache.rope_deltas is not None:
             self.model.rope_deltas = cache.rope_deltas
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     # ------------------------------------------------------------------ training helpers
-    def _activation_checkpointing_enable(self, *args, **kwargs):
-        super()._activation_checkpointing_enable(*args, **kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options):
+        """transformers' activation checkpointing, without its input-embedding grad hook. Every version
+        reaches this: before 5.23 through `gradient_checkpointing_enable` (below), after it through the
+        deprecated alias of that name, which calls this one."""
+        stock_checkpointing_enable(super(), activation_checkpointing_kwargs, **options)
         # transformers also makes the input embeddings require grad, so that *reentrant* checkpoints
         # of a frozen stack still reach trainable weights (PEFT's case). dpvr checkpoints its layers
         # non-reentrantly, so here that hook only sends the backward pass through every frozen layer
         # below the side branch (the whole shared stack): measured, it erased LF's training saving.
         if hasattr(self, "_require_grads_hook"):
             self.disable_input_require_grads()
+
+    if not CHECKPOINTING_RENAMED:  # 5.16-5.22: the Trainer enables it by this name, which does the work itself
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **options):
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def apply_freeze(self) -> None:
         cfg = self.dpvr_config

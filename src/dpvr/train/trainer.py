@@ -28,6 +28,7 @@ from transformers.utils import logging
 from dpvr.atomic import atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
+from dpvr.hf_compat import train_loss_steps
 from dpvr.loading import default_split, load_stock, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
@@ -237,10 +238,10 @@ class DPVRTrainer(Trainer):
         return getattr(self, "_loss_before_resume", 0.0) + self._total_loss_scalar + float(self._tr_loss)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
-        # HF reports the mean loss of this call's steps; after a resume that is not the run's train_loss.
-        # Scale this call's sum so that HF's division by its own step count gives the whole run's mean.
+        # HF divides this call's loss sum by a step count (this call's from 5.19, the run's before); after a
+        # resume neither gives the run's train_loss. Scale the sum so that HF's division gives the whole run's mean.
         if getattr(self, "_loss_before_resume", None) is not None and self.state.global_step > 0:
-            steps_now = self.state.global_step - self._initial_global_step
+            steps_now = train_loss_steps(self)
             whole = self._loss_sum_so_far() / self.state.global_step
             self._total_loss_scalar = whole * steps_now - float(self._tr_loss)
         return super()._finalize_training(trial, num_train_samples, start_time)
