@@ -1,6 +1,6 @@
-"""The one place where dpvr follows an API that moved inside the transformers range it supports
-(pyproject.toml's transformers range, CI tests both ends). Each helper says which versions differ and why; the rest
-of dpvr calls the helper, never the moved name."""
+"""The one place where dpvr follows an API that moved inside transformers 5.x (pyproject.toml still pins
+5.23.0; the suite also ran at 5.19 and 5.25 with this module, see issue 40's note). Each helper says which
+versions differ and why; the rest of dpvr calls the helper, never the moved name."""
 from __future__ import annotations
 
 import dataclasses
