@@ -48,7 +48,9 @@ def _tower_on_crop(config) -> tuple[int, int]:
     S, D = patches + cls_token, v.hidden_size
     conv = 2 * patches * D * 3 * v.patch_size**2
     head = 0
-    if getattr(v, "vision_use_head", False):  # SigLIP's attention-pooling head: one probe query
+    # SigLIP's attention-pooling head (one probe query) runs unless the config turns it off; before
+    # transformers 5.23 the config had no such field and the model ran it always, hence the default
+    if v.model_type == "siglip_vision_model" and getattr(v, "vision_use_head", True):
         head = 2 * linear(S, D, D) + 2 * linear(1, D, D) + 4 * S * D + 2 * linear(1, D, v.intermediate_size)
     n_feat = patches if (config.vision_feature_select_strategy == "default" and cls_token) else S
     projector = linear(n_feat, D, t) + linear(n_feat, t, t)
