@@ -1,21 +1,15 @@
-"""The one place where dpvr follows an API that moved inside transformers 5.x (pyproject.toml still pins
-5.23.0; the suite also ran at 5.19 and 5.25 with this module, see issue 40's note). Each helper says which
+"""The one place where dpvr follows an API that moved inside transformers 5.x, within the range
+pyproject.toml allows (CI runs the suite at both ends). Each helper says which
 versions differ and why; the rest of dpvr calls the helper, never the moved name."""
 from __future__ import annotations
 
 import dataclasses
 import inspect
 
-import torch
-import transformers
-from packaging.version import Version
 from transformers import PreTrainedModel
 
 from dpvr.errors import DPVRError
 
-# transformers 5.17 moved Qwen2-VL's and Qwen2.5-VL's multimodal-rope fold (each section of the head dim
-# taken from its own position axis) out of the attention and into the rotary embedding
-_ATTENTION_FOLDS_MROPE = Version(transformers.__version__) < Version("5.17")
 # transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
 # `is_activation_checkpointing`); the old names, 5.16-5.22's only ones, stay as aliases that warn FutureWarning
 CHECKPOINTING_RENAMED = hasattr(PreTrainedModel, "activation_checkpointing_enable")
@@ -33,32 +27,6 @@ def stock_checkpointing_enable(stock, kwargs: dict | None = None, **options) -> 
         stock.activation_checkpointing_enable(kwargs, **options)
     else:
         stock.gradient_checkpointing_enable(kwargs, **options)
-
-
-def rope_tables(lm: torch.nn.Module, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) (B, T, hd) of the language model's rotary embedding at positions pos (B, T) or (3, B, T):
-    what Llama-style rotation and every routed gather take. Before 5.17 a multimodal-rope model's
-    rotary embedding returns one table per axis (3, B, T, hd); they are folded here as 5.17+ folds them."""
-    cos, sin = lm.rotary_emb(h, pos)
-    if cos.dim() == 4:
-        section = lm.config.rope_parameters["mrope_section"]
-        cos, sin = _fold_axes(cos, section), _fold_axes(sin, section)
-    return cos, sin
-
-
-def _fold_axes(table: torch.Tensor, section: list[int]) -> torch.Tensor:
-    # the head dim is [section, section] (cos/sin repeat for the rotated halves); chunk i from axis i % 3
-    return torch.cat([m[i % 3] for i, m in enumerate(table.split(section * 2, dim=-1))], dim=-1)
-
-
-def layer_rope(layer: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded (cos, sin) as this stock decoder layer's `position_embeddings` takes them. Before 5.17 a
-    multimodal-rope attention folds per-axis tables itself: it gets three copies of the folded table,
-    which its fold maps back to the same table."""
-    rope = getattr(layer.self_attn.config, "rope_parameters", None) or {}
-    if _ATTENTION_FOLDS_MROPE and "mrope_section" in rope:
-        return cos.expand(3, *cos.shape), sin.expand(3, *sin.shape)
-    return cos, sin
 
 
 def llava_output(loss, logits, cache, hidden_states, image_features):
@@ -124,10 +92,3 @@ def output_cache(out):
     the old name is a property there that logs a deprecation)."""
     names = {f.name for f in dataclasses.fields(out)}
     return out.cache if "cache" in names else out.past_key_values
-
-
-def train_loss_steps(trainer) -> int:
-    """The step count the Trainer divides its summed loss by for train()'s train_loss: from 5.19 the steps
-    of this train() call (it records the step it resumed at as `_initial_global_step`), before 5.19 every
-    step of the run, so the resumed ones too (a resumed run's train_loss there is too small)."""
-    return trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)

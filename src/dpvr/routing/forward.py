@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError, NonFiniteError
-from dpvr.hf_compat import rope_tables
 from dpvr.routing.cache import RoutedCache
 from dpvr.routing.layer import KV, project_kv, routed_layer
 from dpvr.routing.schedule import ALL, IMAGE, TEXT, Span, compile_schedule, split_schedule
@@ -75,7 +74,7 @@ class _Loop:
 
     def __init__(self, lm: nn.Module, cfg: DPVRConfig, h, pos, checkpointing: bool, keep_hidden: bool, keep_kv: bool):
         self.lm, self.cfg = lm, cfg
-        self.cos, self.sin = rope_tables(lm, h, pos)  # (B, T, hd) each
+        self.cos, self.sin = lm.rotary_emb(h, pos)  # (B, T, hd) each (Qwen's mrope axes folded in)
         self.checkpointing = checkpointing
         self.flags: list[tuple[str, torch.Tensor]] = []
         self.hidden: list[torch.Tensor] | None = [h] if keep_hidden else None
@@ -261,7 +260,7 @@ def routed_decode(
     all modes: the routing lives in what each layer's cache holds."""
     n = h.shape[1]
     order = (cache.seen + torch.arange(n, device=h.device)).expand_as(valid)  # (B, n) sequence index
-    cos, sin = rope_tables(lm, h, pos)
+    cos, sin = lm.rotary_emb(h, pos)
     dense = cache.dense and bool(valid.all())
     for i, layer in enumerate(lm.layers):
         if hidden_out is not None:

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dpvr.attention import SDPA_LIKE
-from dpvr.hf_compat import LAYER_CACHE_KWARG, layer_rope
+from dpvr.hf_compat import LAYER_CACHE_KWARG
 from dpvr.routing.tokens import attention_bias
 
 
@@ -99,7 +99,7 @@ def project_kv(
     and nothing else (no query: DPVR-KV's fixed image states issue none)."""
     k, v = _keys(layer.self_attn, layer.input_layernorm(h))
     # rotary on keys only: apply_rotary_pos_emb rotates a (q, k) pair, so pass k twice and keep one.
-    # Every verified family rotates as Llama does (Qwen2-VL's mrope is folded into cos/sin: hf_compat.rope_tables).
+    # Every verified family rotates as Llama does (Qwen2-VL's rotary embedding folds its mrope axes into cos/sin).
     k, _ = apply_rotary_pos_emb(k, k, cos, sin)
     return k, v
 
@@ -139,7 +139,7 @@ def routed_layer(
     # the switch is touched only when on: a generator context per layer call costs decode time
     checkpointed = getattr(layer, "gradient_checkpointing", False)
     with _unchecked(layer) if checkpointed else contextlib.nullcontext():
-        out = layer(h, attention_mask=bias, position_embeddings=layer_rope(layer, cos, sin), **{LAYER_CACHE_KWARG: keys})
+        out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), **{LAYER_CACHE_KWARG: keys})
     probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, order, valid, probe_rows, window)
     return out, (keys.joined if keep_keys else None), probs
 

@@ -28,7 +28,6 @@ from transformers.utils import logging
 from dpvr.atomic import atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
-from dpvr.hf_compat import train_loss_steps
 from dpvr.loading import default_split, load_stock, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
@@ -238,10 +237,10 @@ class DPVRTrainer(Trainer):
         return getattr(self, "_loss_before_resume", 0.0) + self._total_loss_scalar + float(self._tr_loss)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
-        # HF divides this call's loss sum by a step count (this call's from 5.19, the run's before); after a
+        # HF divides this call's loss sum by this call's step count (it records the step it resumed at); after a
         # resume neither gives the run's train_loss. Scale the sum so that HF's division gives the whole run's mean.
         if getattr(self, "_loss_before_resume", None) is not None and self.state.global_step > 0:
-            steps_now = train_loss_steps(self)
+            steps_now = self.state.global_step - self._initial_global_step
             whole = self._loss_sum_so_far() / self.state.global_step
             self._total_loss_scalar = whole * steps_now - float(self._tr_loss)
         return super()._finalize_training(trial, num_train_samples, start_time)
