@@ -2,7 +2,7 @@
 answering with one model that dpvr loaded: a DPVR checkpoint, or a stock one converted at load.
 
     model, processor = dpvr.loading.load_model(mode="lf", split_layer=6)
-    with Running(build_app(model, processor, name="tiny-llava"), port=0) as server:
+    with Running(build_app(model, processor, name="tiny-llava"), listen("127.0.0.1", 0)) as server:
         print(server.url)                # http://127.0.0.1:PORT/v1, for any OpenAI client
 
 Why not `transformers serve MODEL` itself: its ModelManager loads a model by name with from_pretrained
@@ -141,14 +141,14 @@ def _answer_errors_as_json(app) -> None:
 
 
 class Running:
-    """uvicorn serving `app` on host:port (port 0: a free one), in this thread (`serve_forever`: Ctrl-C
+    """uvicorn serving `app` on a listening socket (see `listen`), in this thread (`serve_forever`: Ctrl-C
     stops it) or in a background one (`with Running(...) as server:`, stopped on leaving)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
+    def __init__(self, app, listener: socket.socket, log_level: str = "warning"):
         import uvicorn
 
-        self.socket = _listen(host, port)
-        self.host, self.port = host, self.socket.getsockname()[1]
+        self.socket = listener
+        self.host, self.port = listener.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         self.thread: threading.Thread | None = None
 
@@ -181,8 +181,9 @@ class Running:
         self.socket.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, so a taken port is refused at start in one line (and port 0 works)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), opened before the model loads so that a taken
+    port is refused at start, in one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

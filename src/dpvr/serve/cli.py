@@ -44,24 +44,30 @@ _port.__name__ = "port"
 
 
 def start(args: argparse.Namespace):
-    """The server for these options, not yet listening: (`Running`, the loaded model). Loads the model
-    first (a bad MODEL is refused before any server part is touched)."""
+    """(the server for these options, listening but not yet serving: a `Running`; the model; its processor).
+    What can be refused cheaply is refused before the model loads: a missing MODEL folder, a missing
+    serving extra, a taken port."""
     from dpvr.loading import describe, load_model, resolve_model_path
-    from dpvr.serve.app import Running, build_app, serving_parts
+    from dpvr.serve.app import Running, build_app, listen, serving_parts
 
     if args.checkpoint is not None and args.model is not None and args.checkpoint != args.model:
         raise UsageError(f"MODEL {args.checkpoint} and --model {args.model} disagree; give one of them")
     args.model = args.model or args.checkpoint
-    resolve_model_path(args.model)  # a missing folder first, in one line, whatever else is wrong
-    serving_parts()  # a missing serving extra: refused before minutes of loading
-    model, processor = load_model(**model_kwargs(args))
-    name = args.served_model_name or args.model or DEFAULT_NAME
-    server = Running(build_app(model, processor, name), host=args.host, port=args.port, log_level=args.log_level)
+    resolve_model_path(args.model)
+    serving_parts()
+    listener = listen(args.host, args.port)
+    try:
+        model, processor = load_model(**model_kwargs(args))
+        name = args.served_model_name or args.model or DEFAULT_NAME
+        server = Running(build_app(model, processor, name), listener, log_level=args.log_level)
+    except BaseException:
+        listener.close()
+        raise
     print(f"dpvr serve: {describe(model, plan=True)} as {name!r} on {server.url} (POST /chat/completions)", flush=True)
-    return server, model
+    return server, model, processor
 
 
 def run(args: argparse.Namespace) -> int:
-    server, _model = start(args)
+    server, _model, _processor = start(args)
     server.serve_forever()  # until Ctrl-C (uvicorn shuts down, then dpvr exits 130)
     return 0
