@@ -232,7 +232,41 @@ def test_other_endpoints_and_models_are_refused(served):
     _still_serving(server)
 
 
+def test_a_setting_routing_refuses_is_a_400(served):
+    server = served[0]
+    config = json.dumps({"cache_implementation": "static", "max_new_tokens": NEW_TOKENS})
+    _refused(server, {"messages": image_message(data_url(png(4))), "generation_config": config},
+             ["cache_implementation='static' is not supported in routed modes"])  # fmt: skip
+    _still_serving(server)
+
+
 def test_unknown_model_folder_is_refused_at_start(tmp_path, capsys):
     rc = main(["serve", str(tmp_path / "no-such-model"), "--port", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "no such file" in err[0] and "no-such-model" in err[0], err
+
+
+@pytest.mark.e2e
+def test_the_command_serves_until_interrupted(tmp_path):
+    """`dpvr serve` as a shell runs it: prints its URL, answers, and on Ctrl-C (SIGINT) shuts down and exits
+    130 with its one line, as every dpvr command does."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dpvr.cli", "serve", "--mode", "lf", "--split-layer", str(SPLIT), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the start line, once the model is loaded and the port is open
+        assert " on http://127.0.0.1:" in line, line
+        url = line.split(" on ", 1)[1].split()[0]
+        server = type("Server", (), {"url": url})
+        reply = ask(server, [{"role": "user", "content": "how many cells are there ?"}])
+        assert reply["choices"][0]["message"]["content"]
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and err.strip().endswith("dpvr serve: interrupted"), err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
