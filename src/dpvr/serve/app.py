@@ -64,8 +64,8 @@ def build_app(model, processor, name: str):
     state = tf.GenerationState()  # no continuous batching: transformers' only runs text-only models
     chat = _checked_chat_handler(tf)(model_manager=manager, generation_state=state)
     unserved = _Unserved()
-    app = tf.build_server(manager, chat, completion_handler=unserved, response_handler=unserved,
-                          transcription_handler=unserved, systemone_handler=unserved, generation_state=state)  # fmt: skip
+    app = tf.build_server(manager, chat, completion_handler=unserved, response_handler=unserved, generation_state=state,
+                          transcription_handler=unserved, systemone_handler=unserved)  # fmt: skip
     _answer_errors_as_json(app)
     return app
 

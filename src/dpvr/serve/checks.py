@@ -5,7 +5,7 @@ mid-way, or a URL fetched on the client's behalf), and the server goes on servin
     n_images = load_images(body)      # every image part decoded here; refuses URLs, missing files, bad data
     fit_length(body, prompt_tokens=700, max_length=4096)   # refuses a prompt the model cannot hold
 
-Kept free of fastapi and torch: these are plain functions over the request's JSON body.
+Plain functions over the request's JSON body (no fastapi): a RequestError carries the HTTP status.
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ def check_messages(body: dict) -> list[dict]:
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
-        if not isinstance(content, list) or not all(isinstance(p, dict) and "type" in p for p in content):
+        typed = isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+        if not typed:
             raise RequestError(f"message {k}: `content` must be a string or a list of {{type, ...}} parts")
         other = sorted({p["type"] for p in content} - {*IMAGE_PARTS, *TEXT_PARTS})
-        if other:  # video and audio parts would make transformers fetch URLs and run no routing
+        if other:  # transformers would fetch a video's or audio's URL, and routing refuses video
             raise RequestError(f"message {k}: dpvr serve takes text and image parts, not {', '.join(map(str, other))}")
     return messages
 
@@ -58,7 +59,7 @@ def load_images(body: dict) -> int:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str) or not url:
-                raise RequestError(f"image {count}: no url (send {{'image_url': {{'url': 'data:image/png;base64,...'}}}})")
+                raise RequestError(f"image {count}: no url; send {{'image_url': {{'url': 'data:image/png;base64,...'}}}}")
             part["image_url"] = {"url": decode_image(url, count)}
     return count
 
@@ -89,7 +90,8 @@ def decode_image(url: str, index: int):
         return load_image(Image.open(source))  # load_image: EXIF orientation, then RGB
     except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         what = "its data URL" if url.startswith("data:") else url
-        raise RequestError(f"image {index}: {what} is not a readable image ({str(exc).splitlines()[0][:120]})") from None
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise RequestError(f"image {index}: {what} is not a readable image ({why})") from None
 
 
 def requested_new_tokens(body: dict) -> int | None:
