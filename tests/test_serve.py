@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transformers.utils.import_utils import is_serve_available
+
 from dpvr.cli import command_parser, main
 
-pytest.importorskip("transformers")
-if not __import__("transformers.utils.import_utils", fromlist=["x"]).is_serve_available():
+if not is_serve_available():
     pytest.skip("the serve extra (fastapi, uvicorn, openai) is not installed: pip install 'dpvr[serve]'",
                 allow_module_level=True)  # fmt: skip
 
@@ -244,6 +245,15 @@ def test_unknown_model_folder_is_refused_at_start(tmp_path, capsys):
     rc = main(["serve", str(tmp_path / "no-such-model"), "--port", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "no such file" in err[0] and "no-such-model" in err[0], err
+
+
+def test_a_missing_serve_extra_is_refused_at_start(monkeypatch, capsys):
+    import transformers.utils.import_utils as import_utils
+
+    monkeypatch.setattr(import_utils, "is_serve_available", lambda: False)
+    rc = main(["serve", "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "pip install 'dpvr[serve]'" in err[0], err
 
 
 @pytest.mark.e2e
