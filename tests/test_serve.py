@@ -180,6 +180,25 @@ def test_four_concurrent_clients(served):
         assert reply["choices"][0]["message"]["content"].strip() == wants[k], questions[k]
 
 
+def test_a_saved_dpvr_checkpoint_serves_the_same_answers(served, tmp_path):
+    """MODEL a DPVR checkpoint (what `save_pretrained` writes): loaded with its own routing, no flags."""
+    from dpvr.serve.cli import start
+
+    _server, model, processor, _ = served
+    model.save_pretrained(tmp_path / "lf")
+    image = png(5)
+    want, prompt_tokens, _ = expected(model, processor, image)
+    args = command_parser("serve").parse_args([str(tmp_path / "lf"), "--port", "0", "--log-level", "warning"])
+    server, loaded, _processor = start(args)
+    assert loaded.dpvr_config == model.dpvr_config
+    with server:
+        status, reply = post(server, {"model": str(tmp_path / "lf"), "max_tokens": NEW_TOKENS,
+                                      "messages": image_message(data_url(image))})  # fmt: skip
+    assert status == 200, reply
+    assert reply["choices"][0]["message"]["content"].strip() == want
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens
+
+
 def _refused(server, body: dict, words: list[str], status: int = 400) -> None:
     got, reply = post(server, {"model": "tiny-llava", "max_tokens": NEW_TOKENS, **body})
     assert got == status, reply
