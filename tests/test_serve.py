@@ -122,7 +122,7 @@ def check_cache(served_, prompt_tokens: int, has_image: bool) -> None:
         assert min(want) < prompt_tokens == max(want)
 
 
-def test_image_request_is_generates_answer(served, tmp_path):
+def test_image_request_gets_generates_answer(served, tmp_path):
     server, model, processor, _ = served
     image = png(0)
     want, prompt_tokens, new_tokens = expected(model, processor, image)
