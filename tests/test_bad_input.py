@@ -131,6 +131,10 @@ CASES = [
     ("analyze-missing-data", ["analyze", "--model", "{ckpt}", "--data", "{root}/nope.json", "--out", "{out}"], ERROR,
      ["nope.json"]),
     ("data-out-not-empty", ["data", "--out", "{adapter}"], ERROR, ["exists but is not a complete"]),
+    # serve (a missing serve extra would name itself instead: these are refused before that check)
+    ("serve-missing-model", ["serve", "{root}/no-such-model", "--port", "0"], ERROR, ["no such file", "no-such-model"]),
+    ("serve-model-twice", ["serve", "{ckpt}", "--model", "{adapter}"], USAGE, ["MODEL", "--model", "disagree"]),
+    ("serve-port-out-of-range", ["serve", "--port", "70000"], USAGE, ["--port", "<= 65535, got 70000"]),
     # train
     ("train-mode-fastv", TRAIN + ["--mode", "fastv"], USAGE, ["--mode 'fastv'", "inference-only"]),
     ("train-mode-vtw", TRAIN + ["--mode", "vtw"], USAGE, ["--mode 'vtw'", "inference-only"]),

@@ -212,3 +212,16 @@ def test_exact_generate_settings_give_the_stock_generation_on_text(family):
             flat = lambda out: [h for step in out.hidden_states for h in step]  # noqa: E731
             assert len(flat(got)) == len(flat(w)) == 3 * 7
             assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(flat(got), flat(w)))
+
+
+@torch.no_grad()
+def test_generate_takes_a_tokenizer_as_the_stock_model_does():
+    """generate(tokenizer=...) (read by stop_strings; transformers serve always passes one) reaches the forward
+    among the model kwargs: ignored there, as the stock forward ignores it."""
+    from dpvr.loading import load_model
+
+    model, processor = load_model(mode="vtw", split_layer=6)
+    inputs = processor(text="USER: how many cells are there ? ASSISTANT:", return_tensors="pt")
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    told = model.generate(**inputs, max_new_tokens=4, do_sample=False, tokenizer=processor.tokenizer)
+    assert torch.equal(plain, told)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("dpvr.analysis.cli", "Three-view saturation + layer-wise masking analysis; recommends a split."),
     "train": ("dpvr.train.cli", "Train the side branch (or a baseline) on LLaVA-665k-format data."),
     "reproduce": ("dpvr.demo.reproduce", "Re-run the paper's tables and sweeps on the embedded default."),
+    "serve": ("dpvr.serve.cli", "Serve a routed model behind an OpenAI-compatible chat API (transformers serve)."),
     "eval": ("dpvr.eval.cli", "Score a model on the digit-scenes benchmark with the paper's metrics."),
     "bench": ("dpvr.bench.cli", "Measure prefill/decode latency, memory and KV bytes for every mode."),
     "breakdown": ("dpvr.bench.breakdown", "Time and count FLOPs per stage of a routed prefill, against vanilla."),

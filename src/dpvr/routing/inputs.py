@@ -39,6 +39,9 @@ FORWARD_INPUTS: dict[str, str] = {
     "image_sizes_videos": "ignored (read with pixel_values_videos only, which is refused)",
     "second_per_grid_ts": "ignored (video timing: read with video_grid_thw only, which is refused)",
     "kwargs": "ignored (a name only: its keywords are this table's; any other is refused)",
+    # generate(tokenizer=...) (for stop_strings; transformers serve always passes it) reaches the forward
+    # among the model kwargs, as it does the stock forward, which ignores it
+    "tokenizer": "ignored (generate() passes it on; it is read by stop_strings only)",
 }
 _VIDEO = "video input is not routed yet; route image prompts"
 _PACKED = "packed sequences (flash-attention kwargs) are not routed; pass padded batches with an attention_mask"
