@@ -36,7 +36,7 @@ class SideWarmup:
         """The second stage's step count; refuses a run no longer than the warm-up."""
         if num_training_steps <= self.steps:
             raise DPVRError(f"side_warmup_steps={self.steps} leaves no step at the raised rate: the run has "
-                            f"{num_training_steps} steps (raise --max_steps or lower --side_warmup_steps)")  # fmt: skip
+                            f"{num_training_steps} step(s) (raise --max_steps or lower --side-warmup-steps)")  # fmt: skip
         return num_training_steps - self.steps
 
     def staged(self, second: LambdaLR) -> LambdaLR:
