@@ -4,11 +4,19 @@ formula, it does not depend on how a step's tokens are split (as the plain loss,
 and only the trainable weights get a gradient. The command line's runs are in tests/test_train_recipes.py."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from test_loss_scaling import collate, samples
-from tiny import tiny_llava
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run by torch.distributed.run
+from test_loss_scaling import collate, samples  # noqa: E402
+from tiny import tiny_llava  # noqa: E402
 
 from dpvr import DPVRConfig, convert
 from dpvr.errors import DPVRError
@@ -16,6 +24,7 @@ from dpvr.train.distill import Distillation
 from dpvr.train.trainer import DPVRTrainer
 
 KINDS = ("lf", "pc", "kv", "peft")  # peft: LoRA on the base's layers of an LF model, its side branch by modules_to_save
+DDP_KINDS = ("lf", "peft")
 WEIGHT, TEMPERATURE = 0.5, 2.0
 
 
@@ -81,7 +90,7 @@ def one_step(kind: str, batch_size: int, accum: int, out_dir, weight: float = WE
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum, max_steps=1,
         learning_rate=1e-3, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        remove_unused_columns=False, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, disable_tqdm=True, seed=0, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
     )  # fmt: skip
     trainer = DPVRTrainer(model=model, args=args, train_dataset=samples(), data_collator=collate, callbacks=[Record()],
                           distillation=Distillation(weight, TEMPERATURE) if weight else None)  # fmt: skip
@@ -101,6 +110,25 @@ def test_distilled_step_does_not_depend_on_accumulation_and_trains_only_trainabl
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"batch {b} x {k}: loss {loss:.6f} vs {ref_loss:.6f}"
         rel = float((grad - ref_grad).norm() / ref_grad.norm())
         assert rel <= 1e-5, f"batch {b} x accumulation {k}: gradient differs by {rel:.2e} (relative norm)"
+
+
+def test_two_processes_train_the_one_process_step(tmp_path):
+    """2 ranks (gloo) x batch 4 and 2 ranks x batch 2 x accumulation 2 vs one process's batch 8: the
+    Trainer's cross-rank token count reaches both terms alike."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
+           __file__, str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    for kind in DDP_KINDS:
+        ref_loss, ref_grad, _ = one_step(kind, 8, 1, tmp_path / kind)
+        for split, (loss, grad, frozen) in ddp[kind].items():
+            assert not frozen, f"{kind} 2 processes x {split}: frozen weights got a gradient: {frozen[:5]}"
+            assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"{kind} 2 processes x {split}: loss {loss:.6f} vs {ref_loss:.6f}"
+            rel = float((torch.tensor(grad, dtype=torch.float64) - ref_grad).norm() / ref_grad.norm())
+            assert rel <= 1e-5, f"{kind} 2 processes x {split}: gradient differs by {rel:.2e} (relative norm)"
 
 
 def test_the_loss_is_the_stated_blend_over_the_response_tokens(tmp_path):
@@ -137,3 +165,17 @@ def test_bad_values_and_models_without_routing_are_refused_in_one_line(tmp_path)
     model, _ = build("lf")
     with pytest.raises(DPVRError, match="shared-stack"):
         Distillation(WEIGHT).teacher_logits(model, {**batch(), "shared_states": torch.zeros(1)})
+
+
+if __name__ == "__main__":  # worker under torch.distributed.run: rank 0 writes each kind's two splits
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in DDP_KINDS:
+            results[kind] = {}
+            for b, k in ((4, 1), (2, 2)):
+                loss, grad, frozen = one_step(kind, b, k, os.path.join(tmp, f"{kind}-{b}-{k}"))
+                results[kind][f"batch {b} x accumulation {k}"] = (loss, grad.tolist(), frozen)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(sys.argv[1]).write_text(json.dumps(results))
