@@ -78,6 +78,9 @@ class DataArguments:
 
 @dataclass
 class RecipeArguments:
+    """What the side branch learns from and at which rates: self-distillation (dpvr.train.distill) and a
+    low-rate warm-up stage (dpvr.train.stages), the paper's future-work items (v) and (iv)."""
+
     distill_weight: float = field(
         default=0.0, metadata={"help": "W: train on (1-W) CE + W T^2 KL(teacher || student) over the response tokens; the "
                                "teacher is the same model with routing off (dpvr.train.distill); 0 = plain CE"})

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 -m dpvr.cli train ...     # DDP; --deepspeed / --fsdp through the Trainer
     dpvr train ... --resume_from_checkpoint true           # after an interruption: the same final weights
     dpvr train --method lora --lora-r 16 ...                # baselines: --method full | lora
+    dpvr train ... --distill-weight 0.5 --side-warmup-steps 100   # learn from the unrouted model; a low-rate first stage
 
 Every TrainingArguments flag is accepted (`--help-trainer` lists them; `--help`, dpvr's own). The
 seed reaches the model init, the side-branch init and the data order. The final side branch is
