@@ -162,6 +162,8 @@ CASES = [
      ["--side-warmup-steps", "--method full"]),
     ("train-side-warmup-whole-run", TRAIN + ["--data", "{bench}/train.json", "--side_warmup_steps", "1"], ERROR,
      ["side_warmup_steps=1", "no step at the raised rate", "has 1 step"]),
+    ("train-side-warmup-plateau-schedule", TRAIN + ["--data", "{bench}/train.json", "--side_warmup_steps", "1", "--max_steps",
+     "3", "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps", "--eval_steps", "1"], ERROR, ["--side-warmup-steps", "ReduceLROnPlateau", "step-wise"]),
     ("train-tiny-no-out", ["train-tiny"], USAGE, ["--out"]),
     # reproduce / demo (a step's own failure prints its line, then the pipeline's: checked at their options)
     ("reproduce-steps-0", ["reproduce", "--steps", "0", "--out", "{out}"], USAGE, ["--steps", ">= 1"]),

@@ -43,7 +43,7 @@ class SideWarmup:
         """One LambdaLR on `second`'s optimizer: `lr_scale` for the first `steps` steps, then `second`'s factors
         (a scheduler made for the remaining steps, e.g. transformers.get_scheduler's) shifted by `steps`."""
         if not isinstance(second, LambdaLR):
-            raise DPVRError(f"--side_warmup_steps composes with a step-wise schedule; {type(second).__name__} is not one "
+            raise DPVRError(f"--side-warmup-steps composes with a step-wise schedule; {type(second).__name__} is not one "
                             "(use --lr_scheduler_type cosine, linear, constant, ...)")  # fmt: skip
         # the second scheduler set each group's initial_lr (the configured rate): this one reads it back
         return LambdaLR(second.optimizer, [self._factor(f) for f in second.lr_lambdas])
