@@ -87,25 +87,32 @@ class Distillation:
     def student(self, model, inputs: dict, num_items_in_batch=None):
         """`model` as Trainer.compute_loss calls it, with the teacher run first: a callable whose output's
         loss is the blended loss (the Trainer then scales it as it scales the plain loss)."""
-        teacher_logits = self.teacher_logits(model, inputs)
+        mask = response_rows(inputs["labels"]) if "labels" in inputs else None
+        if mask is None:
+            raise DPVRError("distillation blends the cross-entropy over the labelled tokens: the batch has no labels")
+        # only the response rows are kept (n, V), not the whole (B, T, V): on a 7B LLaVA most rows are image tokens
+        teacher = self.teacher_logits(model, inputs)[:, :-1][mask]
 
         def forward(**kwargs):
             out = model(**kwargs)
-            if out.get("loss") is None:
-                raise DPVRError("distillation blends the cross-entropy over the labelled tokens: the batch has no labels")
-            kl = self.kl(out.logits, teacher_logits, kwargs["labels"], num_items_in_batch)
+            kl = self.kl(out.logits[:, :-1][mask], teacher, mask, num_items_in_batch)
             out["loss"] = (1.0 - self.weight) * out["loss"] + self.weight * self.temperature**2 * kl
             return out
 
         return forward
 
-    def kl(self, student_logits, teacher_logits, labels, num_items_in_batch=None) -> torch.Tensor:
-        """KL(teacher || student) at temperature T, summed over the response tokens and divided as the
-        CE loss is: by num_items_in_batch, or without it by this batch's own count of those tokens."""
-        mask = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1, as the CE loss shifts
-        s = student_logits[:, :-1][mask].float() / self.temperature  # only the response rows: (n, V)
-        t = teacher_logits[:, :-1][mask].float().to(s.device) / self.temperature
+    def kl(self, student_rows, teacher_rows, mask, num_items_in_batch=None) -> torch.Tensor:
+        """KL(teacher || student) at temperature T over the response rows (n, V), summed and divided as the
+        CE loss is: by num_items_in_batch, or without it by this batch's own count of those rows (`mask`)."""
+        s = student_rows.float() / self.temperature
+        t = teacher_rows.float().to(s.device) / self.temperature
         total = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
         if num_items_in_batch is None:
             return total / mask.sum().clamp(min=1)
         return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+
+
+def response_rows(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) mask of the positions whose next token carries a label: position t predicts token t + 1,
+    as the causal-LM loss shifts them (and as the Trainer counts num_items_in_batch)."""
+    return labels[:, 1:] != IGNORE_INDEX
