@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dpvr.errors import DPVRError
+from dpvr.routing.model import RoutedModel
 from dpvr.train.args import check_distillation
 
 IGNORE_INDEX = -100  # transformers' label for tokens without a loss
@@ -35,8 +36,6 @@ IGNORE_INDEX = -100  # transformers' label for tokens without a loss
 def routed_model(model):
     """(the DPVR model inside `model`, the PeftModel around it or None): `model` may be wrapped by
     DDP / FSDP / DeepSpeed (its .module) and by PEFT."""
-    from dpvr.routing.model import RoutedModel
-
     inner = getattr(model, "module", model)
     peft = inner if hasattr(inner, "disable_adapter") and hasattr(inner, "get_base_model") else None
     routed = peft.get_base_model() if peft is not None else inner
