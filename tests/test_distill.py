@@ -112,6 +112,7 @@ def test_distilled_step_does_not_depend_on_accumulation_and_trains_only_trainabl
         assert rel <= 1e-5, f"batch {b} x accumulation {k}: gradient differs by {rel:.2e} (relative norm)"
 
 
+@pytest.mark.e2e  # a multi-process launch (~45 s on 2 cores): `pytest -m e2e` runs it, as CI does
 def test_two_processes_train_the_one_process_step(tmp_path):
     """2 ranks (gloo) x batch 4 and 2 ranks x batch 2 x accumulation 2 vs one process's batch 8: the
     Trainer's cross-rank token count reaches both terms alike."""
