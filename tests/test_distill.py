@@ -149,7 +149,7 @@ def test_the_loss_is_the_stated_blend_over_the_response_tokens(tmp_path):
     assert abs(got - want) <= 1e-5 * want, f"trained on {got:.6f}, the formula gives {want:.6f}"
 
 
-def test_bad_values_and_models_without_routing_are_refused_in_one_line(tmp_path):
+def test_bad_values_models_without_routing_and_a_given_scheduler_are_refused_in_one_line(tmp_path):
     from transformers import TrainingArguments
 
     for weight, temperature, what in ((1.5, 1.0, "distill_weight=1.5"), (-0.1, 1.0, "distill_weight=-0.1"),
@@ -164,6 +164,17 @@ def test_bad_values_and_models_without_routing_are_refused_in_one_line(tmp_path)
         with pytest.raises(DPVRError, match=what):
             DPVRTrainer(model=model, args=args, distillation=Distillation(WEIGHT))
     model, _ = build("lf")
+    from torch.optim.lr_scheduler import ConstantLR
+
+    from dpvr.train.stages import SideWarmup
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(DPVRError, match="side_warmup builds the learning-rate scheduler"):
+        DPVRTrainer(model=model, args=args, optimizers=(optimizer, ConstantLR(optimizer)), side_warmup=SideWarmup(2))
+    with pytest.raises(DPVRError, match="side_warmup_lr_scale=0"):
+        SideWarmup(2, 0.0)
+    with pytest.raises(DPVRError, match="side_warmup_steps=0"):
+        SideWarmup(0)
     with pytest.raises(DPVRError, match="shared-stack"):
         Distillation(WEIGHT).teacher_logits(model, {**batch(), "shared_states": torch.zeros(1)})
 

@@ -190,6 +190,8 @@ class DPVRTrainer(Trainer):
     def __init__(self, *args, distillation=None, side_warmup=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distillation, self.side_warmup = distillation, side_warmup
+        if side_warmup is not None and self.lr_scheduler is not None:
+            raise DPVRError("side_warmup builds the learning-rate scheduler: pass no scheduler in optimizers=")
         if distillation is not None:
             distillation.check_model(self.model)
             if self.label_smoother is not None or self.compute_loss_func is not None:
