@@ -81,7 +81,7 @@ def test_train_takes_the_routing_flags_as_other_commands_spell_them():
     from dpvr.train.cli import parse
 
     for argv in (["--fusion-at", "11,13"], ["--fusion-at=11,13"], ["--fusion_at", "11", "13"]):
-        margs, _, _ = parse(["--split-layer", "10", *argv, "--output_dir", "unused"])
+        margs, *_ = parse(["--split-layer", "10", *argv, "--output_dir", "unused"])
         assert (margs.split_layer, list(margs.fusion_at)) == (10, [11, 13]), argv
 
 

@@ -58,9 +58,10 @@ def _accepted(name: str) -> set[str]:
     if name == "train":
         from transformers import TrainingArguments
 
-        from dpvr.train.args import DataArguments, ModelArguments
+        from dpvr.train.args import DataArguments, ModelArguments, RecipeArguments
 
-        fields = [f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in dataclasses.fields(cls)]
+        fields = [f.name for cls in (ModelArguments, DataArguments, TrainingArguments, RecipeArguments)
+                  for f in dataclasses.fields(cls)]  # fmt: skip
         return {f"--{n}" for n in fields} | {f"--{n.replace('_', '-')}" for n in fields} | {"--help", "--help-trainer"}
     return set(command_parser(name)._option_string_actions)
 

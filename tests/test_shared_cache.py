@@ -185,7 +185,7 @@ def test_runs_side_by_side_fill_a_split_once(world, tmp_path, monkeypatch):
     from dpvr.train.trainer import build_model
 
     root, data = world
-    margs, dargs, _ = parse(["--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "3",
+    margs, dargs, *_ = parse(["--model", str(root), "--data", str(data / "train.json"), "--mode", "lf", "--split_layer", "3",
                              "--output_dir", str(tmp_path / "out")])  # fmt: skip
     model, processor = build_model(margs)
     dataset = build_dataset(dargs, processor)

@@ -76,6 +76,49 @@ class DataArguments:
                                 "from there (dpvr.train.shared_cache)"})
 
 
+@dataclass
+class RecipeArguments:
+    """What the side branch learns from and at which rates: self-distillation (dpvr.train.distill) and a
+    low-rate warm-up stage (dpvr.train.stages), the paper's future-work items (v) and (iv)."""
+
+    distill_weight: float = field(
+        default=0.0, metadata={"help": "W: train on (1-W) CE + W T^2 KL(teacher || student) over the response tokens; the "
+                               "teacher is the same model with routing off (dpvr.train.distill); 0 = plain CE"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "T: softmax temperature of both sides of the KL"})
+    side_warmup_steps: int = field(
+        default=0, metadata={"help": "warm the side branch up: this many first steps at --side-warmup-lr-scale x the rate, "
+                             "then the run's schedule over the remaining steps (dpvr.train.stages); 0 = off"})
+    side_warmup_lr_scale: float = field(default=0.1, metadata={"help": "the warm-up stage's fraction of --learning_rate"})
+
+    def __post_init__(self):
+        check_distillation(self.distill_weight, self.distill_temperature)
+        check_side_warmup(self.side_warmup_steps, self.side_warmup_lr_scale, off=0)
+
+    def check_for(self, method: str, shared_stack_cache: str | None) -> None:
+        """The combinations that cannot work: both options shape a DPVR side branch's training."""
+        for flag, on in (("--distill-weight", self.distill_weight > 0), ("--side-warmup-steps", self.side_warmup_steps > 0)):
+            if on and method != "dpvr":
+                raise UsageError(f"{flag} trains a DPVR side branch (--method dpvr); --method {method} trains the stock model")
+        if self.distill_weight > 0 and shared_stack_cache:
+            raise UsageError("--distill-weight needs the full model's output every step (the teacher), which "
+                             "--shared-stack-cache skips: use one or the other")  # fmt: skip
+
+
+def check_distillation(weight: float, temperature: float) -> None:
+    if not 0.0 <= weight <= 1.0:
+        raise UsageError(f"distill_weight={weight}: must lie in [0, 1] (0 = cross-entropy only, 1 = the KL only)")
+    if not temperature > 0.0 or temperature == float("inf"):
+        raise UsageError(f"distill_temperature={temperature}: must be a finite number > 0")
+
+
+def check_side_warmup(steps: int, lr_scale: float, off: int | None = None) -> None:
+    """off: the step count that means "no warm-up stage" where one is allowed (the flag's 0)."""
+    if steps < 1 and steps != off:
+        raise UsageError(f"side_warmup_steps={steps}: must be >= 1" + (f" ({off} = no warm-up stage)" if off is not None else ""))
+    if not 0.0 < lr_scale <= 1.0:
+        raise UsageError(f"side_warmup_lr_scale={lr_scale}: must lie in (0, 1] (a fraction of --learning_rate)")
+
+
 # ----------------------------------------------------------------------------- one spelling, light help
 # dpvr's own flags are documented in kebab case with comma lists (`--split-layer 11 --fusion-at 11,13`), as
 # in every other command; HfArgumentParser also takes `--split_layer` and a space-separated `--fusion_at`.
@@ -107,7 +150,9 @@ def own_help(prog: str, description: str) -> str:
 
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=OneDefaultFormatter,
                                      add_help=False, usage=f"{prog} [dpvr flags] [TrainingArguments flags]")  # fmt: skip
-    for title, cls in (("model and method", ModelArguments), ("data", DataArguments)):
+    groups = (("model and method", ModelArguments), ("data", DataArguments),
+              ("distillation and learning-rate stages", RecipeArguments))  # fmt: skip
+    for title, cls in groups:
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 -m dpvr.cli train ...     # DDP; --deepspeed / --fsdp through the Trainer
     dpvr train ... --resume_from_checkpoint true           # after an interruption: the same final weights
     dpvr train --method lora --lora-r 16 ...                # baselines: --method full | lora
+    dpvr train ... --distill-weight 0.5 --side-warmup-steps 100   # learn from the unrouted model; a low-rate first stage
 
 Every TrainingArguments flag is accepted (`--help-trainer` lists them; `--help`, dpvr's own). The
 seed reaches the model init, the side-branch init and the data order. The final side branch is
@@ -15,6 +16,7 @@ written to OUTPUT_DIR/final (adapter files) with run.json (trainable parameters,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +25,15 @@ from typing import TYPE_CHECKING
 from dpvr.atomic import held_or_refused
 from dpvr.cli_types import OneDefaultFormatter, one_line_errors
 from dpvr.errors import DPVRError, UsageError
-from dpvr.train.args import DEFAULT_LR, TRAINING_DEFAULTS, DataArguments, ModelArguments, normalize_argv, own_help
+from dpvr.train.args import (
+    DEFAULT_LR,
+    TRAINING_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    RecipeArguments,
+    normalize_argv,
+    own_help,
+)
 from dpvr.train.launch import check_launch, check_sharding, sharding_asked
 
 if TYPE_CHECKING:
@@ -31,12 +41,12 @@ if TYPE_CHECKING:
 # torch and transformers are imported when a run starts: `dpvr train --help` prints at once
 
 
-def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments, RecipeArguments]:
     import torch
     from transformers import HfArgumentParser, TrainingArguments
     from transformers.training_args import ParallelMode
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="dpvr train",
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, RecipeArguments), prog="dpvr train",
                               description=__doc__.splitlines()[0], formatter_class=OneDefaultFormatter)  # fmt: skip
     parser.set_defaults(**TRAINING_DEFAULTS)
     one_line_errors(parser)
@@ -46,7 +56,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
         # although CPU autocast runs it, and under a launcher every process would train its own model
         argv = [*argv, "--use_cpu", "true"]
     try:
-        margs, dargs, targs, _ = parser.parse_args_into_dataclasses(args=argv)
+        margs, dargs, targs, rargs, _ = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as exc:  # HF's message for unknown flags: make it argparse's one-line usage error
         if "not used by the HfArgumentParser" not in str(exc):
             raise
@@ -56,11 +66,12 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
         from dpvr.attention import FP32_SDPA
 
         margs.attn = FP32_SDPA
+    rargs.check_for(margs.method, dargs.shared_stack_cache)
     if dargs.stop_at_plateau and targs.eval_strategy == "no":
         raise UsageError("--stop-at-plateau watches the held-out loss: add --eval_strategy steps --eval_steps N")
     if not any(a == "--learning_rate" or a.startswith("--learning_rate=") for a in argv):
         targs.learning_rate = DEFAULT_LR[margs.mode if margs.method == "dpvr" else margs.method]
-    return margs, dargs, targs
+    return margs, dargs, targs, rargs
 
 
 def build_dataset(dargs: DataArguments, processor, held_out: bool = False):
@@ -99,7 +110,7 @@ def _from_shared_stack(model, margs, targs, folder, dataset, held_out, collate):
 
 
 def train(argv: list[str]) -> dict:
-    margs, dargs, targs = parse(argv)
+    margs, dargs, targs, rargs = parse(argv)
     # two runs writing one output_dir would interleave checkpoints and both report success; the first
     # process (rank 0) holds the lock, so another run (any of its ranks then) stops before any work
     lock = held_or_refused(targs.output_dir, "dpvr train", "wait for that run or pick another --output_dir") \
@@ -108,7 +119,7 @@ def train(argv: list[str]) -> dict:
         finished = _finished_run(targs)
         if finished is not None:
             return finished
-        return _train(margs, dargs, targs)
+        return _train(margs, dargs, targs, rargs)
 
 
 def _finished_run(targs) -> dict | None:
@@ -129,12 +140,14 @@ def _finished_run(targs) -> dict | None:
     return {"final": str(path.parent), "train_loss": record["train_loss"], "steps": record["steps"], "already_finished": True}
 
 
-def _train(margs, dargs, targs) -> dict:
+def _train(margs, dargs, targs, rargs) -> dict:
     from transformers import set_seed
 
     from dpvr.data.collate import Collator
     from dpvr.loading import resolve_model_path
+    from dpvr.train.distill import Distillation
     from dpvr.train.plateau import PlateauStop
+    from dpvr.train.stages import SideWarmup
     from dpvr.train.trainer import DigestCallback, DPVRTrainer, build_model, disk_full_in_one_line, write_run_record
 
     set_seed(targs.seed)  # before the model: a random side-branch init follows the seed too
@@ -147,8 +160,10 @@ def _train(margs, dargs, targs) -> dict:
     if dargs.shared_stack_cache:
         dataset, held_out, collate = _from_shared_stack(model, margs, targs, dargs.shared_stack_cache, dataset, held_out, collate)
     stop = PlateauStop(dargs.plateau_min_steps) if dargs.stop_at_plateau else None
+    distill = Distillation(rargs.distill_weight, rargs.distill_temperature) if rargs.distill_weight > 0 else None
+    warmup = SideWarmup(rargs.side_warmup_steps, rargs.side_warmup_lr_scale) if rargs.side_warmup_steps > 0 else None
     trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
-                          callbacks=[DigestCallback(), *filter(None, [stop])])  # fmt: skip
+                          callbacks=[DigestCallback(), *filter(None, [stop])], distillation=distill, side_warmup=warmup)  # fmt: skip
     check_sharding(sharding_asked(targs.fsdp, targs.deepspeed), trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled)
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
@@ -169,7 +184,7 @@ def _train(margs, dargs, targs) -> dict:
                          {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
                           "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
                           "max_steps": targs.max_steps, "num_train_epochs": targs.num_train_epochs,
-                          "stopped_at_plateau": stop is not None and stop.stopped,
+                          "stopped_at_plateau": stop is not None and stop.stopped, **dataclasses.asdict(rargs),
                           "base_model": resolve_model_path(margs.model)})  # fmt: skip
     return {"final": str(final), "train_loss": result.training_loss}
 

@@ -183,6 +183,20 @@ def check_resume_routing(checkpoint: str, model) -> None:
 
 
 class DPVRTrainer(Trainer):
+    """The HF Trainer with DPVR's checkpoints and resume, plus two options of the side branch's training:
+    `distillation` (dpvr.train.distill.Distillation: the routed model learns from itself with routing off)
+    and `side_warmup` (dpvr.train.stages.SideWarmup: a low learning rate first, then the run's schedule)."""
+
+    def __init__(self, *args, distillation=None, side_warmup=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation, self.side_warmup = distillation, side_warmup
+        if side_warmup is not None and self.lr_scheduler is not None:
+            raise DPVRError("side_warmup builds the learning-rate scheduler: pass no scheduler in optimizers=")
+        if distillation is not None:
+            distillation.check_model(self.model)
+            if self.label_smoother is not None or self.compute_loss_func is not None:
+                raise DPVRError("distillation blends the model's own loss: drop --label_smoothing_factor / compute_loss_func")
+
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
@@ -202,9 +216,22 @@ class DPVRTrainer(Trainer):
             return super()._get_eval_sampler(eval_dataset)
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
-    # ---------------------------------------------------------------- batches with no image
+    # ---------------------------------------------------------------- stage-wise learning rates
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.side_warmup is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        # the run's own schedule (type, warmup, kwargs as HF builds it) for the steps after the warm-up
+        # stage, then one scheduler that runs the stage first (HF saves and resumes it as its own)
+        second = super().create_scheduler(self.side_warmup.remaining(num_training_steps), optimizer)
+        self.lr_scheduler = self.side_warmup.staged(second)
+        return self.lr_scheduler
+
+    # ---------------------------------------------------------------- distillation, batches with no image
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # distillation trains only: the held-out loss stays the plain CE, comparable between runs
+        forward = self.distillation.student(model, inputs, num_items_in_batch) if (
+            self.distillation is not None and model.training) else model  # fmt: skip
+        out = super().compute_loss(forward, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = out[0] if return_outputs else out
         if loss.requires_grad or not (model.training and torch.is_grad_enabled()):
             return out
