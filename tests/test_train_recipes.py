@@ -63,3 +63,16 @@ def test_a_resumed_distilled_and_staged_run_ends_with_the_uninterrupted_weights(
     # steps 1-2 come from the checkpoint's trainer state, 3 on from the resumed process's scheduler
     assert sorted(after) == list(range(1, STEPS + 1))
     assert all(lr == pytest.approx(expected_lr(s - 1), rel=1e-9, abs=1e-15) for s, lr in after.items())
+
+
+def test_every_trainer_default_names_a_training_arguments_field():
+    """set_defaults takes any key, and HfArgumentParser drops those that are no field: a default written for
+    a name transformers no longer has (warmup_ratio, gone in 5.x) would be dropped without a word."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from dpvr.train.args import TRAINING_DEFAULTS
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(TRAINING_DEFAULTS) <= fields, sorted(set(TRAINING_DEFAULTS) - fields)

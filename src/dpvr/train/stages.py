@@ -2,12 +2,12 @@
 raise it.
 
     steps [0, N)      learning_rate x scale (constant)
-    steps [N, total)  the run's own schedule (--lr_scheduler_type, its warmup from --warmup_steps /
-                      --warmup_ratio), laid over the remaining total - N steps as if they were the run
+    steps [N, total)  the run's own schedule (--lr_scheduler_type, its warmup from --warmup_steps,
+                      a count or a fraction), laid over the remaining total - N steps as if they were the run
 
 One torch LambdaLR whose factor is `scale` below N and transformers' schedule factor at step - N after
 it, so the scheduler state a checkpoint saves (its step count) resumes it exactly, as HF's own do. A
-warmup in the second stage starts from 0 as any HF warmup does: pass --warmup_ratio 0 to jump straight
+warmup in the second stage starts from 0 as any HF warmup does: pass --warmup_steps 0 (the default) to jump straight
 from the low rate to the full one.
 
     trainer = DPVRTrainer(..., side_warmup=SideWarmup(steps=100, lr_scale=0.1))
