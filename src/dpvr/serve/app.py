@@ -8,8 +8,9 @@ answering with one model that dpvr loaded: a DPVR checkpoint, or a stock one con
 Why not `transformers serve MODEL` itself: its ModelManager loads a model by name with from_pretrained
 (an Auto class for the model types it lists, else the config's architecture), so it cannot take a model
 dpvr converted in memory, an adapter on its base, or the routing flags; the DPVR classes are not in its
-Auto mappings either (`KeyError: 'dpvr_llava'`). So this module wires the parts `transformers serve`
-wires (cli/serve.py, `Serve.__init__`) around a ModelManager that holds the one model dpvr loaded.
+Auto mappings either (`KeyError: 'dpvr_llava'`); from 5.25 it runs the model in a process of its own.
+So this module wires the parts `transformers serve` wires (cli/serve.py: `Serve.__init__` up to 5.24,
+`Serve.run` from 5.25) around a ModelManager that holds the one model dpvr loaded, in this process.
 What it adds: the checks of dpvr.serve.checks before transformers' chat handler runs (images read here,
 never fetched; a prompt past the model's length refused), and DPVRError answered as HTTP 400.
 """
@@ -61,22 +62,23 @@ def serving_parts() -> SimpleNamespace:
                         f"is tested with transformers {', '.join(TESTED_WITH)}") from None  # fmt: skip
     tf = SimpleNamespace(ModelManager=ModelManager, Modality=Modality, build_server=build_server,
                          ChatCompletionHandler=ChatCompletionHandler, GenerationState=utils.GenerationState)  # fmt: skip
-    # the methods overridden or called below: a rename upstream must fail here, not leave transformers' own in place
+    # the methods overridden or called below: a rename upstream must fail here, not leave transformers' own
     needed = [(ChatCompletionHandler, ("handle_request", "get_processor_inputs_from_messages"))]
     if hasattr(manager_module, "EngineClient"):  # 5.25
-        tf.one_model, tf.EngineClient, tf.ModelLoader = _engine_manager, manager_module.EngineClient, manager_module.ModelLoader
-        needed += [(ModelManager, ("preload_engine", "get_engine")), (tf.ModelLoader, ("load_config", "load_processor")),
-                   (utils, ("GenerateRunner", "canonical_model_id"))]  # fmt: skip
-        tf.GenerateRunner, tf.canonical_model_id = getattr(utils, "GenerateRunner", None), getattr(utils, "canonical_model_id", None)
+        tf.one_model = _engine_manager
+        tf.EngineClient, tf.ModelLoader = manager_module.EngineClient, manager_module.ModelLoader
+        tf.GenerateRunner = getattr(utils, "GenerateRunner", None)
+        tf.canonical_model_id = getattr(utils, "canonical_model_id", None)
+        needed += [(ModelManager, ("preload_engine", "get_engine")), (utils, ("GenerateRunner", "canonical_model_id")),
+                   (tf.ModelLoader, ("load_config", "load_processor"))]  # fmt: skip
     else:  # 5.19-5.24
         tf.one_model = _in_process_manager
         needed.append((ModelManager, ("load_model_and_processor", "get_model_modality")))
     for owner, names in needed:
         for name in names:
             if not callable(getattr(owner, name, None)):
-                where = owner.__name__.rpartition(".")[2]
-                raise DPVRError(f"transformers {transformers.__version__}'s {where} has no {name}; dpvr serve is "
-                                f"tested with transformers {', '.join(TESTED_WITH)}")  # fmt: skip
+                raise DPVRError(f"transformers {transformers.__version__}'s {owner.__name__} has no {name}; dpvr serve "
+                                f"is tested with transformers {', '.join(TESTED_WITH)}")  # fmt: skip
     return tf
 
 
@@ -128,7 +130,7 @@ def _engine_manager(tf: SimpleNamespace, model, processor, name: str, state):
     `_serve_engine_requests`); its EngineClient reads the model's config and processor from dpvr's loader."""
 
     class OneModelLoader(tf.ModelLoader):
-        def load_model_and_processor(self, model_id: str, *args, **kwargs):
+        def load_model_and_processor(self, model_id: str, *args, **kwargs):  # only a started engine loads: none
             return model, processor
 
         def load_config(self, model_id: str):
@@ -146,7 +148,8 @@ def _engine_manager(tf: SimpleNamespace, model, processor, name: str, state):
     class OneModel(tf.ModelManager):
         def preload_engine(self, force_model: str, engine_connection: tuple | None) -> None:
             model_id = tf.canonical_model_id(force_model)
-            self.engines[model_id] = OneEngine(model_id, self.loader, self.generation_state, connection=engine_connection)
+            engine = OneEngine(model_id, self.loader, self.generation_state, connection=engine_connection)
+            self.engines[model_id] = engine
 
     requests, results = queue.Queue(), queue.Queue()
     threading.Thread(target=_serve_engine_requests, args=(tf, model, processor, requests, results),
