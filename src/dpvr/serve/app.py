@@ -130,7 +130,8 @@ def _engine_manager(tf: SimpleNamespace, model, processor, name: str, state):
     `_serve_engine_requests`); its EngineClient reads the model's config and processor from dpvr's loader."""
 
     class OneModelLoader(tf.ModelLoader):
-        def load_model_and_processor(self, model_id: str, *args, **kwargs):  # only a started engine loads: none
+        def load_model_and_processor(self, model_id: str, *args, **kwargs):
+            # only an engine transformers starts itself loads (there is none here): never a model by name
             return model, processor
 
         def load_config(self, model_id: str):

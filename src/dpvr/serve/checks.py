@@ -4,6 +4,7 @@ mid-way, or a URL fetched on the client's behalf), and the server goes on servin
 
     n_images = load_images(body)      # every image part decoded here; refuses URLs, missing files, bad data
     fit_length(body, prompt_tokens=700, max_length=4096)   # refuses a prompt the model cannot hold
+    check_generation_config(body, model)   # refuses generate() settings routing refuses
 
 Plain functions over the request's JSON body (no fastapi): a RequestError carries the HTTP status.
 """
@@ -112,7 +113,7 @@ def fit_length(body: dict, prompt_tokens: int, max_length: int | None) -> None:
     1024 new tokens, could run past a short model's positions)."""
     wanted = requested_new_tokens(body)
     if body.get("max_completion_tokens") is not None:
-        # 5.19's handler ignores max_completion_tokens (5.23 on read it first): as max_tokens, every release reads it
+        # transformers 5.19 ignores max_completion_tokens (5.23 on read it first); every release reads max_tokens
         body["max_tokens"] = body.pop("max_completion_tokens")
     if max_length is None:
         return
@@ -137,7 +138,7 @@ def check_generation_config(body: dict, model) -> None:
     if raw is None:
         return
     try:
-        settings = json.loads(raw) if isinstance(raw, str) else raw
+        settings = json.loads(raw) if isinstance(raw, str) else None  # transformers json.loads it, as a string
     except json.JSONDecodeError as exc:
         raise RequestError(f"`generation_config` is not valid JSON: {exc}") from None
     if not isinstance(settings, dict):
