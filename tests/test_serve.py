@@ -260,6 +260,26 @@ def test_a_setting_routing_refuses_is_a_400(served):
     _still_serving(server)
 
 
+def test_a_bad_generation_config_is_a_400(served):
+    server = served[0]
+    _refused(server, {"messages": image_message(data_url(png(4))), "generation_config": "{not json"},
+             ["`generation_config` is not valid JSON"])  # fmt: skip
+    _refused(server, {"messages": image_message(data_url(png(4))), "generation_config": "[1]", "stream": True},
+             ["`generation_config` must be a JSON object"])  # fmt: skip
+    _still_serving(server)
+
+
+def test_max_completion_tokens_caps_the_answer(served):
+    """Read on every release (transformers 5.19 ignores it: dpvr passes it on as max_tokens)."""
+    server, model, processor, _ = served
+    _want, _prompt_tokens, new_tokens = expected(model, processor, png(0))
+    assert new_tokens > 1, "the answer needs 2 tokens or more to be cut short"
+    status, reply = post(server, {"model": "tiny-llava", "messages": image_message(data_url(png(0))),
+                                  "max_completion_tokens": new_tokens - 1})  # fmt: skip
+    assert status == 200, reply
+    assert reply["usage"]["completion_tokens"] == new_tokens - 1
+
+
 def test_unknown_model_folder_is_refused_at_start(tmp_path, capsys):
     rc = main(["serve", str(tmp_path / "no-such-model"), "--port", "0"])
     err = capsys.readouterr().err.strip().splitlines()

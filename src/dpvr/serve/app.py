@@ -8,28 +8,44 @@ answering with one model that dpvr loaded: a DPVR checkpoint, or a stock one con
 Why not `transformers serve MODEL` itself: its ModelManager loads a model by name with from_pretrained
 (an Auto class for the model types it lists, else the config's architecture), so it cannot take a model
 dpvr converted in memory, an adapter on its base, or the routing flags; the DPVR classes are not in its
-Auto mappings either (`KeyError: 'dpvr_llava'`). So this module wires the parts `transformers serve`
-wires (cli/serve.py, `Serve.__init__`) around a ModelManager that holds the one model dpvr loaded.
+Auto mappings either (`KeyError: 'dpvr_llava'`); from 5.25 it runs the model in a process of its own.
+So this module wires the parts `transformers serve` wires (cli/serve.py: `Serve.__init__` up to 5.24,
+`Serve.run` from 5.25) around a ModelManager that holds the one model dpvr loaded, in this process.
 What it adds: the checks of dpvr.serve.checks before transformers' chat handler runs (images read here,
 never fetched; a prompt past the model's length refused), and DPVRError answered as HTTP 400.
 """
 from __future__ import annotations
 
+import inspect
+import queue
 import socket
 import threading
 import time
 from types import SimpleNamespace
 
 from dpvr.errors import DPVRError
-from dpvr.serve.checks import RequestError, fit_length, load_images
+from dpvr.serve.checks import RequestError, check_generation_config, fit_length, load_images
 
-TESTED_WITH = "5.23.0"  # the transformers release whose serve package this module was written against
+# the transformers releases whose serve package tests/test_serve.py passes at (pyproject allows 5.19-5.25)
+TESTED_WITH = ("5.19.0", "5.23.0", "5.25.0")
 
 
 def serving_parts() -> SimpleNamespace:
     """The parts of transformers' serve package dpvr serve is made of. They live in transformers.cli.serving,
     partly outside its exported names, and are not a stable API: a release that moves one is refused here,
-    at start, in one line (and not with a broken server)."""
+    at start, in one line (and not with a broken server).
+
+    This is the one place where the releases differ for dpvr serve: how the server reaches its model (the
+    checks, the chat handler and the app are the same on all). Kept here, next to the serve code, not in
+    dpvr.hf_compat: only dpvr serve imports transformers.cli.serving (and its fastapi), which the model code
+    that imports hf_compat must not pull in.
+    - 5.19-5.24 (`_in_process_manager`): ModelManager loads a model in the server's process
+      (load_model_and_processor) and the chat handler generates with it there; dpvr's subclass hands out
+      its model instead.
+    - 5.25 (`_engine_manager`): each model runs in a process of its own (EngineClient, ModelLoader), which
+      a model in memory cannot cross to; dpvr runs transformers' GenerateRunner in a thread of this process
+      behind the queues a ModelManager connects to (its engine_connection, what --api-server-count uses).
+    """
     import transformers
     from transformers.utils.import_utils import is_serve_available
 
@@ -38,21 +54,32 @@ def serving_parts() -> SimpleNamespace:
                         "pip install 'dpvr[serve]'")  # fmt: skip
     try:
         from transformers.cli.serving import Modality, ModelManager, build_server
+        from transformers.cli.serving import model_manager as manager_module
+        from transformers.cli.serving import utils
         from transformers.cli.serving.chat_completion import ChatCompletionHandler
-        from transformers.cli.serving.utils import GenerationState
     except ImportError as exc:
         raise DPVRError(f"transformers {transformers.__version__}'s serve package has changed ({exc}); dpvr serve "
-                        f"is built on transformers {TESTED_WITH}'s") from None  # fmt: skip
-    # the methods overridden below: a rename upstream must fail here, not leave transformers' own in place
-    needed = {ModelManager: ("load_model_and_processor", "get_model_modality", "get_gen_models"),
-              ChatCompletionHandler: ("handle_request", "get_processor_inputs_from_messages")}  # fmt: skip
-    for cls, names in needed.items():
+                        f"is tested with transformers {', '.join(TESTED_WITH)}") from None  # fmt: skip
+    tf = SimpleNamespace(ModelManager=ModelManager, Modality=Modality, build_server=build_server,
+                         ChatCompletionHandler=ChatCompletionHandler, GenerationState=utils.GenerationState)  # fmt: skip
+    # the methods overridden or called below: a rename upstream must fail here, not leave transformers' own
+    needed = [(ChatCompletionHandler, ("handle_request", "get_processor_inputs_from_messages"))]
+    if hasattr(manager_module, "EngineClient"):  # 5.25
+        tf.one_model = _engine_manager
+        tf.EngineClient, tf.ModelLoader = manager_module.EngineClient, manager_module.ModelLoader
+        tf.GenerateRunner = getattr(utils, "GenerateRunner", None)
+        tf.canonical_model_id = getattr(utils, "canonical_model_id", None)
+        needed += [(ModelManager, ("preload_engine", "get_engine")), (utils, ("GenerateRunner", "canonical_model_id")),
+                   (tf.ModelLoader, ("load_config", "load_processor"))]  # fmt: skip
+    else:  # 5.19-5.24
+        tf.one_model = _in_process_manager
+        needed.append((ModelManager, ("load_model_and_processor", "get_model_modality")))
+    for owner, names in needed:
         for name in names:
-            if not callable(getattr(cls, name, None)):
-                raise DPVRError(f"transformers {transformers.__version__}'s {cls.__name__} has no {name}; dpvr serve "
-                                f"is built on transformers {TESTED_WITH}'s")  # fmt: skip
-    return SimpleNamespace(ModelManager=ModelManager, Modality=Modality, build_server=build_server,
-                           ChatCompletionHandler=ChatCompletionHandler, GenerationState=GenerationState)  # fmt: skip
+            if not callable(getattr(owner, name, None)):
+                raise DPVRError(f"transformers {transformers.__version__}'s {owner.__name__} has no {name}; dpvr serve "
+                                f"is tested with transformers {', '.join(TESTED_WITH)}")  # fmt: skip
+    return tf
 
 
 def build_app(model, processor, name: str):
@@ -60,20 +87,25 @@ def build_app(model, processor, name: str):
     POST /v1/chat/completions; GET /v1/models lists it, GET /health answers. The other endpoints
     transformers has (completions, responses, audio, ...) answer 404: they would skip these checks."""
     tf = serving_parts()
-    manager = _one_model_manager(tf, model, processor, name)
     state = tf.GenerationState()  # no continuous batching: transformers' only runs text-only models
-    chat = _checked_chat_handler(tf)(model_manager=manager, generation_state=state)
+    manager = tf.one_model(tf, model, processor, name, state)
+    chat = _checked_chat_handler(tf, model, processor)(model_manager=manager, generation_state=state)
+    params = inspect.signature(tf.build_server).parameters
+    # every other endpoint's handler answers 404: 5.19 has no systemone_handler, and an endpoint a later
+    # release adds gets one too; 5.19-5.24's /health asks the generation_state, 5.25's the manager
     unserved = _Unserved()
-    app = tf.build_server(manager, chat, completion_handler=unserved, response_handler=unserved, generation_state=state,
-                          transcription_handler=unserved, systemone_handler=unserved)  # fmt: skip
+    handlers = {key: unserved for key in params if key.endswith("_handler") and key != "chat_handler"}
+    if "generation_state" in params:
+        handlers["generation_state"] = state
+    app = tf.build_server(manager, chat, **handlers)
     _answer_errors_as_json(app)
     return app
 
 
-def _one_model_manager(tf: SimpleNamespace, model, processor, name: str):
-    class OneModel(tf.ModelManager):
-        """Every request gets the one model dpvr loaded (transformers' own loads by name, on demand)."""
+def _in_process_manager(tf: SimpleNamespace, model, processor, name: str, _state):
+    """5.19-5.24: a ModelManager whose every load is the one model dpvr loaded (transformers' loads by name)."""
 
+    class OneModel(tf.ModelManager):
         def load_model_and_processor(self, model_id_and_revision: str, *args, **kwargs):
             return model, processor
 
@@ -82,7 +114,8 @@ def _one_model_manager(tf: SimpleNamespace, model, processor, name: str):
             # every routed family is an image-text model
             return tf.Modality.VLM
 
-        def get_gen_models(self, cache_dir=None) -> list[dict]:  # transformers' lists the hub cache instead
+        def get_gen_models(self, cache_dir=None) -> list[dict]:
+            # 5.19-5.23 list the hub cache here; 5.24 lists a pinned server's one model itself (list_models)
             return [{"id": name, "object": "model", "owned_by": "dpvr", "created": int(time.time())}]
 
     manager = OneModel(device=str(model.device), model_timeout=-1)
@@ -92,15 +125,64 @@ def _one_model_manager(tf: SimpleNamespace, model, processor, name: str):
     return manager
 
 
-def _checked_chat_handler(tf: SimpleNamespace):
+def _engine_manager(tf: SimpleNamespace, model, processor, name: str, state):
+    """5.25: a ModelManager pinned to `name`, connected to an engine that runs in this process (see
+    `_serve_engine_requests`); its EngineClient reads the model's config and processor from dpvr's loader."""
+
+    class OneModelLoader(tf.ModelLoader):
+        def load_model_and_processor(self, model_id: str, *args, **kwargs):
+            # only an engine transformers starts itself loads (there is none here): never a model by name
+            return model, processor
+
+        def load_config(self, model_id: str):
+            return model.config, model.generation_config
+
+        def load_processor(self, model_id: str):
+            return processor
+
+    class OneEngine(tf.EngineClient):
+        # transformers finds the modality by the config's architecture in its Auto mappings, where DPVR classes
+        # are not (every routed family is an image-text model); continuous batching runs text-only models only
+        modality = tf.Modality.VLM
+        use_cb = False
+
+    class OneModel(tf.ModelManager):
+        def preload_engine(self, force_model: str, engine_connection: tuple | None) -> None:
+            model_id = tf.canonical_model_id(force_model)
+            engine = OneEngine(model_id, self.loader, self.generation_state, connection=engine_connection)
+            self.engines[model_id] = engine
+
+    requests, results = queue.Queue(), queue.Queue()
+    threading.Thread(target=_serve_engine_requests, args=(tf, model, processor, requests, results),
+                     name="dpvr-engine", daemon=True).start()  # fmt: skip
+    # api server 0 of one: results come back on `results` (with several, each has a queue of its own)
+    return OneModel(OneModelLoader(device=str(model.device)), state, model_timeout=-1, force_model=name,
+                    engine_connection=(requests, results, 0))  # fmt: skip
+
+
+def _serve_engine_requests(tf: SimpleNamespace, model, processor, requests: queue.Queue, results: queue.Queue):
+    """5.25's model process (EngineClient.run_engine) as a thread of this one: each request on `requests`
+    to a GenerateRunner, which generates one at a time in a thread of its own and puts the tokens and
+    results on `results`. Not run_engine itself: it loads the model, freezes the garbage collector and sets
+    torch's threads for a process it owns. Daemon threads, as transformers' own: they end with the process."""
+    runner = tf.GenerateRunner(model, processor, lambda *message: results.put(message))
+    while True:
+        method, request_id, *args = requests.get()  # ("generate" | "submit" | "cancel", id, *its arguments)
+        try:
+            getattr(runner, method)(request_id, *args)
+        except Exception as exc:  # the request fails, and not the next ones (as run_engine does)
+            results.put(([], [], [(request_id, RuntimeError(f"{type(exc).__name__}: {exc}"))]))
+
+
+def _checked_chat_handler(tf: SimpleNamespace, model, processor):
     class CheckedChat(tf.ChatCompletionHandler):
         async def handle_request(self, body: dict, request_id: str):
-            model, processor = self.model_manager.load_model_and_processor(self.model_manager.force_model)
             load_images(body)
-            fit_length(body, self._prompt_tokens(body, processor), _max_length(model))
+            check_generation_config(body, model)
+            fit_length(body, self._prompt_tokens(body), _max_length(model))
             return await super().handle_request(body, request_id)
 
-        def _prompt_tokens(self, body: dict, processor) -> int:
+        def _prompt_tokens(self, body: dict) -> int:
             """The prompt's length as transformers' handler will tokenize it (image tokens included): the same
             call, made once more here (images are decoded already) so that a prompt too long is refused
             before a stream starts."""

@@ -4,6 +4,7 @@ mid-way, or a URL fetched on the client's behalf), and the server goes on servin
 
     n_images = load_images(body)      # every image part decoded here; refuses URLs, missing files, bad data
     fit_length(body, prompt_tokens=700, max_length=4096)   # refuses a prompt the model cannot hold
+    check_generation_config(body, model)   # refuses generate() settings routing refuses
 
 Plain functions over the request's JSON body (no fastapi): a RequestError carries the HTTP status.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from io import BytesIO
 from pathlib import Path
 
@@ -110,6 +112,9 @@ def fit_length(body: dict, prompt_tokens: int, max_length: int | None) -> None:
     its max length; without a requested length, generate at most up to it (transformers' own default,
     1024 new tokens, could run past a short model's positions)."""
     wanted = requested_new_tokens(body)
+    if body.get("max_completion_tokens") is not None:
+        # transformers 5.19 ignores max_completion_tokens (5.23 on read it first); every release reads max_tokens
+        body["max_tokens"] = body.pop("max_completion_tokens")
     if max_length is None:
         return
     room = max_length - prompt_tokens
@@ -121,3 +126,23 @@ def fit_length(body: dict, prompt_tokens: int, max_length: int | None) -> None:
                            f"this model's max length {max_length}; ask for at most {room}")  # fmt: skip
     if wanted is None:
         body["max_tokens"] = room
+
+
+def check_generation_config(body: dict, model) -> None:
+    """Refuse a `generation_config` (a JSON object of generate() settings transformers passes on) with a setting
+    the routed model's generate() refuses, with generate()'s own line: here, before a stream starts, and on
+    every release (5.25 generates behind a queue, whose errors come back as plain ValueError text)."""
+    from dpvr.routing.inputs import check_generate
+
+    raw = body.get("generation_config")
+    if raw is None:
+        return
+    try:
+        settings = json.loads(raw) if isinstance(raw, str) else None  # transformers json.loads it, as a string
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"`generation_config` is not valid JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise RequestError("`generation_config` must be a JSON object of generate() settings, as a string")
+    routing = getattr(model, "dpvr_config", None)
+    if routing is not None and routing.mode != "vanilla":  # as the routed generate() checks
+        check_generate(model.generation_config, settings)
