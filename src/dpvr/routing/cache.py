@@ -56,6 +56,11 @@ class RoutedCache:
         return all(bool(torch.where(mask, t[:, :, -n:], 0).isfinite().all()) for t in (kv.key, kv.value))
 
     # --------------------------------------------------------------- generate() protocol
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers 5.24's generate() asks which layers hold linear-attention states: none here
+        return [False] * len(self.layers)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 

@@ -56,7 +56,7 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArgum
         # although CPU autocast runs it, and under a launcher every process would train its own model
         argv = [*argv, "--use_cpu", "true"]
     try:
-        margs, dargs, targs, rargs, _ = parser.parse_args_into_dataclasses(args=argv)
+        margs, dargs, targs, rargs = parser.parse_args_into_dataclasses(args=argv)  # every default is a field (tested)
     except ValueError as exc:  # HF's message for unknown flags: make it argparse's one-line usage error
         if "not used by the HfArgumentParser" not in str(exc):
             raise
