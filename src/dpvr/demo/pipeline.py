@@ -4,9 +4,10 @@
     dpvr demo --train-steps 100   # exactly 100 side-branch training steps instead of the recipe
 
 1. analyze the tiny LLaVA's visual saturation: the split and where to fuse (`dpvr analyze`);
-2. train DPVR-LF's side branch twice with the reproduction's recipe (`dpvr train`: at least one epoch, then
-   on to the held-out loss's plateau, from one shared-stack cache; dpvr.demo.recipe): at the paper's
-   default (K = 1, the last layer) and fused where the analysis says text still reads the image (`fusion_at`);
+2. train DPVR-LF's side branch twice with the reproduction's recipe on the first 2,000 training samples
+   (`dpvr train`: at least one epoch, then on to the held-out loss's plateau, from one shared-stack cache;
+   dpvr.demo.recipe): at the paper's default (K = 1, the last layer) and fused where the analysis says text
+   still reads the image (`fusion_at`);
 3. evaluate vanilla, FastV, VTW and both LF side by side (`dpvr eval`);
 4. benchmark prefill and cached decode for the same routings (`dpvr bench --preset <the model>`);
 5. a summary table, which method is best at which cost (said from the numbers), and a static HTML report
@@ -27,6 +28,9 @@ from dpvr.demo.steps import Step, model_fingerprint
 from dpvr.demo.summary import Method
 
 BASELINES = ("vanilla", "fastv", "vtw")
+# the demo's training set, the first N of train.json: the shared-stack fill and both LF runs scale with it (on all
+# 6,189 samples they were most of the demo's time; the README's demo section gives the time it takes now)
+TRAIN_SAMPLES = 2000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-steps", type=at_least(1), default=None,
                    help="exactly this many side-branch training steps (default: the recipe, one epoch and on to the "
                         "held-out plateau)")
+    p.add_argument("--train-samples", type=at_least(1), default=TRAIN_SAMPLES,
+                   help="train on the first N samples of train.json (shuffled; the reproduction trains on all 6,189): "
+                        "what keeps the demo within minutes")
     p.add_argument("--held-out", type=at_least(1), default=HELD_OUT_LIMIT, help="val samples in the held-out loss")
     p.add_argument("--eval-per-family", type=at_least(1), default=60, help="questions per family (None: all)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
@@ -58,9 +65,11 @@ def lf_variants(rec, num_layers: int) -> dict:
 def train_flags(args: argparse.Namespace, out: Path) -> tuple[int, list[str]]:
     """(the step cap, `dpvr train` flags after it) of every LF run."""
     if args.train_steps:  # a short budget: every step trains, and a cache would cost more than it saves
-        return args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps)
-    steps, min_steps = budget(epoch_steps())  # the reproduction's recipe
-    return steps, training_flags(steps, held_out=args.held_out, min_steps=min_steps, cache=str(out / CACHE_FOLDER))
+        return args.train_steps, training_flags(args.train_steps, held_out=args.held_out, min_steps=args.train_steps,
+                                                limit=args.train_samples)  # fmt: skip
+    steps, min_steps = budget(epoch_steps(limit=args.train_samples))  # the reproduction's recipe, on the demo's samples
+    return steps, training_flags(steps, held_out=args.held_out, min_steps=min_steps, cache=str(out / CACHE_FOLDER),
+                                 limit=args.train_samples)  # fmt: skip
 
 
 def routing_flags(cfg, style: str) -> list[str]:

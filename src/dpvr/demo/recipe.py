@@ -36,12 +36,12 @@ def release_cache(out, keep: bool = False) -> str | None:
     return f"removed the shared-stack cache {folder} ({gb:.1f} GiB; --keep-cache keeps it for later runs)"
 
 
-def epoch_steps(batch: int = BATCH, seed: int = 0) -> int:
-    """Steps in one pass over the digit-scenes benchmark's train.json."""
+def epoch_steps(batch: int = BATCH, seed: int = 0, limit: int | None = None) -> int:
+    """Steps in one pass over the digit-scenes benchmark's train.json (its first `limit` samples)."""
     from dpvr.data.digit_scenes import open_benchmark
     from dpvr.data.llava_json import load_samples
 
-    return math.ceil(len(load_samples(open_benchmark(None, seed) / "train.json")) / batch)
+    return math.ceil(len(load_samples(open_benchmark(None, seed) / "train.json")[:limit]) / batch)
 
 
 def budget(epoch: int, min_epochs: float = MIN_EPOCHS, max_epochs: float = MAX_EPOCHS) -> tuple[int, int]:
@@ -59,10 +59,11 @@ def eval_every(steps: int, points: int, min_steps: int = 0) -> int:
 
 
 def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS, held_out: int = HELD_OUT_LIMIT,
-                   until_plateau: bool = True, min_steps: int = 0, cache: str | None = None, bf16: bool = BF16) -> list[str]:  # fmt: skip
+                   until_plateau: bool = True, min_steps: int = 0, cache: str | None = None, bf16: bool = BF16,
+                   limit: int | None = None) -> list[str]:  # fmt: skip
     """`dpvr train` flags after `--max_steps` (the cap)/`--learning_rate`: batch, precision, batch order, logging, the
     held-out curve (from the untrained side branch on, when `until_plateau`), the stop (not before
-    `min_steps`) and, for a DPVR run, the shared-stack cache folder."""
+    `min_steps`), for a DPVR run the shared-stack cache folder, and `limit`: train on the first samples only."""
     from dpvr.train.sampling import GROUP_BY_LENGTH
 
     every = eval_every(steps, points, min_steps)
@@ -72,7 +73,7 @@ def training_flags(steps: int, batch: int = BATCH, points: int = HELD_OUT_POINTS
             "--disable_tqdm", "true", "--train_sampling_strategy", GROUP_BY_LENGTH if GROUPED else "random",
             *(["--eval_on_start", "true", "--stop_at_plateau", "true"] if until_plateau else []),
             *(["--plateau_min_steps", str(min_steps)] if until_plateau and min_steps else []),
-            *(["--shared_stack_cache", cache] if cache else [])]  # fmt: skip
+            *(["--shared_stack_cache", cache] if cache else []), *(["--limit", str(limit)] if limit else [])]  # fmt: skip
 
 
 def _bf16_trains_here() -> bool:

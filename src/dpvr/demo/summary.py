@@ -41,13 +41,14 @@ class Method:
     def lf(cls, key: str, cfg: DPVRConfig, out: Path, train_folder: str) -> "Method":
         adapter = out / train_folder / "final"
         run = adapter / "run.json"
-        steps = json.loads(run.read_text())["steps"] if run.exists() else None
+        record = json.loads(run.read_text()) if run.exists() else {}
         if cfg.fusion_at:
             at = ",".join(map(str, cfg.fusion_at))
             name, fusion = f"DPVR-LF at {at}", f"fused at layers {at} (dpvr analyze)"
         else:
             name, fusion = f"DPVR-LF K={cfg.fusion_layers}", f"K={cfg.fusion_layers} (the paper's)"
-        configuration = f"s={cfg.split_layer}, {fusion}, D={cfg.side_depth}, {steps} training steps"
+        samples = f" on {record['train_samples']:,} samples" if "train_samples" in record else ""
+        configuration = f"s={cfg.split_layer}, {fusion}, D={cfg.side_depth}, {record.get('steps')} training steps{samples}"
         bench = out / "bench" if key == "lf" else out / f"bench-{key.removeprefix('lf-')}"
         return cls(key, name, configuration, ("--adapter", str(adapter)), out / f"eval-{key}", bench, "lf", cfg, adapter)
 

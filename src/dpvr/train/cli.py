@@ -182,7 +182,7 @@ def _train(margs, dargs, targs, rargs) -> dict:
             processor.save_pretrained(final)
         write_run_record(str(final), trainer.model, trainer.state.log_history,
                          {"method": margs.method, "train_loss": result.training_loss, "steps": trainer.state.global_step,
-                          "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
+                          "train_samples": len(dataset), "skipped_samples": dict(dataset.skipped), "learning_rate": targs.learning_rate,
                           "max_steps": targs.max_steps, "num_train_epochs": targs.num_train_epochs,
                           "stopped_at_plateau": stop is not None and stop.stopped, **dataclasses.asdict(rargs),
                           "base_model": resolve_model_path(margs.model)})  # fmt: skip
