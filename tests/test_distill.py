@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run by torch.distributed.run
-from test_loss_scaling import collate, samples  # noqa: E402
+from test_loss_scaling import collate, samples, two_ranks  # noqa: E402
 from tiny import tiny_llava  # noqa: E402
 
 from dpvr import DPVRConfig, convert
@@ -116,13 +115,7 @@ def test_distilled_step_does_not_depend_on_accumulation_and_trains_only_trainabl
 def test_two_processes_train_the_one_process_step(tmp_path):
     """2 ranks (gloo) x batch 4 and 2 ranks x batch 2 x accumulation 2 vs one process's batch 8: the
     Trainer's cross-rank token count reaches both terms alike."""
-    out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
-           __file__, str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = two_ranks(__file__, tmp_path / "ddp.json", port=29549)
     for kind in DDP_KINDS:
         ref_loss, ref_grad, _ = one_step(kind, 8, 1, tmp_path / kind)
         for split, (loss, grad, frozen) in ddp[kind].items():

@@ -24,6 +24,16 @@ SPLITS_1P = [(8, 1), (4, 2), (2, 4)]  # (per-device batch, accumulation) in one 
 SPLITS_2P = [(4, 1), (2, 2)]  # the same, per rank, over two ranks
 
 
+
+def two_ranks(script: str, out: Path, port: int) -> dict:
+    """Run `script OUT` as 2 gloo ranks (torchrun, one thread each) and return the JSON its rank 0 wrote."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           script, str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
 def samples() -> list[dict]:
     """Equal lengths (no padding to differ between splits), unequal supervised-token counts (1..8),
     so a per-micro-batch mean differs from the per-step mean."""
@@ -101,13 +111,7 @@ def test_loss_and_gradient_do_not_depend_on_accumulation_or_process_count(tmp_pa
         for s in SPLITS_1P[1:]:
             _assert_same(ref, single[m][s], f"{m} batch {s[0]} x accumulation {s[1]} vs batch 8")
 
-    out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           __file__, str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ddp = json.loads(out.read_text())
+    ddp = two_ranks(__file__, tmp_path / "ddp.json", port=29547)
     for m in METHODS:
         ref = single[m][SPLITS_1P[0]]
         for s in SPLITS_2P:
