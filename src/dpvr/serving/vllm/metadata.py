@@ -56,6 +56,7 @@ class TextStep:
     text_rows: torch.Tensor  # (N_text,) flat rows of the step's text tokens
     image_rows: torch.Tensor  # (N_img,) flat rows of its image tokens, in order
     image_req: torch.Tensor  # (N_img,) request index of each image row
+    prefill: torch.Tensor  # (R,) bool: the request's whole sequence is in this step
     metadata: CPUAttentionMetadata | None
     slots: torch.Tensor | None  # (N_text,) KV slots of the text rows in text-only layers
 
@@ -75,7 +76,7 @@ def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: Image
     img_in_step = torch.zeros(R, dtype=torch.long).index_add_(0, req, is_img.long())
     img_before = counts.update(meta.block_table[:, 0].long(), prefill, img_in_step)
     text_rows, image_rows = (~is_img).nonzero().squeeze(1), is_img.nonzero().squeeze(1)
-    step = TextStep(text_rows, image_rows, req[image_rows], None, None)
+    step = TextStep(text_rows, image_rows, req[image_rows], prefill, None, None)
     if not bool((img_before + img_in_step).any()):
         return step  # no image anywhere: text-only layers are stock layers
     # sequence index of each row, and image tokens before it (earlier steps' + this step's, exclusive)

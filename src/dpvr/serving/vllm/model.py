@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import Counter
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -29,13 +30,14 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # the forward needs the token ids to find the image placeholders among the embeddings
     requires_raw_input_tokens = True
 
-    # dpvr saves what transformers 5.x saves (`model.language_model.*`, a CLIP tower without its
-    # `vision_model.` level) plus `side_branch.*`, which keeps its name (HF layers, loaded as they are)
+    # dpvr saves what transformers 5.x saves: `model.language_model.*` (`model.language_model.model.*`
+    # when the model was loaded from the pre-5.0 layout, as the shipped tiny LLaVA is), a CLIP tower
+    # without its `vision_model.` level, and `side_branch.*`, which keeps its name (HF layers, loaded as is)
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_regex={
             re.compile(r"^model\.vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model.",
             re.compile(r"^model\.vision_tower\."): "vision_tower.",
-            re.compile(r"^model\.language_model\."): "language_model.model.",
+            re.compile(r"^model\.language_model\.(model\.)?"): "language_model.model.",
             re.compile(r"^model\.multi_modal_projector\."): "multi_modal_projector.",
             re.compile(r"^lm_head\."): "language_model.lm_head.",
         }
@@ -51,6 +53,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if routing.has_side_branch:  # LF-ideal's too: it is in the checkpoint, though never run
             self.side_branch, self.side_rope = build_side_branch(text_config, routing.split_layer, routing.side_depth)
         self.image_counts = ImageCounts()
+        # steps run routed, with a prefill beside a decode, with the side branch: what tests and the
+        # bench read (through LLM.apply_model) to know the routed paths ran
+        self.stats: Counter[str] = Counter()
         layers = self.language_model.model.layers
         self.text_layer_names = [layers[i].self_attn.attn.layer_name for s in self.plan.stages if s.text_only
                                  for i in s.layers]  # fmt: skip
@@ -65,9 +70,12 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if step is None or step.metadata is None:  # nothing routed: the stock computation
             return lm.norm(self._layers(range(len(lm.layers)), h, positions))
         side = None
+        self.stats["routed"] += 1
+        self.stats["mixed"] += bool(step.prefill.any() and not step.prefill.all())
         with self._text_metadata(step):
             for stage in self.plan.stages:
                 if stage.side_before and step.image_rows.numel():
+                    self.stats["side"] += 1
                     side = run_side_branch(self.side_branch, self.side_rope, h[step.image_rows],
                                            positions[step.image_rows], step.image_req)  # fmt: skip
                 if stage.images_from_side and side is not None:
