@@ -94,7 +94,7 @@ def vllm_prompt(processor, case: Case) -> dict:
 class Reference:
     prompt_ids: list[int]
     tokens: list[int]
-    first_logprobs: torch.Tensor  # (vocab,) log-softmax of the first generated token's logits
+    logprobs: torch.Tensor  # (new tokens, vocab): log-softmax of the logits each generated token came from
 
 
 def load_hf(path):
@@ -109,13 +109,12 @@ def load_hf(path):
 
 
 def hf_reference(net, processor, case: Case) -> Reference:
-    """Greedy tokens from dpvr's HF model (`generate`, routed KV cache) and the first step's
-    log-probabilities."""
+    """Greedy tokens from dpvr's HF model (`generate`, routed KV cache) and each step's log-probabilities."""
     kw = {"images": list(case.images)} if case.images else {}
     inputs = processor(text=prompt_text(processor, case), return_tensors="pt", **kw)
     with torch.no_grad():
         out = net.generate(**inputs, max_new_tokens=case.max_tokens, do_sample=False, pad_token_id=0,
                            output_logits=True, return_dict_in_generate=True)  # fmt: skip
     n = inputs["input_ids"].shape[1]
-    return Reference(inputs["input_ids"][0].tolist(), out.sequences[0, n:].tolist(),
-                     torch.log_softmax(out.logits[0][0].float(), -1))  # fmt: skip
+    logits = torch.stack([step[0] for step in out.logits]).float()
+    return Reference(inputs["input_ids"][0].tolist(), out.sequences[0, n:].tolist(), torch.log_softmax(logits, -1))

@@ -1,8 +1,10 @@
 """Start-up refusals: what the routed vLLM model cannot run, each as one line naming the way out.
 
-Run from vLLM's per-architecture config hook (`verify_and_update_config`, registered by the plugin),
-so a bad engine fails in `LLM(...)` itself with a DPVRError rather than deep inside an engine process,
-and again when the model is built (an engine created some other way).
+Found by vLLM's per-architecture config hook (`verify_and_update_config`, registered by the plugin)
+while vLLM builds its config, and raised as a DPVRError in `LLM(...)`'s own process when vLLM first asks
+the model class for its multimodal processing info (`dpvr.serving.vllm.model`): raised inside the hook,
+it would reach the caller wrapped in pydantic's ValidationError (vLLM's config is a pydantic dataclass,
+and DPVRError a ValueError). The model's constructor checks again (an engine built some other way).
 """
 from __future__ import annotations
 
@@ -47,13 +49,29 @@ def check_engine(vllm_config) -> DPVRConfig:
     return cfg
 
 
+def refusal(vllm_config) -> str | None:
+    """check_engine's message, or None when the engine can run the checkpoint."""
+    try:
+        check_engine(vllm_config)
+    except DPVRError as exc:
+        return str(exc)
+    return None
+
+
 class EngineChecks:
-    """vLLM's per-architecture config hook (the VerifyAndUpdateConfig protocol)."""
+    """vLLM's per-architecture config hook (the VerifyAndUpdateConfig protocol): notes the refusal on the
+    model config, where `raise_refusal` finds it."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        check_engine(vllm_config)
+        vllm_config.model_config.dpvr_refusal = refusal(vllm_config)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         return None
+
+
+def raise_refusal(model_config) -> None:
+    message = getattr(model_config, "dpvr_refusal", None)
+    if message:
+        raise DPVRError(message)

@@ -18,14 +18,29 @@ from collections import Counter
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from dpvr.serving.vllm.checks import check_engine
+from dpvr.serving.vllm.checks import check_engine, raise_refusal
 from dpvr.serving.vllm.metadata import ImageCounts, TextStep, text_step
 from dpvr.serving.vllm.plan import serving_plan
 from dpvr.serving.vllm.side import build_side_branch, run_side_branch
 
 
+def _checked_info(info):
+    """vLLM LLaVA's processing-info factory, first raising the start-up refusal (dpvr.serving.vllm.checks)."""
+
+    def build(ctx):
+        raise_refusal(ctx.model_config)
+        return info(ctx)
+
+    return build
+
+
+_LLAVA = LlavaForConditionalGeneration._processor_factory  # what vLLM registered for its LLaVA
+
+
+@MULTIMODAL_REGISTRY.register_processor(_LLAVA.processor, info=_checked_info(_LLAVA.info), dummy_inputs=_LLAVA.dummy_inputs)
 class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # the forward needs the token ids to find the image placeholders among the embeddings
     requires_raw_input_tokens = True
