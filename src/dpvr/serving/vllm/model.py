@@ -71,6 +71,9 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # steps run routed, with a prefill beside a decode, with the side branch: what tests and the
         # bench read (through LLM.apply_model) to know the routed paths ran
         self.stats: Counter[str] = Counter()
+        # False: every layer on every token, the stock computation on the same weights and engine (the
+        # bench's baseline). Switch only between batches: a request's KV layout follows the routing.
+        self.routed = True
         layers = self.language_model.model.layers
         self.text_layer_names = [layers[i].self_attn.attn.layer_name for s in self.plan.stages if s.text_only
                                  for i in s.layers]  # fmt: skip
@@ -81,7 +84,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         lm = self.language_model.model
         h = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
-        step = self._text_step(input_ids)
+        step = self._text_step(input_ids) if self.routed else None
         if step is None or step.metadata is None:  # nothing routed: the stock computation
             return lm.norm(self._layers(range(len(lm.layers)), h, positions))
         side = None
