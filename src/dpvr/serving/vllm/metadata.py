@@ -74,15 +74,16 @@ def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: Image
     prefill = seq_lens == q_lens  # the whole sequence is in this step (no chunking, no cached prefix)
     is_img = maybe_img[:n] & prefill[req]
     img_in_step = torch.zeros(R, dtype=torch.long).index_add_(0, req, is_img.long())
-    img_before = counts.update(meta.block_table[:, 0].long(), prefill, img_in_step)
+    img_before = counts.update(meta.block_table[:R, 0].long(), prefill, img_in_step)
     text_rows, image_rows = (~is_img).nonzero().squeeze(1), is_img.nonzero().squeeze(1)
     step = TextStep(text_rows, image_rows, req[image_rows], prefill, None, None)
     if not bool((img_before + img_in_step).any()):
         return step  # no image anywhere: text-only layers are stock layers
-    # sequence index of each row, and image tokens before it (earlier steps' + this step's, exclusive)
+    # a row's text index: its sequence index less the image tokens before it, in earlier steps and in
+    # this step's rows of its request (every request has a row here, so qsl[:-1] indexes rows)
     seq_idx = torch.arange(n) - qsl[req] + (seq_lens - q_lens)[req]
-    csum = torch.cumsum(is_img.long(), 0)
-    img_before_row = img_before[req] + csum - is_img.long() - (csum - is_img.long())[qsl[:-1].clamp(max=n - 1)][req]
+    img_rows_before = torch.cumsum(is_img.long(), 0) - is_img.long()  # in the whole step
+    img_before_row = img_before[req] + img_rows_before - img_rows_before[qsl[:-1]][req]
     text_idx = (seq_idx - img_before_row)[text_rows]
     block_size = attn.kv_cache.shape[2]  # (blocks, kv heads, block size, 2 * head size) on CPU
     text_req = req[text_rows]
@@ -103,7 +104,7 @@ def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: Image
 
 def _scheduler_metadata(attn, dtype: torch.dtype, R: int, seq_lens: torch.Tensor, qsl: torch.Tensor, causal: bool) -> torch.Tensor:
     """The CPU kernel's work split for the text-only counts, with the settings the stock builder used
-    for this layer group (heads, head size, ISA, dtype, no sliding window: refused at start-up)."""
+    for this layer group (heads, head size, ISA, dtype; no sliding window: llama layers have none)."""
     impl = attn.impl
     return ops.cpu_attn_get_scheduler_metadata(
         num_reqs=R, num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,

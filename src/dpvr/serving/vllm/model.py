@@ -63,7 +63,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         text_config = vllm_config.model_config.hf_config.text_config
         self.plan = serving_plan(routing, text_config.num_hidden_layers)
-        self.dtype = vllm_config.model_config.dtype
+        self.act_dtype = vllm_config.model_config.dtype
         self.image_token_id = vllm_config.model_config.hf_config.image_token_index
         if routing.has_side_branch:  # LF-ideal's too: it is in the checkpoint, though never run
             self.side_branch, self.side_rope = build_side_branch(text_config, routing.split_layer, routing.side_depth)
@@ -123,7 +123,7 @@ class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if stock is None:
             return None
         attn = get_forward_context().no_compile_layers[self.text_layer_names[0]]
-        return text_step(stock, input_ids == self.image_token_id, self.image_counts, attn, self.dtype)
+        return text_step(stock, input_ids == self.image_token_id, self.image_counts, attn, self.act_dtype)
 
     @contextlib.contextmanager
     def _text_metadata(self, step: TextStep):
