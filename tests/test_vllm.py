@@ -34,6 +34,11 @@ CHECKPOINTS = {
 TOL = 1e-4  # fp32 log-probabilities, vLLM against HF
 
 
+# a KV cache of 24 blocks of 32 tokens (all 16 layers, fp32): too small for the preemption test's requests
+# at once, so vLLM preempts some and later prefills them again, prompt and generated tokens together
+TIGHT = dict(block_size=32, kv_cache_memory_bytes=24 * 16 * 2 * 6 * 32 * 4 * 32, disable_log_stats=False)
+
+
 class Engines:
     """Checkpoints written on first use, and one live engine at a time (vLLM's in-process state is global)."""
 
@@ -46,10 +51,11 @@ class Engines:
             CHECKPOINTS[name](d)
         return d
 
-    def get(self, name: str) -> LLM:
-        if name != self.name:
+    def get(self, name: str, **engine) -> LLM:
+        key = (name, tuple(sorted(engine)))
+        if key != self.name:
             self.close()
-            self.llm, self.name = LLM(model=str(self.path(name)), **ENGINE), name
+            self.llm, self.name = LLM(model=str(self.path(name)), **{**ENGINE, **engine}), key
         return self.llm
 
     def close(self) -> None:
@@ -134,6 +140,18 @@ def test_lf_staggered_matches_hf(engines, cases):
     check_against(hf_refs(engines, "lf", cases), outputs, "lf staggered")
     after = stats(llm)
     assert after["mixed"] > before.get("mixed", 0), "no step held a prefill beside a decode"
+
+
+def test_lf_preempted_matches_hf(engines):
+    """Requests preempted for KV blocks and prefilled again (vLLM's recompute) keep HF's tokens: the
+    prompt's image count is recounted, and a reused first block carries the new request's count."""
+    long = [vc.Case(c.question, c.images[:1], 40) for c in vc.cases(16, seed=1) if c.images][:6]
+    llm = engines.get("lf", **TIGHT)
+    processor = AutoProcessor.from_pretrained(engines.path("lf"))
+    outputs = llm.generate([vc.vllm_prompt(processor, c) for c in long], [params(c) for c in long], use_tqdm=False)
+    check_against(hf_refs(engines, "lf", long), outputs, "lf preempted")
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preemptions > 0, "no request was preempted: the test's KV cache is not tight enough"
 
 
 def test_lf_is_not_vanilla(engines, cases):
