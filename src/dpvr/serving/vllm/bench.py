@@ -9,6 +9,10 @@ a batch of image requests generating 1 + N tokens, timed per engine step: the fi
 (prompt tokens per second, the image encoder included), the others decode (batch x N tokens per second).
 Medians over repetitions are reported, with every raw time. Images are fresh per batch and vLLM's
 multimodal processor cache is off, so neither side reuses the other's preprocessing.
+
+On a machine shared with other jobs, run it with OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind:
+vLLM's CPU worker otherwise pins an OpenMP thread per core, whose spin-waits behind other jobs made
+repeated batches vary 10x (both settings are recorded in the JSON).
 """
 from __future__ import annotations
 
@@ -136,7 +140,8 @@ def main(argv=None) -> None:
     result = run(args, llm, processor, config.vision_config.image_size)
     result.update(model=str(model), routing=config.dpvr, batch=args.batch, decode_tokens=args.decode_tokens,
                   reps=args.reps, dtype=args.dtype, machine=platform.processor() or platform.machine(),
-                  cpus=os.cpu_count(), torch_threads=__import__("torch").get_num_threads())  # fmt: skip
+                  cpus=os.cpu_count(), torch_threads=__import__("torch").get_num_threads(),
+                  env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")})  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     s = result["summary"]
     print(f"prefill tok/s: vanilla {s['vanilla']['prefill_tok_s']:.0f}, routed {s['routed']['prefill_tok_s']:.0f}; "
