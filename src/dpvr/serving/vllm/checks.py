@@ -45,7 +45,8 @@ def check_engine(vllm_config) -> DPVRConfig:
     if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
         raise DPVRError("dpvr's vLLM plugin runs on one worker: tensor_parallel_size=1, pipeline_parallel_size=1")
     if vllm_config.lora_config is not None:
-        raise DPVRError("dpvr's vLLM plugin does not serve LoRA adapters (the side branch is not LoRA-aware): drop enable_lora")
+        raise DPVRError("dpvr's vLLM plugin does not serve LoRA adapters (the side branch is not LoRA-aware): "
+                        "drop enable_lora")  # fmt: skip
     if vllm_config.speculative_config is not None:
         raise DPVRError("dpvr's vLLM plugin does not run speculative decoding: drop speculative_config")
     return cfg

@@ -61,7 +61,8 @@ class TextStep:
     slots: torch.Tensor | None  # (N_text,) KV slots of the text rows in text-only layers
 
 
-def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: ImageCounts, attn, dtype: torch.dtype) -> TextStep:
+def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: ImageCounts, attn,
+              dtype: torch.dtype) -> TextStep:  # fmt: skip
     """The text-only view of stock metadata `meta`. maybe_img (N,) flags rows holding the image
     placeholder id; only prefill rows are image tokens (a sampled token with that id is text, as in
     HF generate). `attn` is a text-only layer's Attention module (heads, ISA, cache layout); dtype the model's."""
@@ -102,7 +103,8 @@ def text_step(meta: CPUAttentionMetadata, maybe_img: torch.Tensor, counts: Image
     return step
 
 
-def _scheduler_metadata(attn, dtype: torch.dtype, R: int, seq_lens: torch.Tensor, qsl: torch.Tensor, causal: bool) -> torch.Tensor:
+def _scheduler_metadata(attn, dtype: torch.dtype, R: int, seq_lens: torch.Tensor, qsl: torch.Tensor,
+                        causal: bool) -> torch.Tensor:  # fmt: skip
     """The CPU kernel's work split for the text-only counts, with the settings the stock builder used
     for this layer group (heads, head size, ISA, dtype; no sliding window: llama layers have none)."""
     impl = attn.impl

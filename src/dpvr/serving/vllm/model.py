@@ -40,7 +40,9 @@ def _checked_info(info):
 _LLAVA = LlavaForConditionalGeneration._processor_factory  # what vLLM registered for its LLaVA
 
 
-@MULTIMODAL_REGISTRY.register_processor(_LLAVA.processor, info=_checked_info(_LLAVA.info), dummy_inputs=_LLAVA.dummy_inputs)
+@MULTIMODAL_REGISTRY.register_processor(
+    _LLAVA.processor, info=_checked_info(_LLAVA.info), dummy_inputs=_LLAVA.dummy_inputs
+)
 class DPVRLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # the forward needs the token ids to find the image placeholders among the embeddings
     requires_raw_input_tokens = True
