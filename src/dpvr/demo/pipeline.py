@@ -4,7 +4,7 @@
     dpvr demo --train-steps 100   # exactly 100 side-branch training steps instead of the recipe
 
 1. analyze the tiny LLaVA's visual saturation: the split and where to fuse (`dpvr analyze`);
-2. train DPVR-LF's side branch twice with the reproduction's recipe on the first 2,000 training samples
+2. train DPVR-LF's side branch twice with the reproduction's recipe on the first 1,600 training samples
    (`dpvr train`: at least one epoch, then on to the held-out loss's plateau, from one shared-stack cache;
    dpvr.demo.recipe): at the paper's default (K = 1, the last layer) and fused where the analysis says text
    still reads the image (`fusion_at`);
@@ -30,7 +30,7 @@ from dpvr.demo.summary import Method
 BASELINES = ("vanilla", "fastv", "vtw")
 # the demo's training set, the first N of train.json: the shared-stack fill and both LF runs scale with it (on all
 # 6,189 samples they were most of the demo's time; the README's demo section gives the time it takes now)
-TRAIN_SAMPLES = 2000
+TRAIN_SAMPLES = 1600  # 100 steps an epoch at batch 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the first N samples of train.json (shuffled; the reproduction trains on all 6,189): "
                         "what keeps the demo within minutes")
     p.add_argument("--held-out", type=at_least(1), default=HELD_OUT_LIMIT, help="val samples in the held-out loss")
-    p.add_argument("--eval-per-family", type=at_least(1), default=60, help="questions per family (None: all)")
+    p.add_argument("--eval-per-family", type=at_least(1), default=50, help="questions per family (None: all)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its results exist")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
