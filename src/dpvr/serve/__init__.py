@@ -6,6 +6,8 @@
         ...                                   # POST server.url + "/chat/completions"
 
 Needs the serving extra (pip install 'dpvr[serve]'): fastapi, uvicorn, openai, pydantic.
+`dpvr.serve.vllm` is the other route, DPVR inside vLLM's engine (loaded through vLLM's plugin entry point;
+nothing imports it but vLLM).
 """
 from dpvr.lazy import lazy_names
 

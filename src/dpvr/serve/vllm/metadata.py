@@ -16,7 +16,7 @@ A decoding request has no image token in its step, yet its text index needs its 
 `ImageCounts` keeps it from the request's prefill, keyed by the request's first KV block (unique
 among live requests, and rewritten by the next request's prefill when the block is reused). That
 needs every prompt to arrive in one step: prefix caching and chunked prefill are refused
-(`dpvr.serving.vllm.checks`).
+(`dpvr.serve.vllm.checks`).
 """
 from __future__ import annotations
 

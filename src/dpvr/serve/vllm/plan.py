@@ -5,7 +5,7 @@ per-layer attention metadata saying which cached keys each query reads. A stage 
 consecutive decoder layers and the token set they run on:
 
   - all tokens, with vLLM's own metadata (the shared stack [0, s) and LF's fusion layers);
-  - text tokens only, with text-only metadata (`dpvr.serving.vllm.metadata`): LF's text-only layers
+  - text tokens only, with text-only metadata (`dpvr.serve.vllm.metadata`): LF's text-only layers
     [s, L-K) and all of VTW's deep layers, whose KV cache then holds text tokens only.
 
 and, for a mode with a fusion, the side branch on each request's image tokens. This module is plain

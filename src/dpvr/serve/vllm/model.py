@@ -1,10 +1,10 @@
 """The routed LLaVA-1.5 as a vLLM model: vLLM's own LLaVA (vision tower, projector, multimodal
 processor, Llama layers, KV cache) with a forward that runs the checkpoint's DPVR routing.
 
-Per step, on vLLM's flat batch of every scheduled token (`dpvr.serving.vllm.plan` has the stages):
+Per step, on vLLM's flat batch of every scheduled token (`dpvr.serve.vllm.plan` has the stages):
   - all-token stages run vLLM's layers with the stock attention metadata;
   - text-only stages gather the text rows, run the layers with text-only metadata installed for
-    those layers' attention (`dpvr.serving.vllm.metadata`), and scatter them back;
+    those layers' attention (`dpvr.serve.vllm.metadata`), and scatter them back;
   - on a prefill step with image tokens, the side branch runs on each request's image rows after the
     shared stack, and fusion stages start from its output in the image rows.
 Steps where no request holds an image run every layer stock.
@@ -21,14 +21,14 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from dpvr.serving.vllm.checks import check_engine, raise_refusal
-from dpvr.serving.vllm.metadata import ImageCounts, TextStep, text_step
-from dpvr.serving.vllm.plan import serving_plan
-from dpvr.serving.vllm.side import build_side_branch, run_side_branch
+from dpvr.serve.vllm.checks import check_engine, raise_refusal
+from dpvr.serve.vllm.metadata import ImageCounts, TextStep, text_step
+from dpvr.serve.vllm.plan import serving_plan
+from dpvr.serve.vllm.side import build_side_branch, run_side_branch
 
 
 def _checked_info(info):
-    """vLLM LLaVA's processing-info factory, first raising the start-up refusal (dpvr.serving.vllm.checks)."""
+    """vLLM LLaVA's processing-info factory, first raising the start-up refusal (dpvr.serve.vllm.checks)."""
 
     def build(ctx):
         raise_refusal(ctx.model_config)

@@ -2,7 +2,7 @@
 weights: the routed model's `routed` switch runs every layer on every token instead (the stock
 computation), flipped between batches. Writes JSON; not a test.
 
-    python -m dpvr.serving.vllm.bench --model runs/lf/final --out vllm-bench.json
+    python -m dpvr.serve.vllm.bench --model runs/lf/final --out vllm-bench.json
 
 Per repetition, after a warm-up of each, vanilla and routed run in turn (the order alternating), each on
 a batch of image requests generating 1 + N tokens, timed per engine step: the first step is the prefill
@@ -30,7 +30,7 @@ SIDES = ("vanilla", "routed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dpvr.serving.vllm.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dpvr.serve.vllm.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a DPVR checkpoint (lf or vtw) with its processor files; default: the tiny "
                    "LLaVA converted to LF here, with its untrained side branch")  # fmt: skip
     p.add_argument("--out", default="vllm-bench.json", help="JSON file to write")

@@ -3,7 +3,7 @@
 Loaded by vLLM through the `vllm.general_plugins` entry point (`pip install dpvr[vllm]`), in every
 vLLM process: `register()` makes the DPVR configs known to transformers' AutoConfig, registers the
 routed model class for the `DPVRLlavaForConditionalGeneration` architecture a DPVR checkpoint's
-config names, and its start-up checks (`dpvr.serving.vllm.checks`). Nothing is imported from vLLM
+config names, and its start-up checks (`dpvr.serve.vllm.checks`). Nothing is imported from vLLM
 until vLLM calls it.
 
     from vllm import LLM
@@ -23,9 +23,9 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from dpvr.routing.classes import DPVRLlavaConfig  # importable by name: vLLM pickles it to its engine processes
-    from dpvr.serving.vllm.checks import EngineChecks
+    from dpvr.serve.vllm.checks import EngineChecks
 
     AutoConfig.register(DPVRLlavaConfig.model_type, DPVRLlavaConfig, exist_ok=True)  # (dpvr.routing.classes did too)
     # by name: vLLM imports the model module only where it builds the model
-    ModelRegistry.register_model(ARCHITECTURE, "dpvr.serving.vllm.model:DPVRLlavaForConditionalGeneration")
+    ModelRegistry.register_model(ARCHITECTURE, "dpvr.serve.vllm.model:DPVRLlavaForConditionalGeneration")
     MODELS_CONFIG_MAP[ARCHITECTURE] = EngineChecks

@@ -2,7 +2,7 @@
 
 Found by vLLM's per-architecture config hook (`verify_and_update_config`, registered by the plugin)
 while vLLM builds its config, and raised as a DPVRError in `LLM(...)`'s own process when vLLM first asks
-the model class for its multimodal processing info (`dpvr.serving.vllm.model`): raised inside the hook,
+the model class for its multimodal processing info (`dpvr.serve.vllm.model`): raised inside the hook,
 it would reach the caller wrapped in pydantic's ValidationError (vLLM's config is a pydantic dataclass,
 and DPVRError a ValueError). The model's constructor checks again (an engine built some other way).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
-from dpvr.serving.vllm.plan import check_servable
+from dpvr.serve.vllm.plan import check_servable
 
 
 def routing_of(hf_config) -> DPVRConfig:
