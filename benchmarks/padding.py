@@ -1,7 +1,7 @@
 """How much padding random training batches carry on the embedded default, against length-grouped ones
 (`dpvr.train.sampling`): every train.json sample encoded, batches of 16 from one epoch of each order.
 
-    python3 research/padding.py            # prints JSON: token and attention work relative to no padding
+    python3 benchmarks/padding.py            # prints JSON: token and attention work relative to no padding
 
 "linear" is sum over batches of B x (longest sample), over the sum of sample lengths: what the linear
 layers run over. "attention" is the same with lengths squared. Figures are in docs/train.md

@@ -2,8 +2,8 @@
 threads: the full model's forward and backward under bf16 autocast at batch 16 on real train.json
 batches (random ones, and ones of near-equal lengths), after a warm-up step, medians over rounds.
 
-    python3 research/cpu_step_speed.py --threads 2                  # one run with both cores
-    python3 research/cpu_step_speed.py --threads 1 & python3 research/cpu_step_speed.py --threads 1
+    python3 benchmarks/cpu_step_speed.py --threads 2                  # one run with both cores
+    python3 benchmarks/cpu_step_speed.py --threads 1 & python3 benchmarks/cpu_step_speed.py --threads 1
                                                                     # two one-thread runs side by side
 
 Seconds per step for `sdpa` (CPU autocast runs it in bf16) and `dpvr_sdpa_fp32` (dpvr.attention); the
@@ -26,9 +26,10 @@ from dpvr.data.llava_json import LlavaJsonDataset, load_samples
 from dpvr.loading import resolve_model_path
 
 
-def batches(processor, n_samples: int, n_batches: int, batch: int = 16) -> dict[str, list[dict]]:
-    """{"random": batches of random samples, "grouped": batches of neighbours in length order}."""
-    root = open_benchmark(None, 0)
+def batches(processor, n_samples: int, n_batches: int, batch: int = 16, data: str | None = None) -> dict[str, list[dict]]:
+    """{"random": batches of random samples, "grouped": batches of neighbours in length order}, from the first
+    n_samples of train.json in `data` (a digit-scenes benchmark dir; default: the seed-0 one)."""
+    root = open_benchmark(data, 0)
     data = LlavaJsonDataset(load_samples(root / "train.json")[:n_samples], root / "images", processor)
     collate = Collator(processor.tokenizer.pad_token_id, keep_ids=False)
     items = [data.encode(i) for i in range(len(data))]
@@ -40,16 +41,20 @@ def batches(processor, n_samples: int, n_batches: int, batch: int = 16) -> dict[
     return {k: [collate([items[i] for i in ix]) for ix in v] for k, v in picks.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=11, help="timed steps per round and setting (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    args = p.parse_args()
+    p.add_argument("--samples", type=int, default=1600, help="batches are drawn from the first N train.json samples")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = resolve_model_path(None)
-    data = batches(AutoProcessor.from_pretrained(base), 1600, args.steps + 1)
+    base = resolve_model_path(args.model)
+    data = batches(AutoProcessor.from_pretrained(base), args.samples, args.steps + 1, args.batch, args.data)
     model = LlavaForConditionalGeneration.from_pretrained(base).train()
 
     def step(batch: dict) -> None:

@@ -3,7 +3,7 @@ reproduction's plateau rule watches) of the stock model, VTW (no image after the
 side branch copied from layer s (the trained rows' start), made a no-op (its residual writes zeroed, so the
 fusion layers read the image states as they left layer s) or randomly initialised; for K = 1 and K = 4.
 
-    python3 research/side_branch_effect.py [--split 11] [--limit 256]   # -> research/logs/side_branch_effect.json
+    python3 benchmarks/side_branch_effect.py [--split 11] [--limit 256]   # -> docs/evidence/side_branch_effect.json
 
 If LF's loss barely depends on its side branch, a side branch trained from the copy has little to gain,
 and LF's gap to vanilla comes from the text layers between the split and the fusion layers.

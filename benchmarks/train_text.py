@@ -1,8 +1,8 @@
 """Throwaway research script (issue 16): text-only stage, stock LlamaForCausalLM on worded scenes.
 
-    nice -n 19 .venv/bin/python research/train_text.py --name t4 --grid 2 --layers 4 --minutes 4
+    nice -n 19 .venv/bin/python benchmarks/train_text.py --name t4 --grid 2 --layers 4 --minutes 4
 
-Logs one JSON line per eval to research/logs/<name>.jsonl: step, wall seconds, loss, held-out
+Logs one JSON line per eval to docs/evidence/<name>.jsonl: step, wall seconds, loss, held-out
 exact-match accuracy per family (teacher-forced argmax on every answer token == greedy answer),
 POPE's predicted yes share, and at the end the attention share on scene tokens per layer.
 """

@@ -1,6 +1,6 @@
 """Throwaway research script (issue 16): does a comparison learnt in text transfer to image tokens?
 
-LLaVA's stages on a reduced problem, with a language model from research/train_text.py:
+LLaVA's stages on a reduced problem, with a language model from benchmarks/train_text.py:
   0. vision: a stock CLIPVisionModel + linear head on each cell's mean patch token (11-way), alone;
   1. align: projector only (tower and LM frozen), on the QA loss;
   2. tune: projector + LM (tower frozen).
@@ -8,7 +8,7 @@ The image's patch tokens take the place of the scene words (the text model must 
 with --form patchK where K = 16 / patch, i.e. the same token layout), so a projector that maps a
 cell's patches onto its digit word's embedding would hand the text skill over unchanged.
 
-    nice -n 19 .venv/bin/python research/train_vision.py --name v2 --lm research/ckpt/X.pt --patch 8
+    nice -n 19 .venv/bin/python benchmarks/train_vision.py --name v2 --lm research/ckpt/X.pt --patch 8
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 fine-tuning and LoRA (as `dpvr train` builds them), interleaved, and optionally torch's profiler table
 for one of them and the sdpa kernels at the model's attention shape.
 
-    python3 research/step_profile.py                          # full / lora16 / lora64, medians
-    python3 research/step_profile.py --profile lora16         # + the top ops of three lora16 steps
-    python3 research/step_profile.py --kernels                # + sdpa forward+backward by kernel and dtype
+    python3 benchmarks/step_profile.py                          # full / lora16 / lora64, medians
+    python3 benchmarks/step_profile.py --profile lora16         # + the top ops of three lora16 steps
+    python3 benchmarks/step_profile.py --kernels                # + sdpa forward+backward by kernel and dtype
 
 Steps: batch 16 of length-grouped train.json samples, bf16 autocast with fp32 attention (what `dpvr
 train --bf16` runs on a CPU), forward, backward and AdamW, after one warm-up step. Figures measured

@@ -2,7 +2,7 @@
 read through a LlavaJsonDataset twice, the second time by a new dataset on the same samples (as the
 next run of `dpvr reproduce` in the same process reads them).
 
-    python3 research/encoded_memo.py       # prints JSON: seconds per pass and the MiB kept
+    python3 benchmarks/encoded_memo.py       # prints JSON: seconds per pass and the MiB kept
 
 Figures are in docs/train.md ("Encoded samples")."""
 import json

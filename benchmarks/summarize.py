@@ -1,7 +1,7 @@
-"""Tables from research/logs/*.jsonl: final held-out accuracy per family, and the first eval step
+"""Tables from docs/evidence/*.jsonl: final held-out accuracy per family, and the first eval step
 (and wall seconds) at which POPE, MME and spatial reached 0.9.
 
-    python3 research/summarize.py [name-prefix ...]
+    python3 benchmarks/summarize.py [name-prefix ...]
 """
 import json
 import sys
