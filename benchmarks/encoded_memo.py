@@ -5,6 +5,7 @@ next run of `dpvr reproduce` in the same process reads them).
     python3 benchmarks/encoded_memo.py       # prints JSON: seconds per pass and the MiB kept
 
 Figures are in docs/train.md ("Encoded samples")."""
+import argparse
 import json
 import time
 
@@ -16,10 +17,15 @@ from dpvr.data.memo import MEMO
 from dpvr.loading import resolve_model_path
 
 
-def main() -> None:
-    root = open_benchmark(None, 0)
-    processor = AutoProcessor.from_pretrained(resolve_model_path(None))
-    samples = load_samples(root / "train.json")
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=None, help="the first N train.json samples only (default: all)")
+    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
+    p.add_argument("--model", default=None, help="checkpoint dir whose processor encodes (default: the embedded model)")
+    args = p.parse_args(argv)
+    root = open_benchmark(args.data, 0)
+    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
+    samples = load_samples(root / "train.json")[: args.samples]
     seconds = []
     for _ in ("first", "again"):
         data = LlavaJsonDataset(samples, root / "images", processor, skip_markers=True)

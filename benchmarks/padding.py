@@ -7,6 +7,7 @@
 layers run over. "attention" is the same with lengths squared. Figures are in docs/train.md
 ("Length-grouped batches").
 """
+import argparse
 import json
 import statistics
 
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoProcessor
 
 from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset
+from dpvr.data.llava_json import LlavaJsonDataset, load_samples
 from dpvr.loading import resolve_model_path
 from dpvr.train.sampling import LengthGroupedSampler
 
@@ -27,9 +28,15 @@ def work(order: list[int], tokens: list[int], power: int) -> float:
     return padded / sum(t**power for t in tokens)
 
 
-def main() -> None:
-    root = open_benchmark(None, 0)
-    data = LlavaJsonDataset(root / "train.json", root / "images", AutoProcessor.from_pretrained(resolve_model_path(None)))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=None, help="the first N train.json samples only (default: all)")
+    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
+    p.add_argument("--model", default=None, help="checkpoint dir whose processor encodes (default: the embedded model)")
+    args = p.parse_args(argv)
+    root = open_benchmark(args.data, 0)
+    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
+    data = LlavaJsonDataset(load_samples(root / "train.json")[: args.samples], root / "images", processor)
     tokens = [len(data.encode(i)["input_ids"]) for i in range(len(data))]
     orders = {"random": torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist(),
               "grouped": list(LengthGroupedSampler(data.lengths, BATCH, seed=0))}  # fmt: skip

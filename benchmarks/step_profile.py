@@ -28,9 +28,9 @@ from dpvr.train.trainer import build_model
 METHODS = {"full": {"method": "full"}, "lora16": {"method": "lora", "lora_r": 16}, "lora64": {"method": "lora", "lora_r": 64}}
 
 
-def trainer_step(name: str):
+def trainer_step(name: str, model_path: str | None = None):
     """A closure running one optimizer step of method `name` on a batch."""
-    model, _ = build_model(ModelArguments(attn=FP32_SDPA, **METHODS[name]))
+    model, _ = build_model(ModelArguments(model=model_path, attn=FP32_SDPA, **METHODS[name]))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -65,7 +65,7 @@ def kernels(shape=(16, 6, 270, 32), repeats: int = 8) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per method (after one warm-up)")
@@ -73,10 +73,15 @@ def main() -> None:
     p.add_argument("--profile", choices=list(METHODS), default=None, help="also print the profiler's top ops of this one")
     p.add_argument("--kernels", action="store_true", help="also time sdpa by kernel")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    args = p.parse_args()
+    p.add_argument("--samples", type=int, default=800, help="batches are drawn from the first N train.json samples")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = batches(AutoProcessor.from_pretrained(resolve_model_path(None)), 800, args.steps + 1)["grouped"]
-    steps = {name: trainer_step(name) for name in args.methods.split(",")}
+    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
+    data = batches(processor, args.samples, args.steps + 1, args.batch, args.data)["grouped"]
+    steps = {name: trainer_step(name, args.model) for name in args.methods.split(",")}
     for step in steps.values():
         step(data[0])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -92,7 +97,7 @@ def main() -> None:
     if args.profile:
         from torch.profiler import profile
 
-        step = steps.get(args.profile) or trainer_step(args.profile)
+        step = steps.get(args.profile) or trainer_step(args.profile, args.model)
         with profile() as prof:
             for batch in data[1:4]:
                 step(batch)
