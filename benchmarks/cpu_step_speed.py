@@ -17,20 +17,21 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from _common import add_data_options, train_samples
+from transformers import LlavaForConditionalGeneration
 
 from dpvr.attention import FP32_SDPA
 from dpvr.data.collate import Collator
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.loading import resolve_model_path
 
 
-def batches(processor, n_samples: int, n_batches: int, batch: int = 16, data: str | None = None) -> dict[str, list[dict]]:
-    """{"random": batches of random samples, "grouped": batches of neighbours in length order}, from the first
-    n_samples of train.json in `data` (a digit-scenes benchmark dir; default: the seed-0 one)."""
-    root = open_benchmark(data, 0)
-    data = LlavaJsonDataset(load_samples(root / "train.json")[:n_samples], root / "images", processor)
+def batches(args, n_batches: int) -> dict[str, list[dict]]:
+    """{"random": batches of random samples, "grouped": batches of neighbours in length order}, of --batch
+    samples each, from the samples `_common.add_data_options`' options pick."""
+    root, processor, samples = train_samples(args)
+    data = LlavaJsonDataset(samples, root / "images", processor)
+    batch = args.batch
     collate = Collator(processor.tokenizer.pad_token_id, keep_ids=False)
     items = [data.encode(i) for i in range(len(data))]
     lengths = np.array([len(it["input_ids"]) for it in items])
@@ -47,15 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=11, help="timed steps per round and setting (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    p.add_argument("--samples", type=int, default=1600, help="batches are drawn from the first N train.json samples")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    add_data_options(p, samples=1600, batch=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = resolve_model_path(args.model)
-    data = batches(AutoProcessor.from_pretrained(base), args.samples, args.steps + 1, args.batch, args.data)
-    model = LlavaForConditionalGeneration.from_pretrained(base).train()
+    data = batches(args, args.steps + 1)
+    model = LlavaForConditionalGeneration.from_pretrained(resolve_model_path(args.model)).train()
 
     def step(batch: dict) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -9,23 +9,16 @@ import argparse
 import json
 import time
 
-from transformers import AutoProcessor
+from _common import add_data_options, train_samples
 
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.data.memo import MEMO
-from dpvr.loading import resolve_model_path
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=None, help="the first N train.json samples only (default: all)")
-    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
-    p.add_argument("--model", default=None, help="checkpoint dir whose processor encodes (default: the embedded model)")
-    args = p.parse_args(argv)
-    root = open_benchmark(args.data, 0)
-    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
-    samples = load_samples(root / "train.json")[: args.samples]
+    add_data_options(p)
+    root, processor, samples = train_samples(p.parse_args(argv))
     seconds = []
     for _ in ("first", "again"):
         data = LlavaJsonDataset(samples, root / "images", processor, skip_markers=True)

@@ -12,11 +12,9 @@ import json
 import statistics
 
 import torch
-from transformers import AutoProcessor
+from _common import add_data_options, train_samples
 
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
-from dpvr.loading import resolve_model_path
+from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.train.sampling import LengthGroupedSampler
 
 BATCH = 16
@@ -30,13 +28,9 @@ def work(order: list[int], tokens: list[int], power: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=None, help="the first N train.json samples only (default: all)")
-    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
-    p.add_argument("--model", default=None, help="checkpoint dir whose processor encodes (default: the embedded model)")
-    args = p.parse_args(argv)
-    root = open_benchmark(args.data, 0)
-    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
-    data = LlavaJsonDataset(load_samples(root / "train.json")[: args.samples], root / "images", processor)
+    add_data_options(p)
+    root, processor, samples = train_samples(p.parse_args(argv))
+    data = LlavaJsonDataset(samples, root / "images", processor)
     tokens = [len(data.encode(i)["input_ids"]) for i in range(len(data))]
     orders = {"random": torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist(),
               "grouped": list(LengthGroupedSampler(data.lengths, BATCH, seed=0))}  # fmt: skip

@@ -16,12 +16,11 @@ import statistics
 import time
 
 import torch
+from _common import add_data_options
 from cpu_step_speed import batches
-from transformers import AutoProcessor
 
 from dpvr.atomic import atomic_write_text
 from dpvr.attention import FP32_SDPA
-from dpvr.loading import resolve_model_path
 from dpvr.train.args import ModelArguments
 from dpvr.train.trainer import build_model
 
@@ -73,14 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", choices=list(METHODS), default=None, help="also print the profiler's top ops of this one")
     p.add_argument("--kernels", action="store_true", help="also time sdpa by kernel")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    p.add_argument("--samples", type=int, default=800, help="batches are drawn from the first N train.json samples")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--data", default=None, help="digit-scenes benchmark dir (default: the seed-0 one, built if missing)")
-    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    add_data_options(p, samples=800, batch=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    processor = AutoProcessor.from_pretrained(resolve_model_path(args.model))
-    data = batches(processor, args.samples, args.steps + 1, args.batch, args.data)["grouped"]
+    data = batches(args, args.steps + 1)["grouped"]
     steps = {name: trainer_step(name, args.model) for name in args.methods.split(",")}
     for step in steps.values():
         step(data[0])  # warm-up
