@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# lmms-eval for real (tests/test_lmms_real.py) and the Qwen2-VL commands (tests/test_qwen_commands.py: its
+# lmms-eval for real (tests/test_lmms_real.py) and the Qwen2-VL commands (tests/test_family_commands.py: its
 # processor needs torchvision) in their own environment with the `[lmms]` extra; the
 # README's suite skips that test where lmms-eval is absent, and stays lean.
 #
@@ -29,4 +29,4 @@ fi
 "${PIP[@]}" install -q -e '.[lmms,test]' 2> >(grep -v "^WARNING: Location" >&2)
 "${PIP[@]}" check
 "$VENV/bin/python" -c "import dpvr, torchvision, lmms_eval; print('lmms env: dpvr + torchvision', torchvision.__version__)"
-"$VENV/bin/python" -m pytest tests/test_lmms_real.py tests/test_qwen_commands.py
+"$VENV/bin/python" -m pytest tests/test_lmms_real.py tests/test_family_commands.py

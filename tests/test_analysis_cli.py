@@ -63,13 +63,11 @@ def test_transition_needs_the_curve_to_stay_low():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_checkpoint):
+def setup(tmp_path_factory, tiny_checkpoint, digit_bench):
     """(folder with the untrained tiny checkpoint as model/, a 3-scene digit-scenes benchmark)."""
-    from dpvr.data.digit_scenes import ensure_benchmark
-
     d = tmp_path_factory.mktemp("analyze")
     (d / "model").symlink_to(tiny_checkpoint, target_is_directory=True)
-    data = ensure_benchmark(d / "data", scenes={"train": 2, "val": 1, "test": 3, "existence": 2, "all": 2}, progress=False)
+    data = digit_bench(0, train=2, val=1, test=3, existence=2, all=2)
     return d, data
 
 

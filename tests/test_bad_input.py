@@ -19,9 +19,8 @@ USAGE, ERROR, INTERRUPTED = 2, 1, 130
 
 
 @pytest.fixture(scope="module")
-def world(tiny_checkpoint, tmp_path_factory):
+def world(tiny_checkpoint, tmp_path_factory, digit_bench):
     """Paths the cases refer to by name: {ckpt}, {img}, {bench}, {adapter}, {empty_dir}, ..."""
-    from dpvr.data.digit_scenes import ensure_benchmark
     from dpvr.loading import load_model
 
     root = tmp_path_factory.mktemp("bad-input")
@@ -30,7 +29,7 @@ def world(tiny_checkpoint, tmp_path_factory):
     (root / "not_an_image.png").write_text("hello")
     (root / "empty.json").write_text("[]")
     (root / "truncated.json").write_text('[{"id": "a", "conversations": [')
-    bench = ensure_benchmark(root / "bench", seed=5, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
+    bench = digit_bench(5, train=4, val=2, test=2, existence=2, all=2)
     model, _ = load_model(model=str(tiny_checkpoint), mode="lf", split_layer=6)
     model.save_pretrained(root / "adapter", side_branch_only=True)
     (root / "bad_adapter").mkdir()

@@ -11,7 +11,6 @@ from PIL import Image
 
 from dpvr import DPVRConfig, convert
 from dpvr.cli import main
-from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.embedded import build_tiny_model
 from dpvr.eval import evaluate
 from dpvr.eval.lmms_plugin import MANIFEST, _layers, continuation_logprobs, generate_texts
@@ -57,9 +56,8 @@ def test_mme_accuracy_plus_and_mmbench_circular_by_hand():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 2, "val": 2, "test": 6, "existence": 2, "all": 2}, progress=False)
+def tiny(tiny_checkpoint, digit_bench):
+    data = digit_bench(3, train=2, val=2, test=6, existence=2, all=2)
     model, processor = build_tiny_model(seed=0)
     return model.eval(), processor, data, tiny_checkpoint
 

@@ -1,6 +1,9 @@
-"""The commands on a routed family beyond LLaVA-1.5: a tiny LLaVA-NeXT checkpoint (anyres processor,
-image_sizes, newline tokens) through `dpvr generate`, `eval`, `analyze`, `train` and `bench`.
-(Qwen2-VL / Qwen2.5-VL: tests/test_qwen_commands.py, where torchvision is installed.)"""
+"""The commands on the routed families beyond LLaVA-1.5, one tiny checkpoint each with its real processor:
+LLaVA-NeXT (anyres processor, image_sizes, newline tokens), Qwen2-VL and Qwen2.5-VL (multimodal rope,
+image_grid_thw, mm_token_type_ids) through `dpvr generate`, `eval`, `analyze`, `train` and `bench`, with the
+same assertions for every family. The Qwen2-VL processor needs torchvision for its video half: the README's
+suite skips the Qwen families where torchvision is absent (a CPU install), and `.ci/lmms.sh` runs this file
+in the environment that has it."""
 from __future__ import annotations
 
 import json
@@ -8,20 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from families import save_next_checkpoint
+from families import save_next_checkpoint, save_qwen_checkpoint
 from PIL import Image
 
 from dpvr.cli import main
-from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.train.cli import train
 
+FAMILIES = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("next")
-    ckpt = save_next_checkpoint(root / "model")
-    data = ensure_benchmark(root / "bench", seed=3, scenes={"train": 4, "val": 1, "test": 3, "existence": 2, "all": 2},
-                            progress=False)  # fmt: skip
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def world(request, tmp_path_factory, digit_bench):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    if family == "llava_next":
+        ckpt = save_next_checkpoint(root / "model")
+    else:
+        pytest.importorskip("torchvision", reason="Qwen2-VL's processor needs torchvision (.ci/lmms.sh runs this file)")
+        ckpt = save_qwen_checkpoint(root / "model", family)
+    data = digit_bench(3, train=4, val=1, test=3, existence=2, all=2)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "img.png")
     return root, ckpt, data
 
@@ -35,12 +43,13 @@ def test_generate_compare(world, capsys):
     assert "lf s=3 K=1 D=1" in out and "vanilla" in out
 
 
-def test_eval_routed_and_vanilla(world, tmp_path):
+def test_eval_routed_and_vanilla(world, tmp_path, capsys):
     _, ckpt, data = world
-    for mode in ("kv", "fastv"):
-        rc = main(["eval", "--model", str(ckpt), "--data", str(data), "--mode", mode, "--split-layer", "3",
-                   "--fastv-layer", "1", "--families", "pope,count", "--out", str(tmp_path / mode)])  # fmt: skip
-        assert rc == 0
+    for mode in ("vanilla", "kv", "fastv"):
+        extra = [] if mode == "vanilla" else ["--mode", mode, "--split-layer", "3", "--fastv-layer", "1"]
+        rc = main(["eval", "--model", str(ckpt), "--data", str(data), *extra, "--families", "pope,count",
+                   "--out", str(tmp_path / mode)])  # fmt: skip
+        assert rc == 0, capsys.readouterr()
         result = json.loads((tmp_path / mode / "eval.json").read_text())
         assert {"pope", "count"} <= set(result["scores"]), result["scores"]
 
@@ -65,8 +74,11 @@ def test_train_lf_side_branch(world, tmp_path):
     assert rc == 0
 
 
-def test_bench_and_flops_on_the_checkpoint_shape(world, tmp_path):
+def test_bench_and_flops_on_the_checkpoint_shape(world, tmp_path, request):
     _, ckpt, _ = world
+    if request.node.callspec.params["world"] == "qwen2_vl":  # qwen2_5_vl passes; strict: fixing it fails this
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason="dpvr bench --preset <Qwen2-VL "
+                            "checkpoint> exits 1: its batches lack mm_token_type_ids, which transformers' M-RoPE asks for"))
     rc = main(["bench", "--preset", str(ckpt), "--modes", "vanilla,lf", "--text-lens", "8", "--batches", "1",
                "--repeats", "1", "--new-tokens", "2", "--recompute-text-len", "8", "--no-train-step",
                "--split-layer", "3", "--out", str(tmp_path)])  # fmt: skip

@@ -13,7 +13,7 @@ from dpvr.cli import COMMANDS, command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PATH_PREFIXES = ("docs/", "src/", "scripts/", "tests/", "research/", ".ci/", "run.py", "pyproject.toml")
+PATH_PREFIXES = ("docs/", "src/", "scripts/", "tests/", "benchmarks/", ".ci/", "run.py", "pyproject.toml")
 
 
 def _named_paths() -> set[str]:

@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.data.llava_json import IMAGE_LENGTH_GUESS, LlavaJsonDataset
 from dpvr.train.cli import train
 from dpvr.train.sampling import LengthGroupedSampler
@@ -52,9 +51,8 @@ def test_length_estimate_ranks_image_samples_above_text_and_survives_malformed_o
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grouped")
-    return ensure_benchmark(root / "bench", seed=5, scenes={"train": 10, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
+def bench(digit_bench):
+    return digit_bench(5, train=10, val=2, test=2, existence=2, all=2)
 
 
 def run(tiny_checkpoint, bench, out, *extra) -> dict:

@@ -5,16 +5,15 @@ import json
 
 import pytest
 
-from dpvr.data.digit_scenes import ensure_benchmark
 from dpvr.train.cli import train
 
 N_GOOD, N_BAD, BATCH = 2, 6, 2  # 4 batches of 2: the 2 good samples leave at least 2 batches wholly bad
 
 
 @pytest.fixture(scope="module")
-def data(tiny_checkpoint, tmp_path_factory):
+def data(tiny_checkpoint, tmp_path_factory, digit_bench):
     root = tmp_path_factory.mktemp("skips")
-    bench = ensure_benchmark(root / "bench", seed=4, scenes={"train": 4, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
+    bench = digit_bench(4, train=4, val=2, test=2, existence=2, all=2)
     samples = json.loads((bench / "train.json").read_text())
     good = [s for s in samples if "image" in s][:N_GOOD]
     bad = [{**good[0], "id": f"bad-{i}", "image": f"train/missing-{i}.png"} for i in range(N_BAD)]
@@ -40,10 +39,10 @@ def test_skip_counts_samples_once_over_epochs_and_workers_and_survives_wholly_ba
     assert record["train_loss"] == record["train_loss"] and record["train_loss"] > 0  # a finite, real loss
 
 
-def test_train_loss_after_resume_equals_the_uninterrupted_runs(tiny_checkpoint, tmp_path):
+def test_train_loss_after_resume_equals_the_uninterrupted_runs(tiny_checkpoint, tmp_path, digit_bench):
 
 
-    bench = ensure_benchmark(tmp_path / "bench", seed=3, scenes={"train": 6, "val": 2, "test": 2, "existence": 2, "all": 2}, progress=False)
+    bench = digit_bench(3, train=6, val=2, test=2, existence=2, all=2)
     common = ["--model", str(tiny_checkpoint), "--data", str(bench / "train.json"), "--mode", "lf", "--split_layer", "6",
               "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1", "--max_steps", "6",
               "--disable_tqdm", "true"]  # fmt: skip

@@ -2,8 +2,8 @@
 threads: the full model's forward and backward under bf16 autocast at batch 16 on real train.json
 batches (random ones, and ones of near-equal lengths), after a warm-up step, medians over rounds.
 
-    python3 research/cpu_step_speed.py --threads 2                  # one run with both cores
-    python3 research/cpu_step_speed.py --threads 1 & python3 research/cpu_step_speed.py --threads 1
+    python3 benchmarks/cpu_step_speed.py --threads 2                  # one run with both cores
+    python3 benchmarks/cpu_step_speed.py --threads 1 & python3 benchmarks/cpu_step_speed.py --threads 1
                                                                     # two one-thread runs side by side
 
 Seconds per step for `sdpa` (CPU autocast runs it in bf16) and `dpvr_sdpa_fp32` (dpvr.attention); the
@@ -17,19 +17,21 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from _common import add_data_options, train_samples
+from transformers import LlavaForConditionalGeneration
 
 from dpvr.attention import FP32_SDPA
 from dpvr.data.collate import Collator
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.loading import resolve_model_path
 
 
-def batches(processor, n_samples: int, n_batches: int, batch: int = 16) -> dict[str, list[dict]]:
-    """{"random": batches of random samples, "grouped": batches of neighbours in length order}."""
-    root = open_benchmark(None, 0)
-    data = LlavaJsonDataset(load_samples(root / "train.json")[:n_samples], root / "images", processor)
+def batches(args, n_batches: int) -> dict[str, list[dict]]:
+    """{"random": batches of random samples, "grouped": batches of neighbours in length order}, of --batch
+    samples each, from the samples `_common.add_data_options`' options pick."""
+    root, processor, samples = train_samples(args)
+    data = LlavaJsonDataset(samples, root / "images", processor)
+    batch = args.batch
     collate = Collator(processor.tokenizer.pad_token_id, keep_ids=False)
     items = [data.encode(i) for i in range(len(data))]
     lengths = np.array([len(it["input_ids"]) for it in items])
@@ -40,17 +42,17 @@ def batches(processor, n_samples: int, n_batches: int, batch: int = 16) -> dict[
     return {k: [collate([items[i] for i in ix]) for ix in v] for k, v in picks.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=11, help="timed steps per round and setting (after one warm-up)")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    args = p.parse_args()
+    add_data_options(p, samples=1600, batch=True)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = resolve_model_path(None)
-    data = batches(AutoProcessor.from_pretrained(base), 1600, args.steps + 1)
-    model = LlavaForConditionalGeneration.from_pretrained(base).train()
+    data = batches(args, args.steps + 1)
+    model = LlavaForConditionalGeneration.from_pretrained(resolve_model_path(args.model)).train()
 
     def step(batch: dict) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):

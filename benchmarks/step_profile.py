@@ -2,9 +2,9 @@
 fine-tuning and LoRA (as `dpvr train` builds them), interleaved, and optionally torch's profiler table
 for one of them and the sdpa kernels at the model's attention shape.
 
-    python3 research/step_profile.py                          # full / lora16 / lora64, medians
-    python3 research/step_profile.py --profile lora16         # + the top ops of three lora16 steps
-    python3 research/step_profile.py --kernels                # + sdpa forward+backward by kernel and dtype
+    python3 benchmarks/step_profile.py                          # full / lora16 / lora64, medians
+    python3 benchmarks/step_profile.py --profile lora16         # + the top ops of three lora16 steps
+    python3 benchmarks/step_profile.py --kernels                # + sdpa forward+backward by kernel and dtype
 
 Steps: batch 16 of length-grouped train.json samples, bf16 autocast with fp32 attention (what `dpvr
 train --bf16` runs on a CPU), forward, backward and AdamW, after one warm-up step. Figures measured
@@ -16,21 +16,20 @@ import statistics
 import time
 
 import torch
+from _common import add_data_options
 from cpu_step_speed import batches
-from transformers import AutoProcessor
 
 from dpvr.atomic import atomic_write_text
 from dpvr.attention import FP32_SDPA
-from dpvr.loading import resolve_model_path
 from dpvr.train.args import ModelArguments
 from dpvr.train.trainer import build_model
 
 METHODS = {"full": {"method": "full"}, "lora16": {"method": "lora", "lora_r": 16}, "lora64": {"method": "lora", "lora_r": 64}}
 
 
-def trainer_step(name: str):
+def trainer_step(name: str, model_path: str | None = None):
     """A closure running one optimizer step of method `name` on a batch."""
-    model, _ = build_model(ModelArguments(attn=FP32_SDPA, **METHODS[name]))
+    model, _ = build_model(ModelArguments(model=model_path, attn=FP32_SDPA, **METHODS[name]))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -65,7 +64,7 @@ def kernels(shape=(16, 6, 270, 32), repeats: int = 8) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per method (after one warm-up)")
@@ -73,10 +72,11 @@ def main() -> None:
     p.add_argument("--profile", choices=list(METHODS), default=None, help="also print the profiler's top ops of this one")
     p.add_argument("--kernels", action="store_true", help="also time sdpa by kernel")
     p.add_argument("--out", default=None, help="also write the medians here as JSON")
-    args = p.parse_args()
+    add_data_options(p, samples=800, batch=True)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = batches(AutoProcessor.from_pretrained(resolve_model_path(None)), 800, args.steps + 1)["grouped"]
-    steps = {name: trainer_step(name) for name in args.methods.split(",")}
+    data = batches(args, args.steps + 1)["grouped"]
+    steps = {name: trainer_step(name, args.model) for name in args.methods.split(",")}
     for step in steps.values():
         step(data[0])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -92,7 +92,7 @@ def main() -> None:
     if args.profile:
         from torch.profiler import profile
 
-        step = steps.get(args.profile) or trainer_step(args.profile)
+        step = steps.get(args.profile) or trainer_step(args.profile, args.model)
         with profile() as prof:
             for batch in data[1:4]:
                 step(batch)

@@ -1,6 +1,6 @@
-"""Throwaway research script (issue 16): does a comparison learnt in text transfer to image tokens?
+"""Research script (issue 16): does a comparison learnt in text transfer to image tokens?
 
-LLaVA's stages on a reduced problem, with a language model from research/train_text.py:
+LLaVA's stages on a reduced problem, with a language model from benchmarks/train_text.py:
   0. vision: a stock CLIPVisionModel + linear head on each cell's mean patch token (11-way), alone;
   1. align: projector only (tower and LM frozen), on the QA loss;
   2. tune: projector + LM (tower frozen).
@@ -8,14 +8,13 @@ The image's patch tokens take the place of the scene words (the text model must 
 with --form patchK where K = 16 / patch, i.e. the same token layout), so a projector that maps a
 cell's patches onto its digit word's embedding would hand the text skill over unchanged.
 
-    nice -n 19 .venv/bin/python research/train_vision.py --name v2 --lm research/ckpt/X.pt --patch 8
+    nice -n 19 .venv/bin/python benchmarks/train_vision.py --name v2 --lm benchmarks/ckpt/X.pt --patch 8
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,15 +22,14 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from textworld import FAMILIES, TINTS, World, batch, render  # noqa: E402
-from train_text import LOGS, build  # noqa: E402
+from textworld import FAMILIES, ID, TINTS, World, batch, render
+from train_text import LOGS, build
 
 CELL = 16
 
 
-def args_():
-    p = argparse.ArgumentParser()
+def args_(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--lm", required=True, help="checkpoint from train_text.py --save")
     p.add_argument("--patch", type=int, default=8)
@@ -46,7 +44,8 @@ def args_():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-n", type=int, default=100)
-    return p.parse_args()
+    p.add_argument("--log-dir", default=str(LOGS), help="where <name>.jsonl goes (default: %(default)s)")
+    return p.parse_args(argv)
 
 
 class Images:
@@ -138,9 +137,61 @@ def attention_profile(vlm, sets) -> list[float]:
     return prof
 
 
-def main():
+def eval_sets(world, imgs, weights, n: int, erng) -> dict:
+    """{family: (ids, pixels, spans)}: n held-out one-turn questions per trained family, test-pool scans."""
+    sets = {}
+    for f in [f for f in FAMILIES if weights[f] > 0]:
+        scenes = [world.scene(erng) for _ in range(n)]
+        ids, _, spans = batch(world, erng, n, 1, fams=[f], scenes=scenes)
+        sets[f] = (ids, imgs.pixels(erng, scenes, "test"), spans)
+    return sets
+
+
+def vision_stage(vlm, world, imgs, steps: int, rng, erng, write) -> None:
+    """Stage 0: the tower (and its per-cell head) learns digits per cell; frozen afterwards."""
+    opt = torch.optim.AdamW([*vlm.tower.parameters(), *vlm.head.parameters()], lr=1e-3)
+    sch = schedule(opt, steps)
+    for step in range(steps + 1):
+        scenes = [world.scene(rng) for _ in range(64)]
+        target = torch.tensor(scenes).clamp(min=-1) % 11  # none -> 10
+        if step % 50 == 0 or step == steps:
+            with torch.no_grad():
+                es = [world.scene(erng) for _ in range(100)]
+                acc = (vlm.cell_logits(imgs.pixels(erng, es, "test")).argmax(-1) == torch.tensor(es) % 11).float().mean()
+            write({"stage": "vision", "step": step, "cell_acc": round(float(acc), 3)})
+        if step == steps:
+            break
+        loss = torch.nn.functional.cross_entropy(vlm.cell_logits(imgs.pixels(rng, scenes, "train")).flatten(0, 1), target.flatten())
+        loss.backward()
+        opt.step(), sch.step(), opt.zero_grad()
+    vlm.tower.requires_grad_(False)
+
+
+def qa_stage(vlm, world, imgs, a, stage: str, steps: int, params: list, lr: float, sets, rng, write, over) -> None:
+    """Stage 1 (align) or 2 (tune): `params` learn the QA loss; evaluations every a.eval_every steps."""
+    vlm.lm.requires_grad_(stage == "tune")
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98))
+    sch = schedule(opt, steps)
+    losses = []
+    for step in range(steps + 1):
+        stop = over()
+        if step % a.eval_every == 0 or step == steps or stop:
+            write({"stage": stage, "step": step, "loss": round(float(np.mean(losses[-a.eval_every:])), 4) if losses else None, **evaluate(vlm, sets)})
+        if step == steps or stop:
+            break
+        scenes = [world.scene(rng) for _ in range(a.batch)]
+        ids, lab, _ = batch(world, rng, a.batch, a.turns, scenes=scenes)
+        loss = vlm(ids, imgs.pixels(rng, scenes, "train"), labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sch.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    write({"stage": stage, "attention_on_image": attention_profile(vlm, sets)})
+
+
+def main(argv: list[str] | None = None):
     global VOCAB_YES
-    a = args_()
+    a = args_(argv)
     torch.set_num_threads(1)
     ck = torch.load(a.lm)
     la = argparse.Namespace(**ck["args"])
@@ -148,8 +199,6 @@ def main():
     lm = build(la)
     if not a.lm_random:
         lm.load_state_dict(ck["state"])
-    from textworld import ID
-
     VOCAB_YES = ID["yes"]
     grid, k = la.grid, CELL // a.patch
     assert la.form == ("bare" if k == 1 else f"patch{k}") or la.form == f"patch{k}", (la.form, k)
@@ -162,12 +211,9 @@ def main():
     vlm = VLM(lm, grid, a.patch)
     torch.manual_seed(a.seed)
     rng, erng = np.random.default_rng(a.seed), np.random.default_rng(20_000 + a.seed)
-    sets = {}
-    for f in [f for f in FAMILIES if weights[f] > 0]:
-        scenes = [world.scene(erng) for _ in range(a.eval_n)]
-        ids, _, spans = batch(world, erng, a.eval_n, 1, fams=[f], scenes=scenes)
-        sets[f] = (ids, imgs.pixels(erng, scenes, "test"), spans)
-    log = open(LOGS / f"{a.name}.jsonl", "w")
+    sets = eval_sets(world, imgs, weights, a.eval_n, erng)
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(a.log_dir) / f"{a.name}.jsonl", "w")
     log.write(json.dumps({"args": vars(a), "lm_args": ck["args"]}) + "\n")
     t0 = time.time()
 
@@ -177,46 +223,11 @@ def main():
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    # stage 0: the tower learns digits per cell
-    opt = torch.optim.AdamW([*vlm.tower.parameters(), *vlm.head.parameters()], lr=1e-3)
-    sch = schedule(opt, a.vision_steps)
-    for step in range(a.vision_steps + 1):
-        scenes = [world.scene(rng) for _ in range(64)]
-        target = torch.tensor(scenes).clamp(min=-1) % 11  # none -> 10
-        if step % 50 == 0 or step == a.vision_steps:
-            with torch.no_grad():
-                es = [world.scene(erng) for _ in range(100)]
-                acc = (vlm.cell_logits(imgs.pixels(erng, es, "test")).argmax(-1) == torch.tensor(es) % 11).float().mean()
-            write({"stage": "vision", "step": step, "cell_acc": round(float(acc), 3)})
-        if step == a.vision_steps:
-            break
-        loss = torch.nn.functional.cross_entropy(vlm.cell_logits(imgs.pixels(rng, scenes, "train")).flatten(0, 1), target.flatten())
-        loss.backward()
-        opt.step(), sch.step(), opt.zero_grad()
-    vlm.tower.requires_grad_(False)
-    # stages 1 and 2
-    for stage, steps, params, lr in [
-        ("align", a.align_steps, list(vlm.proj.parameters()), 1e-3),
-        ("tune", a.tune_steps, [*vlm.proj.parameters(), *vlm.lm.parameters()], 3e-4),
-    ]:
-        vlm.lm.requires_grad_(stage == "tune")
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98))
-        sch = schedule(opt, steps)
-        losses = []
-        for step in range(steps + 1):
-            over = time.time() - t0 > a.minutes * 60
-            if step % a.eval_every == 0 or step == steps or over:
-                write({"stage": stage, "step": step, "loss": round(float(np.mean(losses[-a.eval_every:])), 4) if losses else None, **evaluate(vlm, sets)})
-            if step == steps or over:
-                break
-            scenes = [world.scene(rng) for _ in range(a.batch)]
-            ids, lab, _ = batch(world, rng, a.batch, a.turns, scenes=scenes)
-            loss = vlm(ids, imgs.pixels(rng, scenes, "train"), labels=lab).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(), sch.step(), opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        write({"stage": stage, "attention_on_image": attention_profile(vlm, sets)})
+    vision_stage(vlm, world, imgs, a.vision_steps, rng, erng, write)
+    over = lambda: time.time() - t0 > a.minutes * 60  # noqa: E731
+    qa_stage(vlm, world, imgs, a, "align", a.align_steps, list(vlm.proj.parameters()), 1e-3, sets, rng, write, over)
+    tune = [*vlm.proj.parameters(), *vlm.lm.parameters()]
+    qa_stage(vlm, world, imgs, a, "tune", a.tune_steps, tune, 3e-4, sets, rng, write, over)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,20 @@
 """How much padding random training batches carry on the embedded default, against length-grouped ones
 (`dpvr.train.sampling`): every train.json sample encoded, batches of 16 from one epoch of each order.
 
-    python3 research/padding.py            # prints JSON: token and attention work relative to no padding
+    python3 benchmarks/padding.py            # prints JSON: token and attention work relative to no padding
 
 "linear" is sum over batches of B x (longest sample), over the sum of sample lengths: what the linear
 layers run over. "attention" is the same with lengths squared. Figures are in docs/train.md
 ("Length-grouped batches").
 """
+import argparse
 import json
 import statistics
 
 import torch
-from transformers import AutoProcessor
+from _common import add_data_options, train_samples
 
-from dpvr.data.digit_scenes import open_benchmark
 from dpvr.data.llava_json import LlavaJsonDataset
-from dpvr.loading import resolve_model_path
 from dpvr.train.sampling import LengthGroupedSampler
 
 BATCH = 16
@@ -27,9 +26,11 @@ def work(order: list[int], tokens: list[int], power: int) -> float:
     return padded / sum(t**power for t in tokens)
 
 
-def main() -> None:
-    root = open_benchmark(None, 0)
-    data = LlavaJsonDataset(root / "train.json", root / "images", AutoProcessor.from_pretrained(resolve_model_path(None)))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_options(p)
+    root, processor, samples = train_samples(p.parse_args(argv))
+    data = LlavaJsonDataset(samples, root / "images", processor)
     tokens = [len(data.encode(i)["input_ids"]) for i in range(len(data))]
     orders = {"random": torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist(),
               "grouped": list(LengthGroupedSampler(data.lengths, BATCH, seed=0))}  # fmt: skip

@@ -2,24 +2,23 @@
 read through a LlavaJsonDataset twice, the second time by a new dataset on the same samples (as the
 next run of `dpvr reproduce` in the same process reads them).
 
-    python3 research/encoded_memo.py       # prints JSON: seconds per pass and the MiB kept
+    python3 benchmarks/encoded_memo.py       # prints JSON: seconds per pass and the MiB kept
 
 Figures are in docs/train.md ("Encoded samples")."""
+import argparse
 import json
 import time
 
-from transformers import AutoProcessor
+from _common import add_data_options, train_samples
 
-from dpvr.data.digit_scenes import open_benchmark
-from dpvr.data.llava_json import LlavaJsonDataset, load_samples
+from dpvr.data.llava_json import LlavaJsonDataset
 from dpvr.data.memo import MEMO
-from dpvr.loading import resolve_model_path
 
 
-def main() -> None:
-    root = open_benchmark(None, 0)
-    processor = AutoProcessor.from_pretrained(resolve_model_path(None))
-    samples = load_samples(root / "train.json")
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_options(p)
+    root, processor, samples = train_samples(p.parse_args(argv))
     seconds = []
     for _ in ("first", "again"):
         data = LlavaJsonDataset(samples, root / "images", processor, skip_markers=True)

@@ -1,10 +1,10 @@
-"""Tables from research/logs/*.jsonl: final held-out accuracy per family, and the first eval step
+"""Tables from docs/evidence/*.jsonl: final held-out accuracy per family, and the first eval step
 (and wall seconds) at which POPE, MME and spatial reached 0.9.
 
-    python3 research/summarize.py [name-prefix ...]
+    python3 benchmarks/summarize.py [name-prefix ...] [--logs DIR]
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 FAMS = ["pope", "mme", "mmbench", "count", "spatial", "where", "probe"]
@@ -17,9 +17,16 @@ def first(recs, fam, thr=0.9):
     return "-"
 
 
-def main():
-    logs = sorted(Path(__file__).resolve().parent.joinpath("logs").glob("*.jsonl"))
-    pre = sys.argv[1:]
+LOGS = Path(__file__).resolve().parents[1] / "docs" / "evidence"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prefix", nargs="*", help="only the runs whose name starts with one of these")
+    p.add_argument("--logs", default=str(LOGS), help="folder of the runs' .jsonl logs (default: %(default)s)")
+    args = p.parse_args(argv)
+    logs = sorted(Path(args.logs).glob("*.jsonl"))
+    pre = args.prefix
     print("| run | steps | min | " + " | ".join(FAMS) + " | yes share | pope>=.9 at | spatial>=.9 at | attention on scene/image per layer |")
     print("|" + " --- |" * (len(FAMS) + 7))
     for p in logs:

@@ -1,8 +1,8 @@
-"""Throwaway research script (issue 16): text-only stage, stock LlamaForCausalLM on worded scenes.
+"""Research script (issue 16): text-only stage, stock LlamaForCausalLM on worded scenes.
 
-    nice -n 19 .venv/bin/python research/train_text.py --name t4 --grid 2 --layers 4 --minutes 4
+    nice -n 19 .venv/bin/python benchmarks/train_text.py --name t4 --grid 2 --layers 4 --minutes 4
 
-Logs one JSON line per eval to research/logs/<name>.jsonl: step, wall seconds, loss, held-out
+Logs one JSON line per eval to docs/evidence/<name>.jsonl (or --log-dir): step, wall seconds, loss, held-out
 exact-match accuracy per family (teacher-forced argmax on every answer token == greedy answer),
 POPE's predicted yes share, and at the end the attention share on scene tokens per layer.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -19,14 +18,13 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from textworld import EOS, FAMILIES, PAD, VOCAB, World, batch  # noqa: E402
+from textworld import EOS, FAMILIES, PAD, VOCAB, World, batch
 
-LOGS = Path(__file__).resolve().parent / "logs"
+LOGS = Path(__file__).resolve().parents[1] / "docs" / "evidence"
 
 
-def args_():
-    p = argparse.ArgumentParser()
+def args_(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--grid", type=int, default=2)
     p.add_argument("--layers", type=int, default=4)
@@ -50,7 +48,8 @@ def args_():
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--save", default="")
-    return p.parse_args()
+    p.add_argument("--log-dir", default=str(LOGS), help="where <name>.jsonl goes (default: %(default)s)")
+    return p.parse_args(argv)
 
 
 def build(a) -> LlamaForCausalLM:
@@ -119,8 +118,8 @@ def attention_profile(model, sets, scene_len: int) -> list[float]:
     return prof
 
 
-def main():
-    a = args_()
+def main(argv: list[str] | None = None):
+    a = args_(argv)
     torch.set_num_threads(1)
     weights = {f: float(f != "probe") for f in FAMILIES}
     for kv in filter(None, a.weights.split(",")):
@@ -135,8 +134,8 @@ def main():
         opt, lambda s: min(1.0, (s + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
     )
     rng = np.random.default_rng(a.seed)
-    LOGS.mkdir(exist_ok=True)
-    log = open(LOGS / f"{a.name}.jsonl", "w")
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(a.log_dir) / f"{a.name}.jsonl", "w")
     log.write(json.dumps({"args": vars(a), "params": sum(p.numel() for p in model.parameters())}) + "\n")
     t0, c0, step, losses = time.time(), time.process_time(), 0, []
     ncell = a.grid * a.grid

@@ -1,4 +1,4 @@
-"""Throwaway research code (issue 16): digit scenes written in words, for a text-only LM stage.
+"""Research code (issue 16): digit scenes written in words, for a text-only LM stage.
 
 A scene is a GxG grid of cells, each a digit or empty, written as
     "top left 3 , top right none , ... ."
@@ -165,3 +165,23 @@ def render(grid: int, cells, scans, tints, images) -> np.ndarray:
         r, c = divmod(i, grid)
         canvas[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] = ink[..., None] * np.asarray(TINTS[tints[i]]) / 255.0
     return canvas
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one scene and its question-answer turns, as the text stage sees them."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="One worded digit scene and its QA turns (the text stage's input).")
+    p.add_argument("--grid", type=int, default=2, choices=sorted(ROWS))
+    p.add_argument("--form", default="named", help="named | bare | patchK")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    ids, _, spans = World(args.grid, form=args.form).sequence(np.random.default_rng(args.seed), args.turns)
+    print(" ".join(VOCAB[i] for i in ids))
+    for fam, _, _, _, answer in spans:
+        print(f"{fam}: {' '.join(answer)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ reproduction's plateau rule watches) of the stock model, VTW (no image after the
 side branch copied from layer s (the trained rows' start), made a no-op (its residual writes zeroed, so the
 fusion layers read the image states as they left layer s) or randomly initialised; for K = 1 and K = 4.
 
-    python3 research/side_branch_effect.py [--split 11] [--limit 256]   # -> research/logs/side_branch_effect.json
+    python3 benchmarks/side_branch_effect.py [--split 11] [--limit 256]   # -> docs/evidence/side_branch_effect.json
 
 If LF's loss barely depends on its side branch, a side branch trained from the copy has little to gain,
 and LF's gap to vanilla comes from the text layers between the split and the fusion layers.
@@ -22,7 +22,7 @@ from dpvr.loading import resolve_model_path
 from dpvr.train.args import DataArguments
 from dpvr.train.cli import build_dataset
 
-OUT = Path(__file__).resolve().parent / "logs" / "side_branch_effect.json"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "evidence" / "side_branch_effect.json"
 
 
 def held_out_loss(model, batches) -> float:
@@ -43,15 +43,19 @@ def no_op(model) -> None:
                 p.zero_()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", type=int, default=11)
     ap.add_argument("--limit", type=int, default=256)
-    args = ap.parse_args()
+    ap.add_argument("--data", default=None, help="val.json to score (default: the seed-0 digit scenes' val.json)")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    ap.add_argument("--out", default=str(OUT), help="where the JSON goes (default: %(default)s)")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
-    base = resolve_model_path(None)
+    base = resolve_model_path(args.model)
     proc = AutoProcessor.from_pretrained(base)
-    data = build_dataset(DataArguments(eval_limit=args.limit), proc, held_out=True)  # the plateau rule's val set
+    dargs = DataArguments(eval_data=args.data, eval_limit=args.limit)
+    data = build_dataset(dargs, proc, held_out=True)  # the plateau rule's val set
     collate = Collator(pad_token_id=proc.tokenizer.pad_token_id, keep_ids=False)
     batches = [collate([data[i] for i in range(j, min(j + 16, len(data)))]) for j in range(0, len(data), 16)]
     for b in batches:  # build_dataset marks skipped samples; the model takes none of that
@@ -68,7 +72,7 @@ def main() -> None:
                 no_op(model)
             out[f"lf K={K} {init}"] = held_out_loss(model, batches)
             print(f"lf K={K} {init}: {out[f'lf K={K} {init}']:.4f}", flush=True)
-    atomic_write_text(OUT, json.dumps(out, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 
