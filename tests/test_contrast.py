@@ -1,0 +1,143 @@
+"""Contrastive attention (dpvr.contrast): off-by-construction where it must be, on where it should be,
+and a cached generation equal to a full recompute, in vanilla and every routed mode."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import PAD, VOCAB, left_pad, pixels, prompt, tiny_llava
+
+from dpvr import DPVRConfig, convert
+from dpvr.contrast import ContrastConfig, contrast
+from dpvr.errors import DPVRError
+
+# split 2 of 6 layers: early layer 1 sees the image in every mode; layers 3-5 see image keys in vanilla,
+# PC, KV and LF's fusion layer, never in VTW (withdrawn from layer 2 on)
+MODES = {
+    "vanilla": None,
+    "lf": DPVRConfig(mode="lf", split_layer=2, fusion_layers=1),
+    "pc": DPVRConfig(mode="pc", split_layer=2),
+    "kv": DPVRConfig(mode="kv", split_layer=2),
+    "vtw": DPVRConfig(mode="vtw", split_layer=2),
+    "fastv": DPVRConfig(mode="fastv", fastv_layer=1, fastv_ratio=0.5),
+}
+LATE = ContrastConfig(early_layer=1, layers=(3, 4, 5), strength=1.0)
+
+
+def model_in(mode: str, attn: str = "eager"):
+    base = tiny_llava(attn=attn)
+    model = base if MODES[mode] is None else convert(base, MODES[mode])
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def image_batch():
+    ids, mask = left_pad([prompt(3, 4, seed=1), prompt(1, 9, seed=2)])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(2, seed=3))
+
+
+def logits(model, cfg, **inputs) -> torch.Tensor:
+    with torch.no_grad(), contrast(model, cfg):
+        out = model(**inputs).logits
+    return out[inputs["attention_mask"].bool()] if "attention_mask" in inputs else out
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "vtw"])
+def test_text_only_prompt_is_stock_exactly(mode):
+    model = model_in(mode, attn="sdpa")
+    ids = torch.randint(6, VOCAB, (2, 11), generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(**kw)
+        with contrast(model, ContrastConfig(1, (3, 4, 5), strength=3.0)):
+            got = model.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_strength_zero_is_the_mode_itself(mode, attn):
+    model, inputs = model_in(mode, attn), image_batch()
+    want = logits(model, None, **inputs)
+    torch.testing.assert_close(logits(model, ContrastConfig(1, (3, 4, 5), 0.0), **inputs), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "pc", "kv", "fastv"])
+def test_strength_changes_answers_where_late_layers_see_the_image(mode):
+    model, inputs = model_in(mode), image_batch()
+    diff = (logits(model, LATE, **inputs) - logits(model, None, **inputs)).abs().max()
+    assert diff > 1e-3, f"{mode}: contrast changed the logits by {diff:.2e} only"
+
+
+def test_vtw_contrasts_only_layers_that_still_see_the_image():
+    model, inputs = model_in("vtw"), image_batch()
+    plain = logits(model, None, **inputs)
+    # layers 3-5 run after the withdrawal (split 2): no image key, nothing to re-weight
+    torch.testing.assert_close(logits(model, LATE, **inputs), plain, rtol=0, atol=0)
+    assert (logits(model, ContrastConfig(0, (1,), 1.0), **inputs) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "pc", "kv", "vtw"])  # FastV: see the test below
+def test_cached_generation_equals_recompute(mode):
+    model = model_in(mode, attn="sdpa")
+    kw = dict(**image_batch(), max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), contrast(model, ContrastConfig(0, (2, 4, 5), strength=2.0)):
+        cached, full = model.generate(**kw, use_cache=True), model.generate(**kw, use_cache=False)
+    assert torch.equal(cached.sequences, full.sequences)
+    for step, (a, b) in enumerate(zip(cached.logits, full.logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=f"{mode} step {step}")
+
+
+def test_fastv_cached_prefill_equals_a_plain_forward():
+    """FastV's cache keeps the prefill's pruning while a recompute re-ranks at every step (with or without
+    contrast: test_routed_cache.py), so cached != recomputed is FastV's own; what holds is that the
+    cached generation's first step is the contrasted forward of the prompt."""
+    model = model_in("fastv", attn="sdpa")
+    inputs = image_batch()
+    with torch.no_grad(), contrast(model, LATE):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=True, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        step0 = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(out.logits[0], step0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "kv"])
+def test_batched_equals_single_rows(mode):
+    """Left padding: pad positions are neither queries nor keys of the statistics."""
+    model = model_in(mode, attn="sdpa")
+    rows, px = [prompt(3, 4, seed=1), prompt(1, 9, seed=2)], pixels(2, seed=3)
+    ids, mask = left_pad(rows)
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad(), contrast(model, LATE):
+        batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw)
+        for b, row in enumerate(rows):
+            single = model.generate(input_ids=torch.tensor([row]), pixel_values=px[b : b + 1], **kw)
+            assert batched[b, -4:].tolist() == single[0, -4:].tolist(), f"{mode} row {b}"
+
+
+def test_context_restores_the_model_even_after_an_error():
+    model = model_in("lf", attn="sdpa")
+    with pytest.raises(DPVRError, match="input_ids"), contrast(model, LATE):
+        model(inputs_embeds=torch.zeros(1, 3, 48))
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not model._forward_pre_hooks
+    assert not any(hasattr(layer.self_attn, "_dpvr_contrast") for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (ContrastConfig(1, (3,), float("nan")), "finite"),
+    (ContrastConfig(1, (3,), float("inf")), "finite"),
+    (ContrastConfig(1, (3,), "1"), "finite"),
+    (ContrastConfig(6, (7,), 1.0), "early_layer must be in [0, 6)"),
+    (ContrastConfig(-1, (3,), 1.0), "early_layer"),
+    (ContrastConfig(1, (), 1.0), "at least one layer"),
+    (ContrastConfig(3, (2, 4), 1.0), "[2] out of range"),
+    (ContrastConfig(1, (6,), 1.0), "[6] out of range"),
+    (ContrastConfig(1, (3, 3), 1.0), "twice"),
+])  # fmt: skip
+def test_bad_configs_refused_in_one_line(cfg, words):
+    model = model_in("vanilla")
+    with pytest.raises(DPVRError) as err, contrast(model, cfg):
+        pass
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert model.config.text_config._attn_implementation == "eager"  # refused before anything was touched
