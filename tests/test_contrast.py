@@ -141,3 +141,28 @@ def test_bad_configs_refused_in_one_line(cfg, words):
         pass
     assert words in str(err.value) and "\n" not in str(err.value)
     assert model.config.text_config._attn_implementation == "eager"  # refused before anything was touched
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["vanilla", "lf"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_other_families(family, mode):
+    """The attention function is the families' own layers' (Qwen2-VL's mrope positions, NeXT's anyres
+    tokens): strength 0 is the mode, and a cached generation equals a recompute."""
+    from families import IMAGE, sample, tiny_vlm
+
+    cfg = DPVRConfig(mode=mode, split_layer=2, fusion_layers=1)
+    model = convert(tiny_vlm(family, 6, "sdpa"), cfg)
+    model.generation_config.pad_token_id, model.generation_config.suppress_tokens = PAD, [IMAGE]
+    batch, _ = sample(family, model, [(2, [0, 1], 3), (4, [2], 2)], seed=3)
+    keep = (batch["input_ids"] != IMAGE) & batch["attention_mask"].bool()  # text positions: the contract
+    want = model(**batch).logits[keep]
+    with contrast(model, ContrastConfig(1, (3, 5), 0.0)):
+        torch.testing.assert_close(model(**batch).logits[keep], want, rtol=0, atol=1e-6)
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with contrast(model, ContrastConfig(0, (2, 4, 5), 2.0)):
+        assert (model(**batch).logits[keep] - want).abs().max() > 1e-3, f"{family} {mode}: contrast changed nothing"
+        cached, full = model.generate(**batch, **kw, use_cache=True), model.generate(**batch, **kw, use_cache=False)
+    assert torch.equal(cached.sequences, full.sequences), f"{family} {mode}"
+    for a, b in zip(cached.logits, full.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
