@@ -166,3 +166,10 @@ def test_other_families(family, mode):
     assert torch.equal(cached.sequences, full.sequences), f"{family} {mode}"
     for a, b in zip(cached.logits, full.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_attention_without_a_bias_is_refused_by_name():
+    model = model_in("vanilla")
+    model.config.text_config._attn_implementation = "flash_attention_2"  # takes no additive bias
+    with pytest.raises(DPVRError, match="not attn_implementation='flash_attention_2'"), contrast(model, LATE):
+        pass
