@@ -42,6 +42,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dpvr.attention import CONTRAST_OF
 from dpvr.errors import DPVRError
+from dpvr.hf_compat import STOCK_CACHE_KWARG
 
 EPS = 1e-6  # floor of a distribution entry before the log: caps |bias| at strength * log(1 / EPS) ~ 14 x strength
 ORDERS_KWARG = "dpvr_orders"  # (q_order, q_valid, k_order, k_valid) that routed layers pass to the attention call
@@ -192,7 +193,8 @@ for _base, _name in CONTRAST_OF.items():
 
 
 def _past_length(kwargs: dict) -> int:
-    cache = kwargs.get("past_key_values")
+    """Positions the forward's cache has seen (0: a prefill). Its keyword is the installed transformers' name."""
+    cache = kwargs.get(STOCK_CACHE_KWARG, kwargs.get("past_key_values"))
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
