@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import PAD, VOCAB, left_pad, pixels, prompt, tiny_llava
+from reference import reference_logits
+from tiny import IMAGE_TOKEN, PAD, VOCAB, left_pad, pixels, prompt, tiny_llava
 
 from dpvr import DPVRConfig, convert
-from dpvr.contrast import ContrastConfig, contrast
+from dpvr.contrast import EPS, ContrastConfig, contrast
 from dpvr.errors import DPVRError
 
 # split 2 of 6 layers: early layer 1 sees the image in every mode; layers 3-5 see image keys in vanilla,
@@ -173,3 +174,46 @@ def test_attention_without_a_bias_is_refused_by_name():
     model.config.text_config._attn_implementation = "flash_attention_2"  # takes no additive bias
     with pytest.raises(DPVRError, match="not attn_implementation='flash_attention_2'"), contrast(model, LATE):
         pass
+
+
+def naive_contrast(cfg: ContrastConfig, input_ids, attention_mask):
+    """The formula of docs/contrastive.md over the full sequence, for reference_logits(edit=): eager
+    attention weights of each watched layer, running sums by explicit cumsum, the bias added to the mask."""
+    valid = attention_mask.bool()
+    img, txt = (input_ids == IMAGE_TOKEN) & valid, (input_ids != IMAGE_TOKEN) & valid
+    early = {}
+
+    def log_dist(cum):
+        total = cum.sum(-1, keepdim=True)
+        return (cum / total.clamp_min(1e-30)).clamp_min(EPS).log(), total > 0
+
+    def edit(i, module, h, bias, cos_sin):
+        if i not in (cfg.early_layer, *cfg.layers):
+            return bias
+        _, w = module.self_attn(module.input_layernorm(h), position_embeddings=cos_sin, attention_mask=bias)
+        cum = (w.mean(1) * img[:, None, :] * txt[:, :, None]).cumsum(1)  # (B, T queries, T keys)
+        if i == cfg.early_layer:
+            early["cum"] = cum
+            return bias
+        (late, has_late), (ref, has_ref) = log_dist(cum), log_dist(early["cum"])
+        add = cfg.strength * (late - ref) * has_late * has_ref * img[:, None, :] * txt[:, :, None]
+        return bias + add[:, None].to(bias.dtype)
+
+    return edit
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["vanilla", "lf", "pc", "kv", "vtw"])
+def test_equals_the_naive_reference(mode):
+    """Routed layers' gathered token sets, the stock forward's inferred orders and left padding all meet
+    the same formula computed over the full sequence with explicit masks (tests/reference.py)."""
+    model, inputs = model_in(mode), image_batch()
+    cfg = ContrastConfig(0, (1, 3, 5), 1.5) if mode == "vtw" else ContrastConfig(1, (3, 4, 5), 1.5)
+    routing = model.dpvr_config if mode != "vanilla" else DPVRConfig(mode="vanilla")
+    side = getattr(model, "side_branch", None)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    want = reference_logits(model, side, routing, **inputs, edit=naive_contrast(cfg, ids, mask))
+    text = (ids != IMAGE_TOKEN)[mask.bool()]  # logits() keeps valid positions; text ones are the contract
+    want = want[mask.bool()][text]
+    torch.testing.assert_close(logits(model, cfg, **inputs)[text], want, rtol=0, atol=1e-4)
+    assert (want - logits(model, None, **inputs)[text]).abs().max() > 1e-3, "the reference changed nothing"
