@@ -169,6 +169,13 @@ def test_other_families(family, mode):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+def test_blocks_do_not_nest():
+    model = model_in("vanilla")
+    with contrast(model, LATE), pytest.raises(DPVRError, match="do not nest"), contrast(model, LATE):
+        pass
+    assert model.config.text_config._attn_implementation == "eager"
+
+
 def test_attention_without_a_bias_is_refused_by_name():
     model = model_in("vanilla")
     model.config.text_config._attn_implementation = "flash_attention_2"  # takes no additive bias

@@ -208,6 +208,8 @@ def contrast(model, cfg: ContrastConfig | None):
     cfg.validate_for(len(layers))
     text_config = model.config.text_config
     impl = text_config._attn_implementation
+    if impl in CONTRAST_OF.values():  # one state per model: a second block would mix two runs' sums
+        raise DPVRError("contrast(model, ...) blocks do not nest: this model already runs under one")
     if impl not in CONTRAST_OF:
         raise DPVRError(f"contrastive attention runs on {', '.join(CONTRAST_OF)}, not attn_implementation={impl!r}")
     run = _Run(cfg, model.config.image_token_id)
