@@ -35,9 +35,12 @@ def _bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_values=None, attention_mask=None, **vision):
+def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_values=None, attention_mask=None, edit=None,
+                     **vision):  # fmt: skip
     """Logits (B, T, V) of `cfg` computed naively. `model` has a stock vision-language model's modules
-    (`model.model`, `lm_head`); `vision` holds the family's image inputs (image_sizes, image_grid_thw, ...)."""
+    (`model.model`, `lm_head`); `vision` holds the family's image inputs (image_sizes, image_grid_thw, ...).
+    edit(i, module, h, bias, cos_sin) -> bias: changes decoder layer i's additive (B, 1, T, T) mask
+    (test_contrast.py's naive contrastive attention)."""
     lm = model.model.language_model
     B, T = input_ids.shape
     valid = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -53,7 +56,10 @@ def reference_logits(model, side_branch, cfg: DPVRConfig, input_ids, pixel_value
 
     def layer(i_or_module, h, allowed):
         module = lm.layers[i_or_module] if isinstance(i_or_module, int) else i_or_module
-        return module(h, attention_mask=_bias(allowed, dt), position_ids=pos, position_embeddings=cos_sin)
+        bias = _bias(allowed, dt)
+        if edit is not None and isinstance(i_or_module, int):
+            bias = edit(i_or_module, module, h, bias, cos_sin)
+        return module(h, attention_mask=bias, position_ids=pos, position_embeddings=cos_sin)
 
     def masks(valid):
         full = causal & valid[:, None, :]

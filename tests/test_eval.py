@@ -89,6 +89,17 @@ def test_eval_cli_shallow_fastv_composes_with_lf_and_refuses_stock(tiny, tmp_pat
     assert rc != 0 and "--shallow-fastv composes with lf/pc/kv/vtw" in capsys.readouterr().err
 
 
+def test_eval_cli_contrast_strength_zero_answers_as_without(tiny, tmp_path):
+    """The contrast flags reach the model (eval.json records them); at strength 0 every reply is the plain one."""
+    _, _, data, root = tiny
+    base = ["eval", "--model", str(root), "--data", str(data), "--families", "pope,spatial", "--limit-per-family", "6"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "c0"), "--contrast-strength", "0", "--contrast-early", "2"]) == 0
+    plain, c0 = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("plain", "c0"))
+    assert plain["contrast"] is None and c0["contrast"] == {"early_layer": 2, "layers": [12, 13, 14, 15], "strength": 0.0}
+    assert c0["replies"] == plain["replies"]
+
+
 def _image(seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
 

@@ -15,7 +15,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FP32_SDPA = "dpvr_sdpa_fp32"
-SDPA_LIKE = ("sdpa", FP32_SDPA)  # same semantics as sdpa: is_causal when no mask, the same kernels
+# contrastive attention (dpvr.contrast, which registers them) wraps each base implementation under its own name
+CONTRAST_OF = {"sdpa": "dpvr_contrast_sdpa", FP32_SDPA: "dpvr_contrast_sdpa_fp32", "eager": "dpvr_contrast_eager"}
+# same semantics as sdpa: is_causal when no mask, the same kernels
+SDPA_LIKE = ("sdpa", FP32_SDPA, CONTRAST_OF["sdpa"], CONTRAST_OF[FP32_SDPA])
 
 
 def sdpa_in_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

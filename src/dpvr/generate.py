@@ -3,6 +3,7 @@
     dpvr generate --image scene.png --prompt "which digit is in the top-left cell?"
     dpvr generate --model llava-hf/llava-1.5-7b-hf --adapter runs/lf --image cat.jpg --prompt "..." --compare
     dpvr generate --from runs/demo --image scene.png --prompt "..."   # the routing the demo's analysis recommends
+    dpvr generate --image scene.png --prompt "..." --contrast-strength 1 --contrast-early 9  # docs/contrastive.md
 
 `--compare` also answers with the vanilla model on the same weights and prints both times to first
 token (prefill) and decode rates.
@@ -14,6 +15,7 @@ import contextlib
 import time
 
 from dpvr.cli_types import at_least
+from dpvr.contrast_flags import add_contrast_arguments, contrast_config
 from dpvr.errors import DPVRError, UsageError
 from dpvr.model_flags import add_model_arguments, model_kwargs
 
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="also answer with vanilla on the same weights")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (paper's decode)")
     add_model_arguments(parser)
+    add_contrast_arguments(parser)
 
 
 def build_inputs(processor, image, question: str, device) -> dict:
@@ -83,6 +86,7 @@ def answer(model, processor, inputs: dict, max_new_tokens: int, use_cache: bool 
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from dpvr.contrast import contrast
     from dpvr.loading import describe, load_model
     from dpvr.routing import DPVRForConditionalGeneration
 
@@ -91,10 +95,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise DPVRError(f"cannot read image {args.image}: {exc}") from None
     model, processor = load_model(**model_kwargs(args))
+    cfg = contrast_config(args, model.config.text_config.num_hidden_layers)
     if args.compare and not isinstance(model, DPVRForConditionalGeneration):  # before answering anything
         raise UsageError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint); this one is stock")
     inputs = build_inputs(processor, image, args.prompt, model.device)
-    label = describe(model)
+    suffix = "" if cfg is None else f" +contrast {cfg.strength:g}"
+    with contrast(model, cfg):  # both rows of --compare answer under it
+        return _answer_rows(model, processor, inputs, describe(model) + suffix, "vanilla" + suffix, args)
+
+
+def _answer_rows(model, processor, inputs: dict, label: str, vanilla: str, args: argparse.Namespace) -> int:
     if args.compare:  # untimed warm-up of both paths: the first call pays one-off costs (kernels, allocator)
         for mode in (None, "vanilla"):
             with model.routing(mode=mode) if mode else contextlib.nullcontext():
@@ -103,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     routed = answer(model, processor, inputs, args.max_new_tokens, use_cache=not args.no_cache)
     rows = [(label, routed)]
     if args.compare:
-        print("[vanilla] ", end="", flush=True)
+        print(f"[{vanilla}] ", end="", flush=True)
         with model.routing(mode="vanilla"):
-            rows.append(("vanilla", answer(model, processor, inputs, args.max_new_tokens)))
+            rows.append((vanilla, answer(model, processor, inputs, args.max_new_tokens)))
         print(f"\n{'model':<28} {'TTFT ms':>9} {'decode ms/tok':>14}  answer")
         for name, r in rows:
             print(f"{name:<28} {1000 * r['ttft_s']:>9.1f} {r['decode_ms_per_token']:>14.2f}  {r['text']!r}")

@@ -5,6 +5,7 @@
     dpvr eval --mode vtw --split-layer 9
     dpvr eval --model BASE --adapter runs/train/lf/final   # a trained side branch on its base
     dpvr eval --from runs/demo                             # the routing the demo's analysis recommends (dpvr.recommended)
+    dpvr eval --contrast-strength 1 --contrast-early 9     # with contrastive attention (docs/contrastive.md)
 
 Writes OUT/eval.json (every metric, per POPE subset too, and every reply) and prints a table.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from dpvr.atomic import atomic_write_text
 from dpvr.cli_types import at_least
+from dpvr.contrast_flags import add_contrast_arguments, contrast_config
 from dpvr.errors import UsageError
 from dpvr.eval.metrics import FAMILIES
 from dpvr.model_flags import add_model_arguments, model_kwargs
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--out", default="runs/eval", help="output folder")
     add_model_arguments(p)
+    add_contrast_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--families {args.families!r} names no family; choose from {','.join(FAMILIES)}")
     data = open_benchmark(args.data, args.seed)
     model, processor = load_model(**model_kwargs(args))
-    result = evaluate(model, processor, data, args.split, args.batch_size, families, args.limit_per_family)
+    contrast = contrast_config(args, model.config.text_config.num_hidden_layers)
+    result = evaluate(model, processor, data, args.split, args.batch_size, families, args.limit_per_family,
+                      contrast=contrast)  # fmt: skip
     out = Path(args.out)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
-    print(format_table({describe(model): result}))
+    name = describe(model) + ("" if contrast is None else f" +contrast {contrast.strength:g}")
+    print(format_table({name: result}))
     print(f"{result['n']} questions in {result['seconds']:.1f} s; wrote {out / 'eval.json'}")
     return 0

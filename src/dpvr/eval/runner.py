@@ -46,16 +46,24 @@ def evaluate(
     families: list[str] | None = None,
     limit_per_family: int | None = None,
     progress: bool = True,
+    contrast=None,
 ) -> dict:
-    """{'model': ..., 'split': ..., 'n': ..., 'seconds': ..., 'scores': {family: {...}, 'mean': x}, 'replies': {id: reply}}."""
+    """{'model': ..., 'split': ..., 'n': ..., 'seconds': ..., 'scores': {family: {...}, 'mean': x}, 'replies': {id: reply},
+    'contrast': the ContrastConfig's fields or None}. contrast: a `dpvr.contrast.ContrastConfig` to answer under."""
+    from dataclasses import asdict
+
+    from dpvr.contrast import contrast as contrastive
+
     data_dir = Path(data_dir)
     samples = select(load_split(data_dir, split), families, limit_per_family)
     if not samples:  # a mean over zero questions would read as a score of 0
         raise DPVRError(f"no {split} question selected in {data_dir} (families {families}, limit {limit_per_family})")
     start = time.perf_counter()
-    replies = predict(model, processor, samples, data_dir / "images", batch_size=batch_size, progress=progress)
+    with contrastive(model, contrast):
+        replies = predict(model, processor, samples, data_dir / "images", batch_size=batch_size, progress=progress)
     return {
         "model": describe(model),
+        "contrast": None if contrast is None else asdict(contrast),
         "split": split,
         "n": len(samples),
         "seconds": time.perf_counter() - start,

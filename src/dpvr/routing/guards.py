@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from dpvr.attention import SDPA_LIKE
+from dpvr.attention import CONTRAST_OF, SDPA_LIKE
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
 
 # what routing's explicit (B, 1, Nq, Nk) additive bias runs under; flex_attention wants a block mask
 # (given the bias, it aborted the process) and flash attention takes no bias at all
-ROUTED_ATTENTION = ("eager", *SDPA_LIKE)
+ROUTED_ATTENTION = ("eager", *SDPA_LIKE, CONTRAST_OF["eager"])  # contrast: dpvr.contrast
 
 
 def check_attention(text_config, cfg: DPVRConfig) -> None:

@@ -138,8 +138,13 @@ def routed_layer(
     keys = _Joined(extra, order, valid, keep=keep_keys or probe_rows is not None)
     # the switch is touched only when on: a generator context per layer call costs decode time
     checkpointed = getattr(layer, "gradient_checkpointing", False)
+    orders = {}
+    if getattr(attn, "_dpvr_contrast", None) is not None:  # contrastive attention (dpvr.contrast) maps keys to positions
+        k_order = order if extra is None else torch.cat([extra.order, order], dim=1)
+        k_valid = valid if extra is None else torch.cat([extra.valid, valid], dim=1)
+        orders = {"dpvr_orders": (order, valid, k_order, k_valid)}
     with _unchecked(layer) if checkpointed else contextlib.nullcontext():
-        out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), **{LAYER_CACHE_KWARG: keys})
+        out = layer(h, attention_mask=bias, position_embeddings=(cos, sin), **{LAYER_CACHE_KWARG: keys}, **orders)
     probs = None if probe_rows is None else _probe(layer, h, cos, sin, keys.joined, order, valid, probe_rows, window)
     return out, (keys.joined if keep_keys else None), probs
 
