@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpvr.data.collate import IGNORE
 from dpvr.errors import DPVRError
 from dpvr.routing.model import RoutedModel
 from dpvr.train.args import check_distillation
-
-IGNORE_INDEX = -100  # transformers' label for tokens without a loss
 
 
 def routed_model(model):
@@ -114,4 +113,4 @@ class Distillation:
 def response_rows(labels: torch.Tensor) -> torch.Tensor:
     """(B, T - 1) mask of the positions whose next token carries a label: position t predicts token t + 1,
     as the causal-LM loss shifts them (and as the Trainer counts num_items_in_batch)."""
-    return labels[:, 1:] != IGNORE_INDEX
+    return labels[:, 1:] != IGNORE
