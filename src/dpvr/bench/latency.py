@@ -20,6 +20,7 @@ import torch
 
 from dpvr.bench.cpu_malloc import minor_faults
 from dpvr.bench.vision_flops import crops, default_image, family, image_tokens, patch_grids
+from dpvr.data.collate import IGNORE
 from dpvr.hf_compat import STOCK_CACHE_KWARG, output_cache
 from dpvr.routing import DPVRForConditionalGeneration
 from dpvr.routing.cache import RoutedCache
@@ -301,7 +302,7 @@ def interleaved_decode(
 
 def train_step_seconds(model, w: Workload, checkpointing: bool, device, repeats: int = 3) -> dict:
     """Median forward+backward seconds and peak bytes of the current routing, labels on the text."""
-    labels = w.input_ids.masked_fill(w.input_ids == model.config.image_token_id, -100)
+    labels = w.input_ids.masked_fill(w.input_ids == model.config.image_token_id, IGNORE)
     if checkpointing:
         model.activation_checkpointing_enable()
     model.train()
