@@ -74,11 +74,8 @@ def test_train_lf_side_branch(world, tmp_path):
     assert rc == 0
 
 
-def test_bench_and_flops_on_the_checkpoint_shape(world, tmp_path, request):
+def test_bench_and_flops_on_the_checkpoint_shape(world, tmp_path):
     _, ckpt, _ = world
-    if request.node.callspec.params["world"] == "qwen2_vl":  # qwen2_5_vl passes; strict: fixing it fails this
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason="dpvr bench --preset <Qwen2-VL "
-                            "checkpoint> exits 1: its batches lack mm_token_type_ids, which transformers' M-RoPE asks for"))
     rc = main(["bench", "--preset", str(ckpt), "--modes", "vanilla,lf", "--text-lens", "8", "--batches", "1",
                "--repeats", "1", "--new-tokens", "2", "--recompute-text-len", "8", "--no-train-step",
                "--split-layer", "3", "--out", str(tmp_path)])  # fmt: skip

@@ -75,8 +75,10 @@ def make_workload(config, n_text: int, batch: int, device, dtype, seed: int = 0)
     text[text == config.image_token_id] = 3
     img = torch.full((batch, n_img), config.image_token_id)
     ids = torch.cat([text[:, :1], img, text[:, 1:]], dim=1)
-    vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-              for k, v in _images(config, batch, g).items()}  # fmt: skip
+    images = _images(config, batch, g)
+    if patch_grids(config):  # Qwen2-VL's processor marks image tokens; its stock forward needs the marks
+        images["mm_token_type_ids"] = (ids == config.image_token_id).int()
+    vision = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in images.items()}
     return Workload(ids.to(device), vision)
 
 
@@ -116,9 +118,12 @@ def decode(model, w: Workload, n_new: int, use_cache: bool = True) -> None:
         out = prefill(model, w, use_cache=True)
         decode_steps(model, out, n_new - 1)
         return
+    vision = dict(w.vision)
     for _ in range(n_new):
-        out = model(input_ids=ids, **w.vision, use_cache=False, logits_to_keep=1)
+        out = model(input_ids=ids, **vision, use_cache=False, logits_to_keep=1)
         ids = torch.cat([ids, _greedy_text_token(model, out.logits)], dim=1)
+        if "mm_token_type_ids" in vision:  # one mark per token: the new one is text
+            vision["mm_token_type_ids"] = torch.nn.functional.pad(vision["mm_token_type_ids"], (0, 1))
 
 
 def _greedy_text_token(model, logits: torch.Tensor) -> torch.Tensor:
