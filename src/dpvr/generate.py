@@ -16,6 +16,7 @@ import time
 
 from dpvr.cli_types import at_least
 from dpvr.contrast_flags import add_contrast_arguments, contrast_config
+from dpvr.fusion_policy import Request, add_policy_arguments, load_policy
 from dpvr.errors import DPVRError, UsageError
 from dpvr.model_flags import add_model_arguments, model_kwargs
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (paper's decode)")
     add_model_arguments(parser)
     add_contrast_arguments(parser)
+    add_policy_arguments(parser, task=True)
 
 
 def build_inputs(processor, image, question: str, device) -> dict:
@@ -94,13 +96,20 @@ def run(args: argparse.Namespace) -> int:
         image = Image.open(args.image).convert("RGB")
     except OSError as exc:
         raise DPVRError(f"cannot read image {args.image}: {exc}") from None
+    policy, placed = load_policy(args.fusion_policy), contextlib.nullcontext()
+    if policy is None and args.task is not None:
+        raise UsageError("--task is read by --fusion-policy's rules; give --fusion-policy too")
     model, processor = load_model(**model_kwargs(args))
     cfg = contrast_config(args, model.config.text_config.num_hidden_layers)
     if args.compare and not isinstance(model, DPVRForConditionalGeneration):  # before answering anything
         raise UsageError("--compare needs a routed model (--mode, --adapter or a DPVR checkpoint); this one is stock")
     inputs = build_inputs(processor, image, args.prompt, model.device)
     suffix = "" if cfg is None else f" +contrast {cfg.strength:g}"
-    with contrast(model, cfg):  # both rows of --compare answer under it
+    if policy is not None:
+        policy.check_model(model)
+        req = Request(args.task, n_images=1, prompt_tokens=len(processor.tokenizer(args.prompt).input_ids))
+        placed = model.routing(fusion_at=policy.pick(req))
+    with contrast(model, cfg), placed:  # both rows of --compare answer under them
         return _answer_rows(model, processor, inputs, describe(model) + suffix, "vanilla" + suffix, args)
 
 

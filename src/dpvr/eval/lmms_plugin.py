@@ -27,6 +27,7 @@ from itertools import groupby
 import torch
 
 from dpvr.config import routing_default
+from dpvr.fusion_policy import Request, by_placement, policy_for
 
 MODEL_ID = "dpvr_llava"
 IMAGE = "<image>"
@@ -189,7 +190,7 @@ if lmms is not None:
                      shallow_fastv: bool = routing_default("shallow_fastv"),
                      fusion_at: str | tuple[int, ...] = routing_default("fusion_at"), device: str = "cuda", dtype: str = "bfloat16",
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
-                     use_cache: bool = True, **kwargs) -> None:  # fmt: skip
+                     use_cache: bool = True, fusion_policy: str | None = None, **kwargs) -> None:  # fmt: skip
             super().__init__()
             if kwargs:
                 raise ValueError(f"dpvr_llava: unexpected model_args {sorted(kwargs)}")
@@ -207,6 +208,17 @@ if lmms is not None:
             )  # fmt: skip
             self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
             self.use_cache = _flag(use_cache)
+            self.policy = policy_for(self._model, fusion_policy)  # task-conditioned fusion (dpvr.fusion_policy)
+
+        def _placed(self, items: list, tasks: list[str], run):
+            """run(items) -> results, per fusion placement when a policy is set (each request under the
+            placement its task and input pick), in the items' order."""
+            if self.policy is None:
+                return run(items)
+            tok = self.processor.tokenizer
+            placements = [self.policy.pick(Request(task, len(item[-1]), len(tok(item[0]).input_ids)))
+                          for item, task in zip(items, tasks)]  # fmt: skip
+            return by_placement(self._model, placements, lambda idx: run([items[i] for i in idx]))
 
         @property
         def model(self):
@@ -223,8 +235,9 @@ if lmms is not None:
         def generate_until(self, requests) -> list[str]:
             items = [(ctx, gk, self._visuals(dtv, doc_id, task, split))
                      for ctx, gk, dtv, doc_id, task, split in (r.args for r in requests)]  # fmt: skip
-            return generate_texts(self._model, self.processor, items, self.batch_size_per_gpu, self.max_new_tokens,
-                                  self.use_cache)  # fmt: skip
+            tasks = [r.args[4] for r in requests]
+            return self._placed(items, tasks, lambda part: generate_texts(
+                self._model, self.processor, part, self.batch_size_per_gpu, self.max_new_tokens, self.use_cache))
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             items = []
@@ -235,7 +248,9 @@ if lmms is not None:
 
             # lmms-eval 0.7.3 turns any result but a str or a GenerationResult into its str() (instance.py,
             # unwrap_generation_output), and multiple_choice then unzips characters: pass the pair through
-            results = lmms_loglikelihoods(continuation_logprobs(self._model, self.processor, items))
+            tasks = [r.args[4] for r in requests]
+            logprobs = self._placed(items, tasks, lambda part: continuation_logprobs(self._model, self.processor, part))
+            results = lmms_loglikelihoods(logprobs)
             return [GenerationResult(text=r) for r in results]
 
         def generate_until_multi_round(self, requests):

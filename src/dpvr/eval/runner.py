@@ -16,6 +16,7 @@ from dpvr.data.digit_scenes import load_split
 from dpvr.errors import DPVRError
 from dpvr.embedded.score import predict
 from dpvr.eval.metrics import FAMILIES, score_all
+from dpvr.fusion_policy import Request, by_placement
 from dpvr.loading import describe
 
 
@@ -47,9 +48,12 @@ def evaluate(
     limit_per_family: int | None = None,
     progress: bool = True,
     contrast=None,
+    policy=None,
 ) -> dict:
     """{'model': ..., 'split': ..., 'n': ..., 'seconds': ..., 'scores': {family: {...}, 'mean': x}, 'replies': {id: reply},
-    'contrast': the ContrastConfig's fields or None}. contrast: a `dpvr.contrast.ContrastConfig` to answer under."""
+    'contrast': the ContrastConfig's fields or None, 'fusion_policy': ..., 'placements': {id: fusion_at}}.
+    contrast: a `dpvr.contrast.ContrastConfig` to answer under; policy: a `dpvr.fusion_policy.FusionPolicy`
+    picking each question's fusion placement from its family (the task) and its input."""
     from dataclasses import asdict
 
     from dpvr.contrast import contrast as contrastive
@@ -59,8 +63,13 @@ def evaluate(
     if not samples:  # a mean over zero questions would read as a score of 0
         raise DPVRError(f"no {split} question selected in {data_dir} (families {families}, limit {limit_per_family})")
     start = time.perf_counter()
+    placements = None if policy is None else [policy.pick(request_of(processor, s)) for s in samples]
     with contrastive(model, contrast):
-        replies = predict(model, processor, samples, data_dir / "images", batch_size=batch_size, progress=progress)
+        if placements is None:
+            replies = predict(model, processor, samples, data_dir / "images", batch_size=batch_size, progress=progress)
+        else:
+            replies = by_placement(model, placements, lambda idx: predict(
+                model, processor, [samples[i] for i in idx], data_dir / "images", batch_size=batch_size, progress=progress))
     return {
         "model": describe(model),
         "contrast": None if contrast is None else asdict(contrast),
@@ -69,7 +78,16 @@ def evaluate(
         "seconds": time.perf_counter() - start,
         "scores": score_all(samples, replies),
         "replies": {s["id"]: r for s, r in zip(samples, replies)},
+        "fusion_policy": None if policy is None else policy.to_dict(),
+        "placements": None if placements is None else {s["id"]: list(p) for s, p in zip(samples, placements)},
     }
+
+
+def request_of(processor, sample: dict) -> Request:
+    """What a fusion policy knows of a benchmark question: its family, image count and prompt length."""
+    question = sample["conversations"][0]["value"]
+    return Request(task=sample["meta"]["family"], n_images=int("image" in sample),
+                   prompt_tokens=len(processor.tokenizer(question).input_ids))  # fmt: skip
 
 
 def format_table(results: dict[str, dict]) -> str:
