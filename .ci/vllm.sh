@@ -59,4 +59,4 @@ quiet "${PIP[@]}" install -q --no-deps -e .
 # one unbound thread per engine: vLLM's CPU worker otherwise pins an OpenMP thread to each core, and on a
 # shared machine its spin-waits behind other jobs made the suite ~3x slower and its timings erratic
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
-"$PY" -m pytest tests/test_vllm.py tests/test_vllm_plan.py tests/test_vllm_server.py "$@"
+"$PY" -m pytest tests/test_vllm.py tests/test_vllm_plan.py tests/test_vllm_server.py tests/test_vllm_bench.py "$@"

@@ -22,6 +22,7 @@ Equivalence checks reuse the suite's own tiny models and naive reference (`tests
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -186,17 +187,17 @@ def _guard(fn, *a) -> dict:
         return {"args": [str(x) for x in a], "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
 
 
-def _dpvr(argv: list[str], limit: int, log: Path) -> dict:
-    """Run a dpvr command in a subprocess under a wall-clock limit; its output goes to `log`."""
+def _dpvr(argv: list[str], limit: int, log: Path, module: str = "dpvr.cli") -> dict:
+    """Run a dpvr command (`python -m module`) in a subprocess under a wall-clock limit; output to `log`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run([sys.executable, "-m", "dpvr.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+            rc = subprocess.run([sys.executable, "-m", module, *argv], stdout=f, stderr=subprocess.STDOUT,
                                 timeout=limit, env=env, cwd=ROOT).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    return {"argv": ["dpvr", *argv], "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": log.name}
+    return {"argv": [module, *argv], "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": log.name}
 
 
 def shape_args(args) -> list[str]:
@@ -229,6 +230,21 @@ def stage_bench_qwen(args, work: Path, out: Path) -> dict:
             "--new-tokens", "32", "--recompute-text-len", "64", "--no-train-step", "--out", str(work / "bench-qwen")]  # fmt: skip
     run = _dpvr(argv, args.stage_limit, out / "bench-qwen.log")
     _copy(work / "bench-qwen" / "bench.json", out / "bench-qwen.json")
+    return run
+
+
+def stage_vllm(args, work: Path, out: Path) -> dict:
+    """vanilla vs DPVR-LF inside vLLM (dpvr.serve.vllm.bench), where this machine has vLLM. The device image
+    had none when last seen, and a bare device cannot install it (no network; the carry holds 64 MiB); the
+    plugin then refuses non-CPU backends in one line (docs/serving.md), which the log records."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed here"}
+    shape = ["--preset", "cpu-7b-narrow" if args.quick else "llava-1.5-7b", "--dtype", "float32" if args.quick
+             else "bfloat16", "--reps", "1" if args.quick else "5", "--kv-cache-mib", "4096"]  # fmt: skip
+    run = _dpvr([*shape, "--out", str(work / "vllm" / "vllm-bench.json")], args.stage_limit, out / "vllm.log",
+                module="dpvr.serve.vllm.bench")  # fmt: skip
+    for suffix in (".json", ".png"):
+        _copy(work / "vllm" / f"vllm-bench{suffix}", out / f"vllm-bench{suffix}")
     return run
 
 
@@ -349,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-limit", type=int, default=240, help="seconds allowed to the bench and each breakdown")
     p.add_argument("--stages", default="equivalence,bench,breakdown",
                    help="comma-separated, from equivalence, bench, breakdown, bench-qwen (Qwen2.5-VL-7B's shape), "
-                        "sharded (side-branch training under FSDP2 / FSDP1 / ZeRO-3, ~2 min)")  # fmt: skip
+                        "sharded (side-branch training under FSDP2 / FSDP1 / ZeRO-3, ~2 min), vllm (vanilla vs LF in vLLM, "
+                        "where vLLM is installed)")  # fmt: skip
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: error: --device cuda but torch sees no GPU; use --device cpu --quick for the dry run", file=sys.stderr)
@@ -362,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
               "bench": lambda: stage_bench(args, work, out),
               "breakdown": lambda: stage_breakdown(args, work, out),
               "bench-qwen": lambda: stage_bench_qwen(args, work, out),
-              "sharded": lambda: stage_sharded(args, work, out)}  # fmt: skip
+              "sharded": lambda: stage_sharded(args, work, out),
+              "vllm": lambda: stage_vllm(args, work, out)}  # fmt: skip
     for name in args.stages.split(","):
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)
