@@ -37,10 +37,14 @@ class ProbeState:
     num_layers: int
     blocked: torch.Tensor | None = None  # (B, L) bool: block text query -> image key at layer l for row b
     measure_mass: bool = True
+    # (B,) one query position per row (-1: none) whose head-mean attention over every key is kept per layer
+    # (the ground-truth analysis reads where the answer's query looks in the image: `attention_truth`)
+    attend_from: torch.Tensor | None = None
     # text queries that can see an image key (causal): the rows whose attention share is measured
     rows: torch.Tensor = field(init=False)  # (B, R) long, positions (padded with 0)
     row_valid: torch.Tensor = field(init=False)  # (B, R) bool
     mass: list[torch.Tensor | None] = field(init=False)  # per layer: (B, H) mean over rows, NaN if no row
+    attention: list[torch.Tensor | None] = field(init=False)  # per layer: (B, K) head-mean probs of attend_from
 
     def __post_init__(self) -> None:
         if self.image.shape != self.text.shape or self.image.dim() != 2:
@@ -55,6 +59,7 @@ class ProbeState:
         self.row_valid = torch.gather(sees_image, 1, order)
         self.rows = torch.where(self.row_valid, order, torch.zeros_like(order))
         self.mass = [None] * self.num_layers
+        self.attention = [None] * self.num_layers
 
     @classmethod
     def for_batch(
@@ -100,6 +105,17 @@ def text_to_image_mass(
     return per_head.masked_fill(count == 0, float("nan"))
 
 
+def query_attention(query, key, allowed, scaling: float, groups: int, at: torch.Tensor) -> torch.Tensor:
+    """(B, K) head-mean softmax attention of query position at[b] over every key (NaN row where at[b] < 0)."""
+    B, H, _, Dh = query.shape
+    pos = at.to(query.device).clamp(min=0)
+    q = torch.gather(query, 2, pos[:, None, None, None].expand(B, H, 1, Dh)).float()  # (B, H, 1, Dh)
+    scores = q @ repeat_kv(key, groups).float().transpose(-1, -2) * scaling  # (B, H, 1, K)
+    seen = torch.gather(allowed, 2, pos[:, None, None, None].expand(B, allowed.shape[1], 1, allowed.shape[-1]))
+    probs = scores.masked_fill(~seen, float("-inf")).softmax(-1).mean(1)[:, 0]  # (B, K)
+    return probs.masked_fill((at < 0).to(query.device)[:, None], float("nan"))
+
+
 def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """Drop-in attention function: optional blocking + mass measurement, then stock sdpa."""
     state = _ACTIVE
@@ -127,6 +143,9 @@ def probe_attention(module, query, key, value, attention_mask, dropout: float = 
     if state.measure_mass:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         state.mass[layer] = text_to_image_mass(query, key, allowed, scale, module.num_key_value_groups, state)
+        if state.attend_from is not None:
+            state.attention[layer] = query_attention(query, key, allowed, scale, module.num_key_value_groups,
+                                                     state.attend_from).cpu()  # fmt: skip
     return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling, **kwargs)
 
 
