@@ -13,7 +13,7 @@ from tiny import IMAGE_TOKEN, PAD, VOCAB, tiny_config
 from transformers import LlavaForConditionalGeneration
 
 from dpvr.analysis.attention_truth import TruthAccumulator, find_persistent_noise, late_review, late_reviews
-from dpvr.analysis.grounding import answer_query_positions, relevant_cells, relevant_tokens, token_cells
+from dpvr.analysis.grounding import answer_query_positions, query_mask, relevant_cells, relevant_tokens, token_cells
 from dpvr.analysis.saturation import measure_batch
 from dpvr.cli import main
 
@@ -59,7 +59,9 @@ def test_answer_query_attention_and_shares_match_eager_attention_maps():
     q = answer_query_positions(batch["labels"])
     n = batch["attention_mask"].sum(-1)
     assert q.tolist() == (n - 4).tolist()  # the token before the first labelled one
-    stats, _ = measure_batch(six_by_six_llava("sdpa"), batch, attend_from=q)
+    at = query_mask(batch["input_ids"], batch["labels"], IMAGE_TOKEN, "answer")
+    assert at.sum(-1).tolist() == [1, 1] and at[torch.arange(2), q].all()
+    stats, _ = measure_batch(six_by_six_llava("sdpa"), batch, attend_from=at)
     eager = six_by_six_llava("eager")  # same seed: same weights
     maps = eager(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, output_attentions=True).attentions
     image = batch["input_ids"] == IMAGE_TOKEN
@@ -77,6 +79,22 @@ def test_answer_query_attention_and_shares_match_eager_attention_maps():
         np.testing.assert_allclose(g.enrichment, share.numpy() / rel.mean(), atol=1e-4)
         assert g.area == pytest.approx((4 if b == 0 else 8) / N_IMG)
     np.testing.assert_allclose(got["all"].share, np.mean([got[m["family"]].share for m, _ in QUESTIONS], axis=0), atol=1e-12)
+
+
+@torch.no_grad()
+def test_question_queries_average_the_eager_maps_over_the_text_after_the_image():
+    batch = grounded_batch()
+    at = query_mask(batch["input_ids"], batch["labels"], IMAGE_TOKEN, "question")
+    n = batch["attention_mask"].sum(-1)
+    for b in range(2):  # 2 text tokens, 36 image tokens, then the question up to the last prompt token (n - 4)
+        assert torch.nonzero(at[b]).flatten().tolist() == list(range(2 + N_IMG, int(n[b]) - 3))
+    stats, _ = measure_batch(six_by_six_llava("sdpa"), batch, attend_from=at)
+    maps = six_by_six_llava("eager")(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                                     output_attentions=True).attentions  # fmt: skip
+    image = batch["input_ids"] == IMAGE_TOKEN
+    for b in range(2):
+        want = torch.stack([m[b][:, at[b]].mean((0, 1))[image[b]] for m in maps])  # (L, 36)
+        torch.testing.assert_close(stats.image_attn[b], want, atol=1e-5, rtol=1e-4)
 
 
 def test_a_question_about_cell_r_c_maps_to_its_image_tokens():
@@ -164,13 +182,13 @@ def test_analyze_without_ground_truth_reports_only_the_noise(setup, tmp_path, ca
     records = [{k: v for k, v in s.items() if k != "meta"} for s in json.loads((data / "test.json").read_text())]
     (tmp_path / "plain.json").write_text(json.dumps(records))  # LLaVA-665k format: no cell annotations
     rc = main(["analyze", "--model", str(d / "model"), "--data", str(tmp_path / "plain.json"), "--images",
-               str(data / "images"), "-n", "4", "--no-masking", "--out", str(tmp_path / "out"), "--quiet", "--threads", "1"])  # fmt: skip
+               str(data / "images"), "-n", "4", "--no-masking", "--truth-query", "question", "--out", str(tmp_path / "out"), "--quiet", "--threads", "1"])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0, printed
     truth = json.loads((tmp_path / "out" / "analysis.json").read_text())["attention_truth"]
     assert truth["n_grounded"] == 0 and truth["grounding"] == {} and truth["late_review"] == {}
     assert truth["noise"]["n_samples"] == 4
-    assert "no ground truth in this data" in printed
+    assert "no ground truth in this data" in printed and truth["query"].startswith("mean over the text tokens")
 
 
 @pytest.mark.parametrize("extra, message", [(["--noise-top", "0"], "--noise-top"), (["--noise-rate", "1.5"], "--noise-rate"),

@@ -6,8 +6,9 @@ findings): where the answer's query looks in the image, per layer and per questi
     truth = acc.result(ll=masking_ll, families=masked_families, review_tol=0.05)
     truth.to_dict()                                   # -> analysis.json["attention_truth"]
 
-The query is the last prompt token (its output predicts the first answer token); its head-mean
-attention over the image keys is renormalised to a distribution over image tokens, p_l(j), per layer l.
+The query is the last prompt token (its output predicts the first answer token; `--truth-query
+question`: the mean over every text token after the image up to it); its head-mean attention over
+the image keys is renormalised to a distribution over image tokens, p_l(j), per layer l.
 
 1. **Grounding** (samples whose data says which cells the question is about, `grounding.py`): the
    share of p_l on the relevant cells' tokens (the rest is 1 - share) and the enrichment
@@ -232,8 +233,9 @@ def late_review(cost: np.ndarray, sem: np.ndarray, tol: float, n: int = 3) -> di
     rise = float(cost[peak] - max(cost[trough], 0.0))
     review = bool(rise > tol and rise > 2 * sem[peak] and n >= 3)
     verdict = "late review" if review else "no late review" + (f" ({n} samples: too few)" if n < 3 else "")
+    clipped = ", counted as 0" if cost[trough] < 0 else ""
     reason = (f"{verdict}: blocking layer {peak} alone costs {cost[peak]:.3f} nats, {rise:+.3f} over the middle's "
-              f"trough (layer {trough}: {cost[trough]:.3f}, clipped at 0) (needs > {tol:g} and > 2 x sem {sem[peak]:.3f})")  # fmt: skip
+              f"trough (layer {trough}: {cost[trough]:.3f}{clipped}; needs > {tol:g} and > 2 x sem {sem[peak]:.3f})")  # fmt: skip
     return {"tail_start": tail, "trough_layer": trough, "peak_layer": peak, "rise": rise, "review": review,
             "reason": reason}  # fmt: skip
 

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--mask-tol", type=float, default=MASK_TOL,
                    help="without attention collapse: split where blocking every deeper layer costs at most this many nats")
     t = parser.add_argument_group("attention with ground truth (docs/analysis.md)")
+    t.add_argument("--truth-query", default="answer", choices=["answer", "question"],
+                   help="whose attention over the image: the last prompt token (answer), or the mean over every "
+                   "text token after the image up to it (question)")  # fmt: skip
     t.add_argument("--noise-top", type=int, default=5, help="persistent noise: candidates per layer, by mean share")
     t.add_argument("--noise-rate", type=float, default=0.5,
                    help="persistent noise: smallest share of samples that rank the position in their own top --noise-top")  # fmt: skip
@@ -139,7 +142,7 @@ def _analyze(args: argparse.Namespace) -> int:
         raise DPVRError("no sample has text after its image: the text-to-image attention mass is undefined")
     rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin,
                           mask_tol=args.mask_tol)  # fmt: skip
-    truth = _truth(acc, truth_acc, items, n_mask, args.review_tol)
+    truth = _truth(acc, truth_acc, items, n_mask, args)
     meta = {
         "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
         "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
@@ -164,7 +167,7 @@ def _measure(model, processor, items: list[dict], blocked, n_mask: int, args: ar
     from tqdm import tqdm
 
     from dpvr.analysis.attention_truth import TruthAccumulator
-    from dpvr.analysis.grounding import answer_query_positions
+    from dpvr.analysis.grounding import query_mask
     from dpvr.analysis.masking import score_variants
     from dpvr.analysis.saturation import measure_batch
     from dpvr.analysis.summary import Accumulator
@@ -176,7 +179,8 @@ def _measure(model, processor, items: list[dict], blocked, n_mask: int, args: ar
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         batch = collate(chunk)
-        stats, embeds = measure_batch(model, batch, attend_from=answer_query_positions(batch["labels"]))
+        at = query_mask(batch["input_ids"], batch["labels"], model.config.image_token_id, args.truth_query)
+        stats, embeds = measure_batch(model, batch, attend_from=at)
         acc.add(stats)
         truth.add(stats.image_attn, [it.get("meta") for it in chunk], [it.get("question") for it in chunk])
         k = max(0, min(len(chunk), n_mask - start))  # samples of this batch that also get the masking analysis
@@ -189,13 +193,14 @@ def _measure(model, processor, items: list[dict], blocked, n_mask: int, args: ar
     return acc, truth
 
 
-def _truth(acc, truth_acc, items: list[dict], n_mask: int, review_tol: float):
+def _truth(acc, truth_acc, items: list[dict], n_mask: int, args: argparse.Namespace):
     """The attention-truth result; the late review reads the masked samples' log-likelihoods by family."""
     from dpvr.analysis.attention_truth import family_of
 
     ll = acc.arrays().get("ll") if n_mask else None
     families = [family_of(it.get("meta")) for it in items[:n_mask]]
-    return truth_acc.result(ll=ll, families=families, review_tol=review_tol)
+    query = {"answer": "last prompt token", "question": "mean over the text tokens after the image"}[args.truth_query]
+    return truth_acc.result(ll=ll, families=families, review_tol=args.review_tol, query=query)
 
 
 def _torch_version() -> str:

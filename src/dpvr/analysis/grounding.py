@@ -4,6 +4,7 @@
     cell_of = token_cells(144)                   # (144,) cell index of each image token (12 x 12 patches, 3 x 3 cells)
     mask = relevant_tokens(meta, question, 144)  # (144,) bool, or None: no ground truth for this sample
     q = answer_query_positions(labels)           # (B,) the last prompt token: the query that predicts the answer
+    at = query_mask(input_ids, labels, image_token_id, "answer")   # (B, T) bool: the queries measure_batch keeps
 
 A digit scene (`dpvr.data.digit_scenes`) is a GRID x GRID grid of cells; `meta["cells"]` holds each
 cell's digit (or -1, empty) in raster order, and the question names its cells in words
@@ -75,3 +76,18 @@ def answer_query_positions(labels: torch.Tensor) -> torch.Tensor:
     has = labels != IGNORE  # (B, T)
     first = has.int().argmax(-1)  # first labelled position (0 if none)
     return torch.where(has.any(-1), first - 1, torch.full_like(first, -1))
+
+
+QUERIES = ("answer", "question")
+
+
+def query_mask(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int, which: str) -> torch.Tensor:
+    """(B, T) bool: "answer" = the last prompt token; "question" = every text position after the
+    (last) image token up to and including it (the question, the role words, the answer's query)."""
+    q = answer_query_positions(labels)  # (B,)
+    t = torch.arange(labels.shape[1])[None]  # (1, T)
+    if which == "answer":
+        return t == q[:, None]
+    image = input_ids == image_token_id
+    last_image = torch.where(image.any(-1), (image * t).max(-1).values, torch.full_like(q, labels.shape[1]))
+    return (t > last_image[:, None]) & (t <= q[:, None])

@@ -37,14 +37,14 @@ class ProbeState:
     num_layers: int
     blocked: torch.Tensor | None = None  # (B, L) bool: block text query -> image key at layer l for row b
     measure_mass: bool = True
-    # (B,) one query position per row (-1: none) whose head-mean attention over every key is kept per layer
-    # (the ground-truth analysis reads where the answer's query looks in the image: `attention_truth`)
+    # (B, T) bool query positions whose attention over every key (mean over heads and these queries) is kept
+    # per layer: the ground-truth analysis reads where the answer's query looks in the image (`attention_truth`)
     attend_from: torch.Tensor | None = None
     # text queries that can see an image key (causal): the rows whose attention share is measured
     rows: torch.Tensor = field(init=False)  # (B, R) long, positions (padded with 0)
     row_valid: torch.Tensor = field(init=False)  # (B, R) bool
     mass: list[torch.Tensor | None] = field(init=False)  # per layer: (B, H) mean over rows, NaN if no row
-    attention: list[torch.Tensor | None] = field(init=False)  # per layer: (B, K) head-mean probs of attend_from
+    attention: list[torch.Tensor | None] = field(init=False)  # per layer: (B, K) mean probs of attend_from
 
     def __post_init__(self) -> None:
         if self.image.shape != self.text.shape or self.image.dim() != 2:
@@ -106,14 +106,20 @@ def text_to_image_mass(
 
 
 def query_attention(query, key, allowed, scaling: float, groups: int, at: torch.Tensor) -> torch.Tensor:
-    """(B, K) head-mean softmax attention of query position at[b] over every key (NaN row where at[b] < 0)."""
+    """(B, K) softmax attention over every key, mean over heads and over the query positions at[b]
+    ((B, T) bool over the keys' positions); a NaN row where a row selects no query."""
     B, H, _, Dh = query.shape
-    pos = at.to(query.device).clamp(min=0)
-    q = torch.gather(query, 2, pos[:, None, None, None].expand(B, H, 1, Dh)).float()  # (B, H, 1, Dh)
-    scores = q @ repeat_kv(key, groups).float().transpose(-1, -2) * scaling  # (B, H, 1, K)
-    seen = torch.gather(allowed, 2, pos[:, None, None, None].expand(B, allowed.shape[1], 1, allowed.shape[-1]))
-    probs = scores.masked_fill(~seen, float("-inf")).softmax(-1).mean(1)[:, 0]  # (B, K)
-    return probs.masked_fill((at < 0).to(query.device)[:, None], float("nan"))
+    at = at.to(query.device)
+    R = max(int(at.sum(-1).max()), 1)
+    order = torch.sort((~at).to(torch.int8), dim=-1, stable=True).indices[:, :R]  # (B, R): selected positions first
+    valid = torch.gather(at, 1, order)  # (B, R)
+    q = torch.gather(query, 2, order[:, None, :, None].expand(B, H, R, Dh)).float()  # (B, H, R, Dh)
+    scores = q @ repeat_kv(key, groups).float().transpose(-1, -2) * scaling  # (B, H, R, K)
+    seen = torch.gather(allowed, 2, order[:, None, :, None].expand(B, allowed.shape[1], R, allowed.shape[-1]))
+    probs = scores.masked_fill(~seen, float("-inf")).softmax(-1).mean(1)  # (B, R, K)
+    probs = torch.where(valid[..., None], probs, torch.zeros_like(probs))  # padding rows may be all-masked (NaN)
+    count = valid.sum(-1, keepdim=True)  # (B, 1)
+    return (probs.sum(1) / count.clamp(min=1)).masked_fill(count == 0, float("nan"))
 
 
 def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -33,7 +33,7 @@ class BatchStats:
     mass: torch.Tensor  # (B, L, H) text-to-image attention share per head (NaN: no text after the image)
     kl_image: torch.Tensor  # (B, L) mean KL(final || lens at layer) over image positions
     kl_text: torch.Tensor  # (B, L) ... over text positions
-    # per sample (L, N_b): the answer query's head-mean attention on each image key, in image-token order
+    # per sample (L, N_b): the chosen queries' mean attention on each image key, in image-token order
     # (only when measure_batch was given attend_from; not a per-layer scalar, so Accumulator.add skips it)
     image_attn: list[torch.Tensor] | None = None
 
@@ -67,7 +67,7 @@ def measure_batch(
     model, batch: dict, lens_chunk: int = 512, attend_from: torch.Tensor | None = None
 ) -> tuple[BatchStats, torch.Tensor]:
     """Three-view statistics of one right-padded batch, and its merged input embeddings (B, T, D).
-    attend_from (B,): also keep each row's attention from that query position over its image keys."""
+    attend_from (B, T) bool: also keep each row's attention from those query positions over its image keys."""
     lm = model.model.language_model
     L = len(lm.layers)
     inputs = inputs_to_device(model, batch)
