@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no backend switch for the user's process, no global registry
 
 from dpvr.analysis.attention_truth import AttentionTruth
+from dpvr.analysis.grounding import GRID
 from dpvr.atomic import atomic_write
 
 
@@ -78,6 +79,10 @@ def _noise(d, e, truth: AttentionTruth) -> None:
         return
     im = e.imshow(np.asarray(n.mean_share).reshape(side, side), cmap="viridis")
     e.figure.colorbar(im, ax=e, fraction=0.046)
+    if side % GRID == 0:  # the digit-scenes cells' borders, for reading which cell a position lies in
+        for k in range(1, GRID):
+            e.axhline(k * side / GRID - 0.5, color="white", lw=0.6, alpha=0.6)
+            e.axvline(k * side / GRID - 0.5, color="white", lw=0.6, alpha=0.6)
     for p in n.persistent:
         e.scatter([p.col], [p.row], s=60, facecolors="none", edgecolors="red", lw=1.2)
     e.set(title="(e) mean share per image token (noise circled)", xlabel="patch column", ylabel="patch row")

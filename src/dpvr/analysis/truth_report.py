@@ -19,7 +19,7 @@ def _layers_shown(L: int) -> list[int]:
 
 
 def format_truth(truth: AttentionTruth) -> str:
-    lines = [f"attention of the answer query ({truth.query}) over the image: {truth.n_samples} samples, "
+    lines = [f"attention over the image, query = {truth.query}: {truth.n_samples} samples, "
              f"{truth.n_grounded} with ground truth"]  # fmt: skip
     if truth.grounding:
         L = len(next(iter(truth.grounding.values())).share)
