@@ -13,7 +13,14 @@ from tiny import IMAGE_TOKEN, PAD, VOCAB, tiny_config
 from transformers import LlavaForConditionalGeneration
 
 from dpvr.analysis.attention_truth import TruthAccumulator, find_persistent_noise, late_review, late_reviews
-from dpvr.analysis.grounding import answer_query_positions, query_mask, relevant_cells, relevant_tokens, token_cells
+from dpvr.analysis.grounding import (
+    answer_query_positions,
+    patch_grid_tokens,
+    query_mask,
+    relevant_cells,
+    relevant_tokens,
+    token_cells,
+)
 from dpvr.analysis.saturation import measure_batch
 from dpvr.cli import main
 
@@ -63,6 +70,7 @@ def test_answer_query_attention_and_shares_match_eager_attention_maps():
     assert at.sum(-1).tolist() == [1, 1] and at[torch.arange(2), q].all()
     stats, _ = measure_batch(six_by_six_llava("sdpa"), batch, attend_from=at)
     eager = six_by_six_llava("eager")  # same seed: same weights
+    assert patch_grid_tokens(eager.config) == N_IMG
     maps = eager(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, output_attentions=True).attentions
     image = batch["input_ids"] == IMAGE_TOKEN
     acc = TruthAccumulator()
@@ -114,6 +122,13 @@ def test_a_question_about_cell_r_c_maps_to_its_image_tokens():
     assert relevant_cells(None, "which digit is in the top left cell ?") is None  # real data: no meta
     assert relevant_cells({"family": "text"}, "what is 3 plus 4 ?") is None
     assert token_cells(576, grid=3) is not None and token_cells(16) is None and token_cells(150) is None
+    from dpvr.embedded.model import build_processor, tiny_config as embedded_config
+
+    assert patch_grid_tokens(embedded_config(len(build_processor().tokenizer))) == 144
+    anyres = TruthAccumulator(grid_tokens=144)  # e.g. LLaVA-NeXT: 144 tokens would be a coincidence of tiling
+    anyres.add([torch.rand(2, 144)], [{"family": "spatial", "cells": CELLS}], ["which digit is in the top left cell ?"])
+    anyres.add([torch.rand(2, 36)], [{"family": "spatial", "cells": CELLS}], ["which digit is in the top left cell ?"])
+    assert anyres.masks[0] is not None and anyres.masks[1] is None
     labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 5, 6], [IGNORE] * 5])
     assert answer_query_positions(labels).tolist() == [2, -1]
 

@@ -124,8 +124,10 @@ def _mean_sem(x: np.ndarray) -> tuple[list[float], list[float]]:
 class TruthAccumulator:
     """Keeps each sample's per-layer distribution over image tokens (L x N floats) and its ground truth."""
 
-    def __init__(self, top_k: int = 5, min_rate: float = 0.5, floor: float = 2.0):
-        self.top_k, self.min_rate, self.floor = top_k, min_rate, floor
+    def __init__(self, top_k: int = 5, min_rate: float = 0.5, floor: float = 2.0, grid_tokens: int | None = None):
+        """grid_tokens: the model's patch-grid token count (`grounding.patch_grid_tokens`); images with
+        another count get no cell mapping. None: any square count that the cell grid divides is trusted."""
+        self.top_k, self.min_rate, self.floor, self.grid_tokens = top_k, min_rate, floor, grid_tokens
         self.dists: list[np.ndarray] = []  # (L, N_b) each, rows sum to 1
         self.masks: list[np.ndarray | None] = []  # (N_b,) bool relevant tokens, or None
         self.families: list[str] = []
@@ -137,7 +139,8 @@ class TruthAccumulator:
             if a.shape[1] == 0 or not np.all(total > 0):  # no image token, or no query: nothing to measure
                 continue
             self.dists.append(a / total)
-            self.masks.append(relevant_tokens(meta, question, a.shape[1]))
+            grid = self.grid_tokens in (None, a.shape[1])
+            self.masks.append(relevant_tokens(meta, question, a.shape[1]) if grid else None)
             self.families.append(family_of(meta))
 
     def grounding(self) -> dict[str, FamilyGrounding]:
@@ -166,11 +169,12 @@ class TruthAccumulator:
         found = find_persistent_noise(np.stack([self.dists[i] for i in keep]), self.top_k, self.min_rate, self.floor)
         masks = [self.masks[i] for i in keep if self.masks[i] is not None]
         side = int(round(N**0.5))
-        cells = token_cells(N)
+        grid = self.grid_tokens in (None, N)  # else row, column and cell would be a coincidence of the count
+        cells = token_cells(N) if grid else None
         persistent = []
         for j, layers in sorted(found["layers_of"].items(), key=lambda kv: (-len(kv[1]), kv[0])):
             rate = float(np.mean([m[j] for m in masks])) if masks else None
-            square = side * side == N
+            square = grid and side * side == N
             persistent.append(NoisePosition(
                 index=j, row=j // side if square else None, col=j % side if square else None,
                 cell=int(cells[j]) if cells is not None else None, layers=layers,

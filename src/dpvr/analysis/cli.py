@@ -167,14 +167,16 @@ def _measure(model, processor, items: list[dict], blocked, n_mask: int, args: ar
     from tqdm import tqdm
 
     from dpvr.analysis.attention_truth import TruthAccumulator
-    from dpvr.analysis.grounding import query_mask
+    from dpvr.analysis.grounding import patch_grid_tokens, query_mask
     from dpvr.analysis.masking import score_variants
     from dpvr.analysis.saturation import measure_batch
     from dpvr.analysis.summary import Accumulator
     from dpvr.data.collate import Collator
 
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
-    acc, truth = Accumulator(), TruthAccumulator(top_k=args.noise_top, min_rate=args.noise_rate, floor=args.noise_floor)
+    acc = Accumulator()
+    truth = TruthAccumulator(top_k=args.noise_top, min_rate=args.noise_rate, floor=args.noise_floor,
+                             grid_tokens=patch_grid_tokens(model.config))  # fmt: skip
     bar = tqdm(total=len(items), desc="analyze", unit="sample", disable=args.quiet)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]

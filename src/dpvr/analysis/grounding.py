@@ -62,6 +62,16 @@ def token_cells(n_image_tokens: int, grid: int = GRID) -> np.ndarray | None:
     return np.asarray(patch_cells(grid, n // grid))
 
 
+def patch_grid_tokens(config) -> int | None:
+    """How many image tokens a plain LLaVA gives one image: one per patch in raster order, CLS dropped
+    ("default" strategy). None for every other layout (anyres tiles with newline tokens, Qwen2-VL's
+    merged patches, CLS kept), where a square token count would be a coincidence, not a patch grid."""
+    v = getattr(config, "vision_config", None)
+    if getattr(config, "model_type", None) != "llava" or v is None or config.vision_feature_select_strategy != "default":
+        return None
+    return (v.image_size // v.patch_size) ** 2
+
+
 def relevant_tokens(meta: dict | None, question: str | None, n_image_tokens: int) -> np.ndarray | None:
     """(N,) bool: the image tokens covering the question's cells; None without ground truth."""
     cells, cell_of = relevant_cells(meta, question), token_cells(n_image_tokens)
