@@ -142,6 +142,12 @@ CASES = [
     ("analyze-zero-samples", ["analyze", "--model", "{ckpt}", "-n", "0", "--out", "{out}"], USAGE, ["--num-samples"]),
     ("analyze-missing-data", ["analyze", "--model", "{ckpt}", "--data", "{root}/nope.json", "--out", "{out}"], ERROR,
      ["nope.json"]),
+    ("analyze-noise-top-0", ["analyze", "--model", "{ckpt}", "--noise-top", "0", "--out", "{out}"], ERROR, ["--noise-top"]),
+    ("analyze-noise-rate-2", ["analyze", "--model", "{ckpt}", "--noise-rate", "2", "--out", "{out}"], ERROR, ["--noise-rate", "(0, 1]"]),
+    ("analyze-noise-floor-neg", ["analyze", "--model", "{ckpt}", "--noise-floor", "-1", "--out", "{out}"], ERROR, ["--noise-floor"]),
+    ("analyze-truth-query-unknown", ["analyze", "--model", "{ckpt}", "--truth-query", "image", "--out", "{out}"], USAGE,
+     ["--truth-query", "invalid choice"]),
+    ("analyze-review-tol-inf", ["analyze", "--model", "{ckpt}", "--review-tol", "inf", "--out", "{out}"], ERROR, ["--review-tol"]),
     ("data-out-not-empty", ["data", "--out", "{adapter}"], ERROR, ["exists but is not a complete"]),
     # serve (a missing serve extra would name itself instead: these are refused before that check)
     ("serve-missing-model", ["serve", "{root}/no-such-model", "--port", "0"], ERROR, ["no such file", "no-such-model"]),

@@ -7,7 +7,9 @@
     ll, correct = score_variants(model, embeds, batch, masking_variants(L))
 
 Modules: probe (the attention function), saturation (three views), masking, summary (curves, split
-rule), inputs (sample selection), report (JSON/CSV/table), plots (PNG), cli.
+rule), inputs (sample selection), report (JSON/CSV/table), plots (PNG), cli; the attention with
+ground truth: grounding (which image tokens a question is about), attention_truth (relevant-cell
+share, persistent noise, late review), truth_report, truth_plot.
 """
 from dpvr.lazy import lazy_names
 

@@ -5,8 +5,10 @@
                  --dtype bfloat16 --batch-size 1 --out runs/analysis-7b
 
 Writes OUT/analysis.json (every statistic, per layer, with standard errors, plus the recommendation and
-the run's settings), OUT/analysis.csv (one row per layer) and OUT/analysis.png (Figure 2 + masking
-curves), and prints the per-layer table and the recommended `split_layer` with its reason.
+the run's settings), OUT/analysis.csv (one row per layer), OUT/analysis.png (Figure 2 + masking
+curves) and OUT/attention_truth.png (where the answer's query looks in the image: relevant cells,
+persistent noise, late review; `attention_truth.py`), and prints the per-layer table, the recommended
+`split_layer` with its reason, and the attention section.
 Runs on the stock model with sdpa; nothing needs eager attention.
 """
 from __future__ import annotations
@@ -44,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--margin", type=int, default=2, help="split at least this many layers before the vision transition")
     a.add_argument("--mask-tol", type=float, default=MASK_TOL,
                    help="without attention collapse: split where blocking every deeper layer costs at most this many nats")
+    t = parser.add_argument_group("attention with ground truth (docs/analysis.md)")
+    t.add_argument("--truth-query", default="answer", choices=["answer", "question"],
+                   help="whose attention over the image: the last prompt token (answer), or the mean over every "
+                   "text token after the image up to it (question)")  # fmt: skip
+    t.add_argument("--noise-top", type=int, default=5, help="persistent noise: candidates per layer, by mean share")
+    t.add_argument("--noise-rate", type=float, default=0.5,
+                   help="persistent noise: smallest share of samples that rank the position in their own top --noise-top")  # fmt: skip
+    t.add_argument("--noise-floor", type=float, default=2.0,
+                   help="persistent noise: smallest mean share, in multiples of the uniform share 1/N")  # fmt: skip
+    t.add_argument("--review-tol", type=float, default=MASK_TOL,
+                   help="late review: the last layers' masking cost must rise this many nats over the middle's trough")  # fmt: skip
     a.add_argument("--out", default="dpvr-analysis", help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--threads", type=int, default=None,
@@ -63,6 +76,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DPVRError("--margin and --mask-samples must be >= 0")
     if not args.mask_tol >= 0:
         raise DPVRError(f"--mask-tol {args.mask_tol} must be >= 0 (nats)")
+    if args.noise_top < 1:
+        raise DPVRError(f"--noise-top {args.noise_top} must be >= 1")
+    if not 0 < args.noise_rate <= 1:  # `not` also refuses NaN
+        raise DPVRError(f"--noise-rate {args.noise_rate} must be in (0, 1]")
+    if not 0 <= args.noise_floor < float("inf"):
+        raise DPVRError(f"--noise-floor {args.noise_floor} must be a finite number >= 0")
+    if not 0 <= args.review_tol < float("inf"):
+        raise DPVRError(f"--review-tol {args.review_tol} must be a finite number >= 0 (nats)")
 
 
 def resolve_data(data: str | None, images: str | None) -> tuple[Path, Path]:
@@ -92,15 +113,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from dpvr.analysis.inputs import select_samples
-    from dpvr.analysis.masking import masking_variants, score_variants
+    from dpvr.analysis.masking import masking_variants
     from dpvr.analysis.plots import plot_analysis
     from dpvr.analysis.report import format_table, write_outputs
-    from dpvr.analysis.saturation import measure_batch
-    from dpvr.analysis.summary import Accumulator, recommend_split
-    from dpvr.data.collate import Collator
+    from dpvr.analysis.summary import recommend_split
+    from dpvr.analysis.truth_plot import plot_attention_truth
+    from dpvr.analysis.truth_report import format_truth
     from dpvr.loading import load_model, resolve_model_path
     from dpvr.routing import DPVRForConditionalGeneration
 
@@ -117,15 +136,55 @@ def _analyze(args: argparse.Namespace) -> int:
     )  # fmt: skip
     n_mask = 0 if args.no_masking else min(len(items), args.mask_samples if args.mask_samples is not None else len(items))
     L = model.config.text_config.num_hidden_layers
-    blocked = masking_variants(L)
+    acc, truth_acc = _measure(model, processor, items, masking_variants(L), n_mask, args)
+    curves = acc.curves()
+    if all(m != m for m in curves["mass"]):  # all NaN
+        raise DPVRError("no sample has text after its image: the text-to-image attention mass is undefined")
+    rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin,
+                          mask_tol=args.mask_tol)  # fmt: skip
+    truth = _truth(acc, truth_acc, items, n_mask, args)
+    meta = {
+        "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
+        "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
+        "dtype": args.dtype, "device": str(model.device), "seconds": round(time.perf_counter() - started, 1),
+        "torch": _torch_version(),
+    }  # fmt: skip
+    paths = write_outputs(args.out, curves, rec, meta, truth=truth)
+    title = f"{Path(meta['model']).name}: {len(items)} samples ({n_mask} masked), {L} layers"
+    paths["png"] = plot_analysis(curves, rec, Path(args.out) / "analysis.png", title=title)
+    paths["truth_png"] = plot_attention_truth(truth, Path(args.out) / "attention_truth.png", title=title)
+    print(format_table(curves, rec))
+    print(format_truth(truth))
+    if skipped:
+        print(f"skipped samples: {dict(skipped)}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _measure(model, processor, items: list[dict], blocked, n_mask: int, args: argparse.Namespace):
+    """One pass over the samples: the three views and the answer query's attention on every sample, the
+    masking variants on the first n_mask. Returns (Accumulator, TruthAccumulator)."""
+    from tqdm import tqdm
+
+    from dpvr.analysis.attention_truth import TruthAccumulator
+    from dpvr.analysis.grounding import patch_grid_tokens, query_mask
+    from dpvr.analysis.masking import score_variants
+    from dpvr.analysis.saturation import measure_batch
+    from dpvr.analysis.summary import Accumulator
+    from dpvr.data.collate import Collator
+
     collate = Collator(pad_token_id=processor.tokenizer.pad_token_id, padding_side="right", keep_ids=False)
     acc = Accumulator()
+    truth = TruthAccumulator(top_k=args.noise_top, min_rate=args.noise_rate, floor=args.noise_floor,
+                             grid_tokens=patch_grid_tokens(model.config))  # fmt: skip
     bar = tqdm(total=len(items), desc="analyze", unit="sample", disable=args.quiet)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         batch = collate(chunk)
-        stats, embeds = measure_batch(model, batch)
+        at = query_mask(batch["input_ids"], batch["labels"], model.config.image_token_id, args.truth_query)
+        stats, embeds = measure_batch(model, batch, attend_from=at)
         acc.add(stats)
+        truth.add(stats.image_attn, [it.get("meta") for it in chunk], [it.get("question") for it in chunk])
         k = max(0, min(len(chunk), n_mask - start))  # samples of this batch that also get the masking analysis
         if k:
             sub = {key: v[:k] for key, v in batch.items() if key != "pixel_values"}
@@ -133,25 +192,17 @@ def _analyze(args: argparse.Namespace) -> int:
             acc.add_masking(ll, correct)
         bar.update(len(chunk))
     bar.close()
-    curves = acc.curves()
-    if all(m != m for m in curves["mass"]):  # all NaN
-        raise DPVRError("no sample has text after its image: the text-to-image attention mass is undefined")
-    rec = recommend_split(curves, collapse_frac=args.collapse_frac, kl_frac=args.kl_frac, margin=args.margin,
-                          mask_tol=args.mask_tol)  # fmt: skip
-    meta = {
-        "model": resolve_model_path(args.model), "data": str(data), "images": str(images), "n_samples": len(items),
-        "n_masking": n_mask, "skipped": dict(skipped), "seed": args.seed, "template": args.template,
-        "dtype": args.dtype, "device": str(model.device), "seconds": round(time.perf_counter() - started, 1),
-        "torch": _torch_version(),
-    }  # fmt: skip
-    paths = write_outputs(args.out, curves, rec, meta)
-    title = f"{Path(meta['model']).name}: {len(items)} samples ({n_mask} masked), {L} layers"
-    paths["png"] = plot_analysis(curves, rec, Path(args.out) / "analysis.png", title=title)
-    print(format_table(curves, rec))
-    if skipped:
-        print(f"skipped samples: {dict(skipped)}")
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
-    return 0
+    return acc, truth
+
+
+def _truth(acc, truth_acc, items: list[dict], n_mask: int, args: argparse.Namespace):
+    """The attention-truth result; the late review reads the masked samples' log-likelihoods by family."""
+    from dpvr.analysis.attention_truth import family_of
+
+    ll = acc.arrays().get("ll") if n_mask else None
+    families = [family_of(it.get("meta")) for it in items[:n_mask]]
+    query = {"answer": "last prompt token", "question": "mean over the text tokens after the image"}[args.truth_query]
+    return truth_acc.result(ll=ll, families=families, review_tol=args.review_tol, query=query)
 
 
 def _torch_version() -> str:

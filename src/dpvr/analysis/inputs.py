@@ -5,7 +5,8 @@
 
 Each item is `dpvr.data.llava_json`'s encoding of `USER: <image>\\n{question} ASSISTANT: {answer}</s>`
 (the checkpoint's chat template by default): the answer and its end token are the supervised `labels`,
-which the masking analysis scores teacher-forced. Text-only samples and answers longer than
+which the masking analysis scores teacher-forced; `meta` and `question` carry the record's own meta
+and first question through (the ground-truth attention analysis reads them). Text-only samples and answers longer than
 `max_answer_tokens` are skipped and counted (a short answer makes "accuracy" mean "answered correctly").
 """
 from __future__ import annotations
@@ -57,7 +58,9 @@ def select_samples(
         if int((item["labels"] != IGNORE).sum()) > max_answer_tokens:
             skipped["long_answer"] += 1
             continue
-        items.append(item)
+        conv = first_turns[i].get("conversations")
+        question = conv[0].get("value") if isinstance(conv, list) and conv and isinstance(conv[0], dict) else None
+        items.append({**item, "meta": first_turns[i].get("meta"), "question": question})  # a copy: the memo's item stays as it was
         if bar is not None:
             bar.update(1)
     if bar is not None:

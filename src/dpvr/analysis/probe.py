@@ -37,10 +37,14 @@ class ProbeState:
     num_layers: int
     blocked: torch.Tensor | None = None  # (B, L) bool: block text query -> image key at layer l for row b
     measure_mass: bool = True
+    # (B, T) bool query positions whose attention over every key (mean over heads and these queries) is kept
+    # per layer: the ground-truth analysis reads where the answer's query looks in the image (`attention_truth`)
+    attend_from: torch.Tensor | None = None
     # text queries that can see an image key (causal): the rows whose attention share is measured
     rows: torch.Tensor = field(init=False)  # (B, R) long, positions (padded with 0)
     row_valid: torch.Tensor = field(init=False)  # (B, R) bool
     mass: list[torch.Tensor | None] = field(init=False)  # per layer: (B, H) mean over rows, NaN if no row
+    attention: list[torch.Tensor | None] = field(init=False)  # per layer: (B, K) mean probs of attend_from
 
     def __post_init__(self) -> None:
         if self.image.shape != self.text.shape or self.image.dim() != 2:
@@ -55,6 +59,7 @@ class ProbeState:
         self.row_valid = torch.gather(sees_image, 1, order)
         self.rows = torch.where(self.row_valid, order, torch.zeros_like(order))
         self.mass = [None] * self.num_layers
+        self.attention = [None] * self.num_layers
 
     @classmethod
     def for_batch(
@@ -100,6 +105,23 @@ def text_to_image_mass(
     return per_head.masked_fill(count == 0, float("nan"))
 
 
+def query_attention(query, key, allowed, scaling: float, groups: int, at: torch.Tensor) -> torch.Tensor:
+    """(B, K) softmax attention over every key, mean over heads and over the query positions at[b]
+    ((B, T) bool over the keys' positions); a NaN row where a row selects no query."""
+    B, H, _, Dh = query.shape
+    at = at.to(query.device)
+    R = max(int(at.sum(-1).max()), 1)
+    order = torch.sort((~at).to(torch.int8), dim=-1, stable=True).indices[:, :R]  # (B, R): selected positions first
+    valid = torch.gather(at, 1, order)  # (B, R)
+    q = torch.gather(query, 2, order[:, None, :, None].expand(B, H, R, Dh)).float()  # (B, H, R, Dh)
+    scores = q @ repeat_kv(key, groups).float().transpose(-1, -2) * scaling  # (B, H, R, K)
+    seen = torch.gather(allowed, 2, order[:, None, :, None].expand(B, allowed.shape[1], R, allowed.shape[-1]))
+    probs = scores.masked_fill(~seen, float("-inf")).softmax(-1).mean(1)  # (B, R, K)
+    probs = torch.where(valid[..., None], probs, torch.zeros_like(probs))  # padding rows may be all-masked (NaN)
+    count = valid.sum(-1, keepdim=True)  # (B, 1)
+    return (probs.sum(1) / count.clamp(min=1)).masked_fill(count == 0, float("nan"))
+
+
 def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """Drop-in attention function: optional blocking + mass measurement, then stock sdpa."""
     state = _ACTIVE
@@ -127,6 +149,9 @@ def probe_attention(module, query, key, value, attention_mask, dropout: float = 
     if state.measure_mass:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         state.mass[layer] = text_to_image_mass(query, key, allowed, scale, module.num_key_value_groups, state)
+        if state.attend_from is not None:
+            state.attention[layer] = query_attention(query, key, allowed, scale, module.num_key_value_groups,
+                                                     state.attend_from).cpu()  # fmt: skip
     return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling, **kwargs)
 
 

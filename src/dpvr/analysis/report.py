@@ -44,10 +44,13 @@ def columns(curves: dict) -> list[str]:
     return LAYER_COLUMNS + (MASKING_COLUMNS if "dll_only" in curves else [])
 
 
-def write_outputs(out_dir: str | os.PathLike, curves: dict, rec: Recommendation, meta: dict) -> dict[str, Path]:
+def write_outputs(out_dir: str | os.PathLike, curves: dict, rec: Recommendation, meta: dict, truth=None) -> dict[str, Path]:
+    """truth: an `attention_truth.AttentionTruth` (its to_dict() goes under "attention_truth")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "recommendation": asdict(rec), "curves": curves}
+    if truth is not None:
+        payload["attention_truth"] = truth.to_dict()
     paths = {"json": _atomic_write(out / "analysis.json", json.dumps(_clean(payload), indent=1) + "\n")}
     buf = io.StringIO()
     writer = csv.writer(buf)

@@ -33,6 +33,9 @@ class BatchStats:
     mass: torch.Tensor  # (B, L, H) text-to-image attention share per head (NaN: no text after the image)
     kl_image: torch.Tensor  # (B, L) mean KL(final || lens at layer) over image positions
     kl_text: torch.Tensor  # (B, L) ... over text positions
+    # per sample (L, N_b): the chosen queries' mean attention on each image key, in image-token order
+    # (only when measure_batch was given attend_from; not a per-layer scalar, so Accumulator.add skips it)
+    image_attn: list[torch.Tensor] | None = None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,12 +63,16 @@ def inputs_to_device(model, batch: dict) -> dict:
 
 
 @torch.no_grad()
-def measure_batch(model, batch: dict, lens_chunk: int = 512) -> tuple[BatchStats, torch.Tensor]:
-    """Three-view statistics of one right-padded batch, and its merged input embeddings (B, T, D)."""
+def measure_batch(
+    model, batch: dict, lens_chunk: int = 512, attend_from: torch.Tensor | None = None
+) -> tuple[BatchStats, torch.Tensor]:
+    """Three-view statistics of one right-padded batch, and its merged input embeddings (B, T, D).
+    attend_from (B, T) bool: also keep each row's attention from those query positions over its image keys."""
     lm = model.model.language_model
     L = len(lm.layers)
     inputs = inputs_to_device(model, batch)
-    state = ProbeState.for_batch(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, L)
+    state = ProbeState.for_batch(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, L,
+                                 attend_from=attend_from)  # fmt: skip
     image, text = state.image, state.text  # (B, T) bool each
     B = image.shape[0]
     cos_image = torch.full((B, L), float("nan"))
@@ -111,4 +118,7 @@ def measure_batch(model, batch: dict, lens_chunk: int = 512) -> tuple[BatchStats
     kl_image = torch.stack([masked_mean(kl[i], image_c) for i in range(L)], dim=1)  # (B, L)
     kl_text = torch.stack([masked_mean(kl[i], text_c) for i in range(L)], dim=1)
     stats = BatchStats(cos_image=cos_image, cos_text=cos_text, mass=mass, kl_image=kl_image, kl_text=kl_text)
+    if attend_from is not None:
+        att = torch.stack(state.attention, dim=1)  # (B, L, T)
+        stats.image_attn = [att[b][:, image_c[b]] for b in range(B)]  # (L, N_b) each
     return stats, captured["embeds"]

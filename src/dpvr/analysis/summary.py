@@ -43,7 +43,7 @@ class Accumulator:
         self.parts: dict[str, list[np.ndarray]] = {}
 
     def add(self, stats: BatchStats) -> None:
-        self._extend(vars(stats))
+        self._extend({k: v for k, v in vars(stats).items() if k != "image_attn"})  # ragged: attention_truth keeps it
 
     def add_masking(self, ll: torch.Tensor, correct: torch.Tensor) -> None:
         """(B, 1 + 2L) each, from `masking.score_variants` (may cover fewer samples than `add`)."""
