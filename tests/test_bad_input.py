@@ -40,10 +40,13 @@ def world(tiny_checkpoint, tmp_path_factory, digit_bench):
     (root / "corrupt_config" / "config.json").write_text('{"model_type": "llava", "text_config": {')
     samples = json.loads((bench / "train.json").read_text())  # their images are not under root/images: all skipped
     (root / "all_bad.json").write_text(json.dumps([x for x in samples if "image" in x][:2]))
+    (root / "policy.json").write_text('{"default": [12]}')
+    (root / "shallow_policy.json").write_text('{"default": [3]}')
     (root / "peft_like").mkdir()
     (root / "peft_like" / "README.md").write_text("not an adapter")
     names = {"img": "img.png", "not_image": "not_an_image.png", "empty_json": "empty.json",
-             "truncated_json": "truncated.json", "all_bad": "all_bad.json",
+             "truncated_json": "truncated.json", "all_bad": "all_bad.json", "policy": "policy.json",
+             "shallow_policy": "shallow_policy.json",
              **{k: k for k in ("empty_dir", "adapter", "bad_adapter", "peft_like", "corrupt_config")}}
     return {"ckpt": str(tiny_checkpoint), "root": str(root), "bench": str(bench), **{k: str(root / v) for k, v in names.items()}}
 
@@ -122,6 +125,13 @@ CASES = [
     ("eval-contrast-early-too-deep", EVAL + ["--contrast-strength", "1", "--contrast-early", "99"], ERROR,
      ["contrast early_layer"]),
     ("eval-contrast-without-strength", EVAL + ["--contrast-early", "2"], USAGE, ["need --contrast-strength"]),
+    ("eval-fusion-policy-missing", EVAL + ["--fusion-policy", "{root}/nope.json"], ERROR, ["no fusion policy at"]),
+    ("eval-fusion-policy-truncated", EVAL + ["--fusion-policy", "{truncated_json}"], ERROR, ["not valid JSON"]),
+    ("eval-fusion-policy-not-an-object", EVAL + ["--fusion-policy", "{empty_json}"], ERROR, ["'default' placement"]),
+    ("eval-fusion-policy-stock-model", EVAL + ["--fusion-policy", "{policy}"], ERROR, ["this model is stock"]),
+    ("eval-fusion-policy-shallow", EVAL + ["--adapter", "{adapter}", "--fusion-policy", "{shallow_policy}"],
+     ERROR, ["names layers [3] outside the deep layers [6, 16)"]),
+    ("generate-task-without-policy", GEN + ["--task", "pope"], USAGE, ["--task is read by --fusion-policy"]),
     ("eval-contrast-without-early", EVAL + ["--contrast-strength", "1"], USAGE, ["needs --contrast-early"]),
     ("generate-contrast-layer-twice", GEN + ["--contrast-strength", "1", "--contrast-early", "2", "--contrast-layers",
                                              "12,12"], ERROR, ["name a layer twice"]),
@@ -167,6 +177,10 @@ CASES = [
     ("train-every-sample-skipped", TRAIN + ["--data", "{all_bad}", "--on_error", "skip"], ERROR,
      ["no training step ran", "2 missing_image", "final not written"]),
     ("train-missing-model", replace(TRAIN, "--model", "/no/such/model"), ERROR, ["--model", "no such file"]),
+    ("train-fusion-policy-lora", TRAIN + ["--method", "lora", "--fusion_policy", "{policy}"], USAGE,
+     ["--fusion-policy places a DPVR-LF side branch"]),
+    ("train-fusion-policy-shallow", TRAIN + ["--fusion-policy", "{shallow_policy}"], ERROR,
+     ["names layers [3] outside the deep layers [6, 16)"]),
     ("train-distill-weight-above-1", TRAIN + ["--distill_weight", "1.5"], USAGE, ["distill_weight=1.5", "[0, 1]"]),
     ("train-distill-weight-negative", TRAIN + ["--distill-weight", "-0.5"], USAGE, ["distill_weight=-0.5", "[0, 1]"]),
     ("train-distill-temperature-0", TRAIN + ["--distill_weight", "0.5", "--distill_temperature", "0"], USAGE,

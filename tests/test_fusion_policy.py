@@ -41,6 +41,7 @@ def test_pick_takes_the_first_matching_rule_else_the_default():
     assert POLICY.pick(Request("count", 2, 20)) == (12,)  # the task rule comes before the image rule
     assert POLICY.pick(Request("mme", 2, 20)) == (11, 14)
     assert POLICY.pick(Request("mme", 1, 20)) == (15,) == POLICY.pick(Request(None, 1, 0))
+    assert POLICY.pick(Request("pope/adversarial", 1, 20)) == (10, 13) and POLICY.pick(Request("popex", 1, 20)) == (15,)
     short = FusionPolicy((15,), (Rule((10,), max_prompt_tokens=8), Rule((12,), max_images=0)))
     assert short.pick(Request("x", 1, 8)) == (10,) and short.pick(Request("x", 1, 9)) == (15,)
     assert short.pick(Request("x", 0, 9)) == (12,)
@@ -172,3 +173,69 @@ def test_generate_answers_under_the_placement_its_task_picks(tiny_checkpoint, tm
     assert "[lf s=9 fusion_at=10,13 D=1]" in capsys.readouterr().out
     assert main([*argv, "--task", "mme"]) == 0
     assert "[lf s=9 fusion_at=15 D=1]" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- training across placements
+def _train(placements, fusion_at, steps: int, out_dir):
+    """(fusion_at seen by each forward, the last step's side-branch gradient) of DPVRTrainer on the 6-layer
+    tiny LLaVA in LF (split 3), 2 micro-batches per step."""
+    from test_loss_scaling import collate, samples
+    from tiny import tiny_llava
+    from transformers import TrainerCallback, TrainingArguments
+
+    from dpvr.train.trainer import DPVRTrainer
+
+    torch.manual_seed(1)
+    model = convert(tiny_llava(layers=6, seed=0), DPVRConfig(mode="lf", split_layer=3, side_init="random", fusion_at=fusion_at))
+    seen, forward = {"fusion_at": []}, model.forward
+
+    def spy(*args, **kwargs):
+        seen["fusion_at"].append(model.dpvr_config.fusion_at)
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            seen["grad"] = torch.cat([p.grad.flatten() for p in model.side_branch.parameters()]).clone()
+
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=steps, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)  # fmt: skip
+    DPVRTrainer(model=model, args=args, train_dataset=samples(), data_collator=collate, callbacks=[Record()],
+                placements=placements).train()
+    assert model.dpvr_config.fusion_at == tuple(fusion_at)  # the model's own routing is back after training
+    return seen
+
+
+def test_training_cycles_the_placements_one_per_step_each_as_that_placement_trains(tmp_path):
+    places = ((3,), (4, 5), (5,))
+    seen = _train(places, (4, 5), 3, tmp_path / "policy")
+    assert seen["fusion_at"] == [(3,), (3,), (4, 5), (4, 5), (5,), (5,)]
+    # step 0 of the policy run is a plain run under its first placement, gradient for gradient
+    first = _train(places, (), 1, tmp_path / "p1")["grad"]
+    plain = _train(None, (3,), 1, tmp_path / "plain")["grad"]
+    assert first.norm() > 0 and torch.allclose(first, plain, rtol=0, atol=1e-7)
+
+
+def _analysis(path, curves: dict) -> None:
+    review = {f: {"cost": c, "cost_sem": [0.01] * len(c)} for f, c in curves.items()}
+    path.write_text(json.dumps({"recommendation": {"split": 3}, "attention_truth": {"late_review": review}}))
+
+
+def test_a_policy_from_one_analysis_places_each_family_where_its_masking_curve_hurts(tmp_path, capsys):
+    from dpvr.fusion_policy import main as build
+
+    flat = [0.0] * 6
+    _analysis(tmp_path / "a.json", {"all": [0.5, 0.1, 0, 0, 0.3, 0], "count": [0.5, 0, 0, 0.2, 0, 0],
+                                    "pope": [0.5, 0, 0, 0, 0.4, 0.02], "text": flat})  # fmt: skip
+    policy = FusionPolicy.from_analysis(tmp_path / "a.json", split_layer=3)
+    assert policy == FusionPolicy((4,), (Rule((3,), task="count"),))  # pope's is the default's; text has none
+    assert build([str(tmp_path / "a.json"), "--split-layer", "3", "--out", str(tmp_path / "p.json")]) == 0
+    assert FusionPolicy.load(tmp_path / "p.json") == policy
+    _analysis(tmp_path / "none.json", {"all": flat})
+    (tmp_path / "old.json").write_text(json.dumps({"recommendation": {"split": 3}}))
+    for name, words in (("none.json", "nothing for a fusion policy to place"), ("old.json", "no per-family masking")):
+        with pytest.raises(SystemExit):
+            build([str(tmp_path / name), "--split-layer", "3"])
+        assert words in capsys.readouterr().err

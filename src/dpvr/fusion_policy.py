@@ -42,7 +42,7 @@ def _placement(value, where: str) -> tuple[int, ...]:
 class Request:
     """What the policy may know about a request before running it."""
 
-    task: str | None = None
+    task: str | None = None  # e.g. an lmms-eval task, or a digit-scenes family ("mme/count": MME by category)
     n_images: int = 1
     prompt_tokens: int = 0
 
@@ -67,7 +67,9 @@ class Rule:
             raise DPVRError(f"Rule.task={self.task!r} must be a task name")
 
     def matches(self, req: Request) -> bool:
-        return ((self.task is None or req.task == self.task) and req.n_images >= self.min_images
+        # a task rule covers its sub-tasks too: "mme" matches "mme/count" (the analysis splits MME by category)
+        task = self.task is None or (req.task is not None and (req.task == self.task or req.task.startswith(self.task + "/")))
+        return (task and req.n_images >= self.min_images
                 and (self.max_images is None or req.n_images <= self.max_images)
                 and (self.max_prompt_tokens is None or req.prompt_tokens <= self.max_prompt_tokens))  # fmt: skip
 
@@ -151,6 +153,30 @@ class FusionPolicy:
         return cls.from_dict(data)
 
     @classmethod
+    def from_analysis(cls, path: str | Path, split_layer: int) -> "FusionPolicy":
+        """From one `dpvr analyze` run with masking: per question family (its `attention_truth.late_review`
+        cost curve: the likelihood lost when one layer's text-to-image attention is blocked), the deep
+        layers (>= split_layer) the masking rule of `dpvr analyze` would fuse at; the default is the
+        pooled curve's. Families whose curve suggests nothing fall back to the default."""
+        from dpvr.analysis.summary import suggest_fusion_at
+
+        reviews = (json.loads(Path(path).read_text()).get("attention_truth") or {}).get("late_review") or {}
+        if "all" not in reviews:
+            raise DPVRError(f"{path} has no per-family masking curves: run `dpvr analyze` with the masking analysis")
+
+        def placement(review: dict) -> tuple[int, ...]:
+            curves = {"dll_only": [-c for c in review["cost"]], "dll_only_sem": review["cost_sem"]}
+            return tuple(suggest_fusion_at(curves, split_layer)["fusion_at"])
+
+        default = placement(reviews["all"])
+        if not default:
+            raise DPVRError(f"{path}: no deep layer (>= {split_layer}) costs likelihood beyond noise when blocked; "
+                            "nothing for a fusion policy to place")  # fmt: skip
+        rules = [Rule(fusion_at=p, task=family) for family, review in sorted(reviews.items())
+                 if family != "all" and (p := placement(review)) and p != default]  # fmt: skip
+        return cls(default, tuple(rules))
+
+    @classmethod
     def from_analyses(cls, analyses: dict[str, str | Path], default: Sequence[int]) -> "FusionPolicy":
         """One rule per task, with the placement `dpvr analyze` suggested on that task's questions
         (its analysis.json's recommendation.fusion_at); a task without a suggestion gets the default."""
@@ -195,3 +221,26 @@ def by_placement(model, placements: Sequence[tuple[int, ...]], run: Callable[[li
             for i, result in zip(idx, run(idx), strict=True):
                 out[i] = result
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dpvr.fusion_policy runs/analysis/analysis.json --split-layer 11 --out policy.json"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dpvr.fusion_policy", description="A fusion policy from one `dpvr "
+                                "analyze` run: per question family, the fusion layers its masking curve picks.")  # fmt: skip
+    p.add_argument("analysis", help="analysis.json of `dpvr analyze` (with its masking analysis)")
+    p.add_argument("--split-layer", type=int, required=True, help="the LF model's split: placements are deep layers")
+    p.add_argument("--out", default="fusion_policy.json")
+    args = p.parse_args(argv)
+    try:
+        policy = FusionPolicy.from_analysis(args.analysis, args.split_layer)
+    except (DPVRError, OSError, KeyError, json.JSONDecodeError) as exc:
+        p.exit(1, f"{p.prog}: error: {exc}\n")
+    policy.save(args.out)
+    print(json.dumps(policy.to_dict()) + f" -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

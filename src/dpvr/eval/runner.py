@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dpvr.analysis.attention_truth import family_of
 from dpvr.data.digit_scenes import load_split
 from dpvr.errors import DPVRError
 from dpvr.embedded.score import predict
@@ -84,9 +85,10 @@ def evaluate(
 
 
 def request_of(processor, sample: dict) -> Request:
-    """What a fusion policy knows of a benchmark question: its family, image count and prompt length."""
+    """What a fusion policy knows of a benchmark question: its family (MME by category, as `dpvr analyze`
+    groups them), image count and prompt length."""
     question = sample["conversations"][0]["value"]
-    return Request(task=sample["meta"]["family"], n_images=int("image" in sample),
+    return Request(task=family_of(sample["meta"]), n_images=int("image" in sample),
                    prompt_tokens=len(processor.tokenizer(question).input_ids))  # fmt: skip
 
 

@@ -91,6 +91,9 @@ class RecipeArguments:
         default=0, metadata={"help": "warm the side branch up: this many first steps at --side-warmup-lr-scale x the rate, "
                              "then the run's schedule over the remaining steps (dpvr.train.stages); 0 = off"})
     side_warmup_lr_scale: float = field(default=0.1, metadata={"help": "the warm-up stage's fraction of --learning_rate"})
+    fusion_policy: str | None = field(
+        default=None, metadata={"help": "lf: train one side branch across this fusion policy's placements "
+                                "(dpvr.fusion_policy), one placement per optimizer step in turn"})
 
     def __post_init__(self):
         check_distillation(self.distill_weight, self.distill_temperature)
@@ -101,6 +104,8 @@ class RecipeArguments:
         for flag, on in (("--distill-weight", self.distill_weight > 0), ("--side-warmup-steps", self.side_warmup_steps > 0)):
             if on and method != "dpvr":
                 raise UsageError(f"{flag} trains a DPVR side branch (--method dpvr); --method {method} trains the stock model")
+        if self.fusion_policy is not None and method != "dpvr":
+            raise UsageError(f"--fusion-policy places a DPVR-LF side branch's fusion (--method dpvr), not --method {method}")
         if self.distill_weight > 0 and shared_stack_cache:
             raise UsageError("--distill-weight needs the full model's output every step (the teacher), which "
                              "--shared-stack-cache skips: use one or the other")  # fmt: skip

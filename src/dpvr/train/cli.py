@@ -144,6 +144,7 @@ def _train(margs, dargs, targs, rargs) -> dict:
     from transformers import set_seed
 
     from dpvr.data.collate import Collator
+    from dpvr.fusion_policy import policy_for
     from dpvr.loading import resolve_model_path
     from dpvr.train.distill import Distillation
     from dpvr.train.plateau import PlateauStop
@@ -162,8 +163,10 @@ def _train(margs, dargs, targs, rargs) -> dict:
     stop = PlateauStop(dargs.plateau_min_steps) if dargs.stop_at_plateau else None
     distill = Distillation(rargs.distill_weight, rargs.distill_temperature) if rargs.distill_weight > 0 else None
     warmup = SideWarmup(rargs.side_warmup_steps, rargs.side_warmup_lr_scale) if rargs.side_warmup_steps > 0 else None
+    policy = policy_for(model, rargs.fusion_policy)
     trainer = DPVRTrainer(model=model, args=targs, train_dataset=dataset, eval_dataset=held_out, data_collator=collate,
-                          callbacks=[DigestCallback(), *filter(None, [stop])], distillation=distill, side_warmup=warmup)  # fmt: skip
+                          callbacks=[DigestCallback(), *filter(None, [stop])], distillation=distill, side_warmup=warmup,
+                          placements=None if policy is None else policy.placements)  # fmt: skip
     check_sharding(sharding_asked(targs.fsdp, targs.deepspeed), trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled)
     if targs.process_index == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

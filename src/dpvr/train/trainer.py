@@ -185,11 +185,13 @@ def check_resume_routing(checkpoint: str, model) -> None:
 class DPVRTrainer(Trainer):
     """The HF Trainer with DPVR's checkpoints and resume, plus two options of the side branch's training:
     `distillation` (dpvr.train.distill.Distillation: the routed model learns from itself with routing off)
-    and `side_warmup` (dpvr.train.stages.SideWarmup: a low learning rate first, then the run's schedule)."""
+    and `side_warmup` (dpvr.train.stages.SideWarmup: a low learning rate first, then the run's schedule);
+    `placements` (a fusion policy's LF fusion_at placements) trains one side branch across them, optimizer
+    step k under placements[k % len] (a function of the step: resume repeats it exactly)."""
 
-    def __init__(self, *args, distillation=None, side_warmup=None, **kwargs):
+    def __init__(self, *args, distillation=None, side_warmup=None, placements=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.distillation, self.side_warmup = distillation, side_warmup
+        self.distillation, self.side_warmup, self.placements = distillation, side_warmup, placements
         if side_warmup is not None and self.lr_scheduler is not None:
             raise DPVRError("side_warmup builds the learning-rate scheduler: pass no scheduler in optimizers=")
         if distillation is not None:
@@ -228,10 +230,15 @@ class DPVRTrainer(Trainer):
 
     # ---------------------------------------------------------------- distillation, batches with no image
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # distillation trains only: the held-out loss stays the plain CE, comparable between runs
+        # distillation and the placements train only: the held-out loss stays the model's own routing's
+        # plain CE, comparable between runs
         forward = self.distillation.student(model, inputs, num_items_in_batch) if (
             self.distillation is not None and model.training) else model  # fmt: skip
-        out = super().compute_loss(forward, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        placed = contextlib.nullcontext()
+        if self.placements and model.training:
+            placed = self._unwrapped().routing(fusion_at=self.placements[self.state.global_step % len(self.placements)])
+        with placed:
+            out = super().compute_loss(forward, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = out[0] if return_outputs else out
         if loss.requires_grad or not (model.training and torch.is_grad_enabled()):
             return out
