@@ -179,6 +179,8 @@ CASES = [
     ("train-missing-model", replace(TRAIN, "--model", "/no/such/model"), ERROR, ["--model", "no such file"]),
     ("train-fusion-policy-lora", TRAIN + ["--method", "lora", "--fusion_policy", "{policy}"], USAGE,
      ["--fusion-policy places a DPVR-LF side branch"]),
+    ("train-fusion-policy-cached", TRAIN + ["--fusion_policy", "{policy}", "--shared_stack_cache", "{root}/cache"], USAGE,
+     ["--shared-stack-cache would freeze"]),
     ("train-fusion-policy-shallow", TRAIN + ["--fusion-policy", "{shallow_policy}"], ERROR,
      ["names layers [3] outside the deep layers [6, 16)"]),
     ("train-distill-weight-above-1", TRAIN + ["--distill_weight", "1.5"], USAGE, ["distill_weight=1.5", "[0, 1]"]),

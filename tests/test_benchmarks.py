@@ -128,3 +128,20 @@ def _train_text(load, tmp_path) -> Path:
     assert recs[0]["args"]["name"] == "t" and [r["step"] for r in recs if "step" in r] == [0, 1, 2]
     assert len(recs[-1]["attention_on_scene"]) == 1 and ckpt.exists()
     return ckpt
+
+
+def test_fusion_policy(load, bench, tmp_path):
+    """One seed, the policy's default placement only, one training step each, from a given analysis."""
+    flat = [0.0] * 16
+    curves = {"all": flat[:13] + [0.3, 0, 0.2], "count": flat[:12] + [0.4, 0, 0, 0]}
+    review = {f: {"cost": c, "cost_sem": [0.01] * 16} for f, c in curves.items()}
+    (tmp_path / "analysis.json").write_text(json.dumps({"recommendation": {"split": 11},
+                                                        "attention_truth": {"late_review": review}}))  # fmt: skip
+    out = tmp_path / "fusion_policy.json"
+    load("fusion_policy").main(["--samples", "4", "--singles", "default", "--analysis", str(tmp_path / "analysis.json"),
+                                "--data", str(bench), "--work", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["policy"] == {"default": [13, 15], "rules": [{"fusion_at": [12], "task": "count"}]}
+    runs = record["runs"]["0"]
+    assert set(runs["single"]) == {"[13, 15]"} and set(runs["policy_model_at"]) == {"[13, 15]", "[12]"}
+    assert 0 <= runs["policy"] <= 1 and record["prefill_flops"]["[12]"] < record["prefill_flops"]["[13, 15]"]

@@ -106,6 +106,9 @@ class RecipeArguments:
                 raise UsageError(f"{flag} trains a DPVR side branch (--method dpvr); --method {method} trains the stock model")
         if self.fusion_policy is not None and method != "dpvr":
             raise UsageError(f"--fusion-policy places a DPVR-LF side branch's fusion (--method dpvr), not --method {method}")
+        if self.fusion_policy is not None and shared_stack_cache:
+            raise UsageError("--fusion-policy trains at several placements, and --shared-stack-cache would freeze "
+                             "LF's text path at one: use one or the other")  # fmt: skip
         if self.distill_weight > 0 and shared_stack_cache:
             raise UsageError("--distill-weight needs the full model's output every step (the teacher), which "
                              "--shared-stack-cache skips: use one or the other")  # fmt: skip
