@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -89,6 +90,15 @@ def test_analyze_writes_json_csv_png_and_prints_a_recommendation(setup, capsys):
     assert (out / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"recommended split_layer = {result['recommendation']['split']}" in printed
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
+    # the attention analysis with ground truth (tests/test_attention_truth.py checks its numbers)
+    truth = result["attention_truth"]
+    assert truth["n_samples"] == 5 and truth["n_grounded"] >= 1 and "all" in truth["grounding"]
+    for g in truth["grounding"].values():
+        assert len(g["share"]) == L and all(math.isclose(s + r, 1.0) for s, r in zip(g["share"], g["rest"]))
+    assert truth["noise"]["n_image_tokens"] == 144 and len(truth["noise"]["share"]) == L
+    assert truth["late_review"]["all"]["n_samples"] == 3 and isinstance(truth["late_review"]["all"]["review"], bool)
+    assert (out / "attention_truth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "relevant cells' share" in printed and "persistent noise" in printed and "late review [all" in printed
 
 
 @pytest.mark.parametrize(

@@ -175,23 +175,6 @@ def setup(tmp_path_factory, tiny_checkpoint, digit_bench):
     return d, digit_bench(0, train=2, val=1, test=3, existence=2, all=2)
 
 
-def test_analyze_reports_attention_truth_end_to_end(setup, capsys):
-    d, data = setup
-    out = d / "out"
-    rc = main(["analyze", "--model", str(d / "model"), "--data", str(data / "test.json"), "--images", str(data / "images"),
-               "-n", "8", "--mask-samples", "4", "--batch-size", "4", "--out", str(out), "--quiet", "--threads", "1"])  # fmt: skip
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
-    truth = json.loads((out / "analysis.json").read_text())["attention_truth"]
-    assert truth["n_samples"] == 8 and truth["n_grounded"] >= 1 and "all" in truth["grounding"]
-    for g in truth["grounding"].values():
-        assert len(g["share"]) == 16 and all(math.isclose(s + r, 1.0) for s, r in zip(g["share"], g["rest"]))
-    assert truth["noise"]["n_image_tokens"] == 144 and len(truth["noise"]["share"]) == 16
-    assert truth["late_review"]["all"]["n_samples"] == 4 and isinstance(truth["late_review"]["all"]["review"], bool)
-    assert (out / "attention_truth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "relevant cells' share" in printed and "persistent noise" in printed and "late review [all" in printed
-
-
 def test_analyze_without_ground_truth_reports_only_the_noise(setup, tmp_path, capsys):
     d, data = setup
     records = [{k: v for k, v in s.items() if k != "meta"} for s in json.loads((data / "test.json").read_text())]
