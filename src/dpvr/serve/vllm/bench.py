@@ -196,8 +196,8 @@ def main(argv=None) -> None:
     processor = AutoProcessor.from_pretrained(model)
     llm = make_engine(model, args, prompt_len=image_tokens(config, [default_image(config)]) + 64)
     result = run(args, llm, processor, config.vision_config.image_size)
-    result.update(model=str(model), preset=args.preset, routing=config.dpvr, batch=args.batch, mixed=args.mixed,
-                  decode_tokens=args.decode_tokens, reps=args.reps, dtype=args.dtype,
+    result.update(model=str(model), preset=args.preset, routing=config.to_dict()["dpvr"], batch=args.batch,
+                  mixed=args.mixed, decode_tokens=args.decode_tokens, reps=args.reps, dtype=args.dtype,
                   machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                   torch_threads=__import__("torch").get_num_threads(), load_average=os.getloadavg(),
                   env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")})  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from dpvr.config import default_split
 from dpvr.errors import DPVRError
 
 
@@ -67,12 +66,11 @@ def analytic_prefill_saving(config, n_img: int, n_txt: int, batch: int) -> dict:
     """Forward FLOPs of one prefill step of `batch` image requests, vanilla and the checkpoint's routing
     (vision tower included; lm_head on each request's last token, as vLLM computes logits)."""
     from dpvr.bench.flops import forward_flops
+    from dpvr.serve.vllm.checks import routing_of
 
-    routing = config.dpvr
-    L = config.text_config.num_hidden_layers
-    split = routing.get("split_layer") or default_split(L)
+    cfg = routing_of(config)
     kw = dict(n_img=n_img, n_txt=n_txt, batch=batch, logits_tokens=1)
-    vanilla = forward_flops(config, "vanilla", split_layer=split, **kw)["total"]
-    routed = forward_flops(config, routing["mode"], split_layer=split, fusion_layers=routing["fusion_layers"],
-                           side_depth=routing["side_depth"], fusion_at=tuple(routing["fusion_at"]), **kw)["total"]  # fmt: skip
+    vanilla = forward_flops(config, "vanilla", split_layer=cfg.split_layer, **kw)["total"]
+    routed = forward_flops(config, cfg.mode, split_layer=cfg.split_layer, fusion_layers=cfg.fusion_layers,
+                           side_depth=cfg.side_depth, fusion_at=cfg.fusion_at, **kw)["total"]  # fmt: skip
     return {"vanilla_flops": vanilla, "routed_flops": routed, "saving": 1 - routed / vanilla}
