@@ -53,7 +53,8 @@ class RoutedModel:
 
     @property
     def dpvr_config(self) -> DPVRConfig:
-        return DPVRConfig.from_dict(self.config.dpvr or {})
+        # kept typed on the config (dpvr.routing.classes.TypedRouting): read, not rebuilt, per forward
+        return self.config.dpvr if self.config.dpvr is not None else DPVRConfig()
 
     @property
     def num_text_layers(self) -> int:
@@ -73,7 +74,7 @@ class RoutedModel:
             raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {depth} layers")
         guards.check_side_branch_fits(active_side_branch(self.side_branch), cfg)
         guards.check_attention(self.config.text_config, cfg)
-        self.config.dpvr = cfg.to_dict()
+        self.config.dpvr = cfg
         try:
             yield self
         finally:

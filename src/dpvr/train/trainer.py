@@ -391,5 +391,5 @@ def write_run_record(output_dir: str, model, log_history: list[dict], extra: dic
     total = sum(p.numel() for p in model.parameters())
     record = {"trainable_params": trainable, "total_params": total, "log_history": log_history, **extra}
     if isinstance(model, DPVRForConditionalGeneration):
-        record["dpvr"] = model.config.dpvr
+        record["dpvr"] = model.dpvr_config.to_dict()
     atomic_write_text(Path(output_dir, RUN_RECORD), json.dumps(record, indent=1) + "\n")

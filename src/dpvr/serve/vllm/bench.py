@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     llm = make_engine(model, args.dtype, args.kv_cache_mib)
     processor = AutoProcessor.from_pretrained(model)
     result = run(args, llm, processor, config.vision_config.image_size)
-    result.update(model=str(model), routing=config.dpvr, batch=args.batch, decode_tokens=args.decode_tokens,
+    result.update(model=str(model), routing=config.to_dict()["dpvr"], batch=args.batch, decode_tokens=args.decode_tokens,
                   reps=args.reps, dtype=args.dtype, machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), torch_threads=__import__("torch").get_num_threads(),
                   env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")})  # fmt: skip
