@@ -250,6 +250,7 @@ class DPVRConfig:
 ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "fastv_layer", "fastv_ratio",
                  "shallow_fastv")  # fmt: skip
 _FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
+ROUTING_FIELDS = tuple(_FIELDS)  # every DPVRConfig field, flag or not
 
 
 # what a command does when a routing flag it derives is not given
