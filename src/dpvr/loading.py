@@ -78,8 +78,8 @@ def load_model(
         processor_path = net.config.base_model_name_or_path or path
     else:
         net = load_stock(path, **load)
-        if mode is not None:  # convert resolves what the flags left to the model (split_layer=None)
-            net = convert(net, DPVRConfig.from_dict({**fields, "mode": mode, "shallow_fastv": False}))
+        if mode is not None:  # no split given: None, which convert resolves for this model (as the flags do)
+            net = convert(net, DPVRConfig.from_dict({"split_layer": None, **fields, "mode": mode, "shallow_fastv": False}))
         processor_path = path
     if fields.get("shallow_fastv"):
         net = _with_shallow_fastv(net, fields)
