@@ -249,6 +249,8 @@ class DPVRConfig:
 # the fields themselves, so a default is written once (above).
 ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "fastv_layer", "fastv_ratio",
                  "shallow_fastv")  # fmt: skip
+# the routing fields `dpvr train` takes as flags (dpvr.train.args builds them from the fields, as above)
+TRAIN_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "side_init")
 _FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
 ROUTING_FIELDS = tuple(_FIELDS)  # every DPVRConfig field, flag or not
 
@@ -295,3 +297,8 @@ def default_split(num_layers: int) -> int:
 def routing_default(name: str) -> Any:
     """The DPVRConfig default of field `name` (for signatures and dataclasses outside argparse)."""
     return _FIELDS[name].default
+
+
+def routing_help(name: str) -> str:
+    """The DPVRConfig help of field `name` (the flag generators outside argparse)."""
+    return _FIELDS[name].metadata["help"]
