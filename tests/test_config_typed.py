@@ -40,6 +40,8 @@ def test_a_dpvr_models_own_split_is_its_default(tmp_path):
     """Another routing on a saved side branch, split not given: the checkpoint's split, not 18/32 of the depth."""
     model = convert(tiny_llava(layers=LAYERS), DPVRConfig(mode="pc", split_layer=2))
     assert DPVRConfig(mode="kv", split_layer=None).resolve_for(model.config).split_layer == 2
+    with model.routing(mode="kv", split_layer=None):
+        assert model.dpvr_config == DPVRConfig(mode="kv", split_layer=2)
     model.save_pretrained(tmp_path, side_branch_only=True)
     kv = DPVRForConditionalGeneration.from_pretrained(tmp_path, base_model=tiny_llava(layers=LAYERS),
                                                       dpvr_config=DPVRConfig(mode="kv", split_layer=None))  # fmt: skip

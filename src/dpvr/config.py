@@ -65,7 +65,7 @@ class DPVRConfig:
     config meets one (convert does), and a converted model keeps and saves the resolved config."""
 
     mode: str = field(default="lf", metadata={"help": f"Routing mode, one of {MODES}."})
-    split_layer: int = field(
+    split_layer: int | None = field(
         default=18, metadata={"help": "s: first deep layer; layers [0, s) are shared by all tokens (7B: 18)."}
     )
     fusion_layers: int = field(

@@ -81,7 +81,7 @@ class DPVRForConditionalGeneration(RoutedModel):
 class TypedRouting:
     """In front of each DPVR config class: `config.dpvr` is the model's DPVRConfig itself, so a forward
     reads it as it is; a dict (config.json, or a caller that assigns one) becomes a DPVRConfig on the way
-    in, and `to_dict` (what save_pretrained writes) turns it back into one."""
+    in, and `to_dict` (what save_pretrained writes) turns it back into a dict."""
 
     def __setattr__(self, name, value):
         if name == "dpvr" and isinstance(value, dict):

@@ -65,8 +65,7 @@ class RoutedModel:
         """Temporarily run with other routing fields on the same weights, e.g.
         `with model.routing(mode="vanilla"): ...` or `model.routing(mode="fastv", fastv_ratio=0.75)`."""
         saved = self.config.dpvr
-        cfg = self.dpvr_config.with_routing(**overrides)
-        cfg.validate_for(self.num_text_layers)
+        cfg = self.dpvr_config.with_routing(**overrides).resolve_for(self.config)  # split_layer=None: the model's own
         if cfg.has_side_branch and self.side_branch is None:
             raise DPVRError(f"mode {cfg.mode!r} needs a side branch; this model was converted without one")
         depth = len(active_side_branch(self.side_branch)) if cfg.has_side_branch else cfg.side_depth
