@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from dpvr.errors import DPVRError
 
@@ -59,10 +59,13 @@ SPLIT_MODES = tuple(m for m, t in MODE_TRAITS.items() if t.split)
 class DPVRConfig:
     """Frozen and normalised (sequences are tuples, ratios floats): two configs are the same routing
     iff they compare equal, however they were written (a list from JSON, an int ratio). Change one
-    with `dataclasses.replace(cfg, ...)` (validated again); `to_dict()` is for saving."""
+    with `dataclasses.replace(cfg, ...)` (validated again); `to_dict()` is for saving.
+
+    `split_layer=None` leaves the split to the model: `resolve_for(model_config)` fills it in when the
+    config meets one (convert does), and a converted model keeps and saves the resolved config."""
 
     mode: str = field(default="lf", metadata={"help": f"Routing mode, one of {MODES}."})
-    split_layer: int = field(
+    split_layer: int | None = field(
         default=18, metadata={"help": "s: first deep layer; layers [0, s) are shared by all tokens (7B: 18)."}
     )
     fusion_layers: int = field(
@@ -97,6 +100,8 @@ class DPVRConfig:
             raise DPVRError(f"DPVRConfig.mode={self.mode!r} is not one of {MODES}")
         for name in ("split_layer", "fusion_layers", "side_depth", "fastv_layer"):
             value = getattr(self, name)
+            if value is None and name == "split_layer":  # derived from the model by resolve_for
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DPVRError(f"DPVRConfig.{name}={value!r} must be a non-negative int")
         ratio = self.fastv_ratio
@@ -107,7 +112,7 @@ class DPVRConfig:
             if not isinstance(getattr(self, name), bool):
                 raise DPVRError(f"DPVRConfig.{name}={getattr(self, name)!r} must be True or False")
         self._normalise_fusion_at()
-        if self.mode in SPLIT_MODES and self.split_layer < 1:
+        if self.mode in SPLIT_MODES and self.split_layer is not None and self.split_layer < 1:
             raise DPVRError(f"DPVRConfig.split_layer={self.split_layer} must be >= 1 for mode {self.mode!r}")
         if self.mode in SIDE_BRANCH_MODES and self.side_depth < 1:
             raise DPVRError(f"DPVRConfig.side_depth={self.side_depth} must be >= 1 for mode {self.mode!r}")
@@ -143,9 +148,25 @@ class DPVRConfig:
     def is_lf_ideal(self) -> bool:
         return self.mode == "lf" and self.fusion_layers == 0
 
+    def resolve_for(self, model_config) -> "DPVRConfig":
+        """This config for the model `model_config` describes (a routed family's config, stock or DPVR):
+        its model-dependent defaults filled in, then its depth-dependent ranges checked. The one place a
+        split that was not given is chosen, as PEFT's `_prepare_adapter_config` fills an adapter's target
+        modules from the model: a DPVR checkpoint's own split, else DEFAULT_SPLIT_RATIO of the depth."""
+        num_layers = model_config.text_config.num_hidden_layers
+        cfg = self
+        if cfg.split_layer is None:
+            own = getattr(model_config, "dpvr", None)  # a DPVR model's routing (dpvr.routing.classes)
+            split = own.split_layer if isinstance(own, DPVRConfig) else default_split(num_layers)
+            cfg = dataclasses.replace(cfg, split_layer=split)
+        cfg.validate_for(num_layers)
+        return cfg
+
     def validate_for(self, num_layers: int) -> None:
         """Check the ranges that depend on the language model's depth L."""
         L, s, K, D = num_layers, self.split_layer, self.fusion_layers, self.side_depth
+        if s is None:  # a schedule needs a split: convert() resolves it, a hand-built config must too
+            raise DPVRError("DPVRConfig.split_layer=None is derived from the model: use cfg.resolve_for(model.config)")
         if self.mode in SPLIT_MODES and not 1 <= s < L:
             raise DPVRError(f"DPVRConfig.split_layer={s} out of range: need 1 <= split_layer < {L} (model has {L} layers)")
         if self.mode == "lf" and not 0 <= K <= L - s:
@@ -195,13 +216,43 @@ class DPVRConfig:
             raise DPVRError(f"unknown DPVRConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def from_namespace(cls, ns: Any, **overrides: Any) -> "DPVRConfig":
+        """The routing a parsed command line gives (argparse's Namespace from `add_routing_arguments`, or a
+        dataclass of flags such as `dpvr train`'s): each DPVRConfig field it has, then `overrides`; the
+        others keep their defaults. A derived flag left unset (split_layer=None) stays None for resolve_for."""
+        given = {name: getattr(ns, name) for name in _FIELDS if hasattr(ns, name)}
+        return cls.from_dict({**given, **overrides})
+
+    def to_argv(self, names: Iterable[str] | None = None) -> list[str]:
+        """The routing flags that give this config back through `add_routing_arguments` and `from_namespace`:
+        the fields `names`, by default the mode, the split and each other flag whose value is not its
+        default (split_layer is derived per command when absent, so it is always said)."""
+        if names is None:
+            names = [n for n in ROUTING_FLAGS if n in ("mode", "split_layer") or getattr(self, n) != _FIELDS[n].default]
+        argv: list[str] = []
+        for name in names:
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value is None:  # an unresolved split: the command derives it as this config would
+                continue
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, tuple):
+                argv += [flag, ",".join(map(str, value))]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
 
 # ----------------------------------------------------------------------------- command-line flags
 # The routing fields a command line sets, in this order; flags, types, defaults and help come from
 # the fields themselves, so a default is written once (above).
 ROUTING_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "fastv_layer", "fastv_ratio",
                  "shallow_fastv")  # fmt: skip
+# the routing fields `dpvr train` takes as flags (dpvr.train.args builds them from the fields, as above)
+TRAIN_FLAGS = ("mode", "split_layer", "fusion_layers", "fusion_at", "side_depth", "side_init")
 _FIELDS = {f.name: f for f in dataclasses.fields(DPVRConfig)}
+ROUTING_FIELDS = tuple(_FIELDS)  # every DPVRConfig field, flag or not
 
 
 # what a command does when a routing flag it derives is not given
@@ -246,3 +297,8 @@ def default_split(num_layers: int) -> int:
 def routing_default(name: str) -> Any:
     """The DPVRConfig default of field `name` (for signatures and dataclasses outside argparse)."""
     return _FIELDS[name].default
+
+
+def routing_help(name: str) -> str:
+    """The DPVRConfig help of field `name` (the flag generators outside argparse)."""
+    return _FIELDS[name].metadata["help"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
-from dpvr.config import MODE_TRAITS, DPVRConfig, default_split, routing_default
+from dpvr.config import MODE_TRAITS, ROUTING_FIELDS, DPVRConfig, default_split, routing_default
 from dpvr.errors import DPVRError, DPVRWarning
 from dpvr.model_flags import add_model_arguments, model_kwargs, resolve_device  # noqa: F401 (re-exported)
 from dpvr.routing import DPVRForConditionalGeneration, convert
@@ -37,19 +37,23 @@ def resolve_model_path(model: str | None) -> str:
 def load_model(
     model: str | None = None,
     adapter: str | None = None,
-    mode: str | None = None,
-    split_layer: int | None = None,
-    fusion_layers: int = routing_default("fusion_layers"),
-    side_depth: int = routing_default("side_depth"),
-    fastv_layer: int = routing_default("fastv_layer"),
-    fastv_ratio: float = routing_default("fastv_ratio"),
-    shallow_fastv: bool = routing_default("shallow_fastv"),
+    routing: DPVRConfig | None = None,
     attn: str = "sdpa",
     dtype: str = "float32",
     device: str = "cpu",
-    fusion_at: tuple[int, ...] = routing_default("fusion_at"),
+    **fields,
 ) -> tuple[PreTrainedModel, object]:
-    """(model in eval mode on `device`, processor). A stock model without --mode stays stock."""
+    """(model in eval mode on `device`, processor). `routing` converts a stock model; its fields can also
+    come as keywords, as the routing flags give them (`model_kwargs`: mode=..., split_layer=None, ...).
+    mode=None (the default) keeps a model's own routing, and a stock model stays stock."""
+    unknown = sorted(set(fields) - set(ROUTING_FIELDS))
+    if unknown:
+        raise TypeError(f"load_model() got unexpected keyword argument(s) {unknown}; routing fields: {ROUTING_FIELDS}")
+    if routing is not None:
+        if fields:  # which would win is a guess either way
+            raise TypeError(f"load_model(): pass routing= or its fields ({sorted(fields)}), not both")
+        fields = routing.to_dict()
+    mode = fields.pop("mode", None)
     path = resolve_model_path(model)
     load = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
     if adapter is not None:
@@ -74,17 +78,11 @@ def load_model(
         processor_path = net.config.base_model_name_or_path or path
     else:
         net = load_stock(path, **load)
-        if mode is not None:
-            L = net.config.text_config.num_hidden_layers
-            cfg = DPVRConfig(
-                mode=mode, split_layer=default_split(L) if split_layer is None else split_layer,
-                fusion_layers=fusion_layers, side_depth=side_depth, fastv_layer=fastv_layer, fastv_ratio=fastv_ratio,
-                fusion_at=fusion_at,
-            )  # fmt: skip
-            net = convert(net, cfg)
+        if mode is not None:  # no split given: None, which convert resolves for this model (as the flags do)
+            net = convert(net, DPVRConfig.from_dict({"split_layer": None, **fields, "mode": mode, "shallow_fastv": False}))
         processor_path = path
-    if shallow_fastv:
-        net = _with_shallow_fastv(net, fastv_layer, fastv_ratio)
+    if fields.get("shallow_fastv"):
+        net = _with_shallow_fastv(net, fields)
     processor = AutoProcessor.from_pretrained(_first_with_processor(path, processor_path))
     if adapter is None and mode is not None:  # converted here, and nothing refused it: say what it runs
         _warn_if_untrained(net.dpvr_config)
@@ -109,17 +107,19 @@ def _in_mode(net: DPVRForConditionalGeneration, mode: str | None) -> DPVRForCond
     if MODE_TRAITS[own].twin != mode:
         raise DPVRError(f"--mode {mode} conflicts with --adapter, a {own} side branch (it records its own routing; "
                         "only pc and kv exchange side branches)")  # fmt: skip
-    net.config.dpvr = net.dpvr_config.with_routing(mode=mode).to_dict()
+    net.config.dpvr = net.dpvr_config.with_routing(mode=mode)
     return net
 
 
-def _with_shallow_fastv(net, fastv_layer: int, fastv_ratio: float) -> DPVRForConditionalGeneration:
-    """Compose FastV pruning of the shared layers with the routing the model already has (inference only)."""
+def _with_shallow_fastv(net, fields: dict) -> DPVRForConditionalGeneration:
+    """Compose FastV pruning of the shared layers (fields' fastv_layer and fastv_ratio) with the routing the
+    model already has (inference only)."""
     if not isinstance(net, DPVRForConditionalGeneration):
         raise DPVRError("--shallow-fastv composes with lf/pc/kv/vtw routing; this model is stock (add --mode or --adapter)")
-    cfg = net.dpvr_config.with_routing(shallow_fastv=True, fastv_layer=fastv_layer, fastv_ratio=fastv_ratio)
+    pruning = {k: fields.get(k, routing_default(k)) for k in ("fastv_layer", "fastv_ratio")}
+    cfg = net.dpvr_config.with_routing(shallow_fastv=True, **pruning)
     cfg.validate_for(net.config.text_config.num_hidden_layers)  # refuses fastv/vanilla routing, naming it
-    net.config.dpvr = cfg.to_dict()
+    net.config.dpvr = cfg
     return net
 
 

@@ -26,7 +26,7 @@ from dpvr.bench.flops import forward_flops
 from dpvr.bench.presets import PRESETS, build_random_model
 from dpvr.bench.vision_flops import default_image, image_tokens
 from dpvr.cli_types import at_least, int_list
-from dpvr.config import DPVRConfig, add_routing_arguments, default_split
+from dpvr.config import DPVRConfig, add_routing_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -99,11 +99,8 @@ def setup(args: argparse.Namespace) -> Setup:
     malloc = keep_freed_memory() if device.type == "cpu" and args.keep_freed_memory else None
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     base = build_random_model(args.preset, dtype=dtype, device=device)
-    L = base.config.text_config.num_hidden_layers
-    split = default_split(L) if args.split_layer is None else args.split_layer
-    cfg = DPVRConfig(mode="lf", split_layer=split, fusion_layers=args.fusion_layers, fusion_at=args.fusion_at,
-                     side_depth=args.side_depth)  # fmt: skip
-    model = convert(base, cfg).eval()
+    model = convert(base, DPVRConfig.from_namespace(args, mode="lf")).eval()  # convert resolves --split-layer
+    cfg = model.dpvr_config
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(lat.MODE_ROUTING))
     if unknown:
@@ -201,9 +198,7 @@ def _flops(config, mode: str, cfg: DPVRConfig, n_img: int, n_txt: int, batch: in
     run = cfg.with_routing(**lat.MODE_ROUTING[mode])  # exactly what the timed mode runs
     # the timed prefill asks for the last position's logits only (logits_to_keep=1, as generate does): lm_head on
     # every position would add the same FLOPs to every mode and understate each mode's analytic saving
-    f = forward_flops(config, run.mode, run.split_layer, run.fusion_layers, run.side_depth, n_img, n_txt, batch=batch,
-                      logits_tokens=lat.PREFILL_LOGITS, fastv_layer=run.fastv_layer, fastv_ratio=run.fastv_ratio,
-                      shallow_fastv=run.shallow_fastv)  # fmt: skip
+    f = forward_flops(config, run, n_img=n_img, n_txt=n_txt, batch=batch, logits_tokens=lat.PREFILL_LOGITS)
     return float(f["total"])
 
 

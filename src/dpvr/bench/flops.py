@@ -1,7 +1,8 @@
 """Analytic forward FLOPs for every routing mode (the paper's Table 1), and `dpvr flops`.
 
     dpvr flops --arch llava-1.5-7b --split-layer 18            # table for text lengths 32..1024
-    forward_flops(config, "lf", split_layer=18, fusion_layers=1, side_depth=1, n_img=576, n_txt=64)
+    forward_flops(config, DPVRConfig(mode="lf", split_layer=18), n_img=576, n_txt=64)
+    forward_flops(config, "lf", 18, 1, 1, n_img=576, n_txt=64)  # the same: a mode, then the paper's s, K, D
 
 Convention: torch.utils.flop_counter's (2 x multiply-adds of matmuls, convolutions and attention;
 norms, rotary and other elementwise work are not counted), and exactly what dpvr computes: dense
@@ -46,48 +47,57 @@ def kv_projection(text, tokens: int) -> int:
 
 def forward_flops(
     config,  # a routed family's config (dpvr.routing.backbones)
-    mode: str,
-    split_layer: int,
-    fusion_layers: int = DEFAULTS.fusion_layers,
-    side_depth: int = DEFAULTS.side_depth,
+    routing: DPVRConfig | str,
+    split_layer: int | None = None,
+    fusion_layers: int | None = None,
+    side_depth: int | None = None,
     n_img: int | None = None,
     n_txt: int = 64,
     batch: int = 1,
     n_images: int = 1,
     images: list | None = None,
     logits_tokens: int | None = None,
-    fastv_layer: int = DEFAULTS.fastv_layer,
-    fastv_ratio: float = DEFAULTS.fastv_ratio,
-    shallow_fastv: bool = DEFAULTS.shallow_fastv,
-    fusion_at: tuple[int, ...] = DEFAULTS.fusion_at,
+    **fields,
 ) -> dict[str, int]:
     """Forward FLOPs of one prefill, split into vision, lm_layers, side, lm_head and total.
 
-    `mode` is one of MODES ('lf' with fusion_layers=0 equals 'lf-ideal'); `images` the sizes of the
-    prompt's images (dpvr.bench.vision_flops: (h, w) px, or Qwen2-VL's (t, h, w) grid; default:
+    `routing` is the DPVRConfig the prefill runs (split_layer=None: resolved for `config`), or one of
+    MODES ('lf' with fusion_layers=0 equals 'lf-ideal') with the paper's s, K, D after it and any other
+    DPVRConfig field by keyword (fastv_layer=, fusion_at=, shallow_fastv=, ...). `images` the sizes of
+    the prompt's images (dpvr.bench.vision_flops: (h, w) px, or Qwen2-VL's (t, h, w) grid; default:
     n_images of the preset's size); n_img the image-token count (default: what those images become,
     e.g. config.image_seq_length each for LLaVA-1.5); logits_tokens the positions
     lm_head runs on (default: all, as HF's forward; 1 with logits_to_keep=1). `shallow_fastv` (lf, pc,
     kv, vtw): FastV pruning at `fastv_layer` inside the shared layers, so everything after it runs on
     the kept image tokens only."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    if mode == "lf-ideal":
-        mode, fusion_layers = "lf", 0
-    cfg = DPVRConfig(mode=mode, split_layer=split_layer, fusion_layers=fusion_layers, side_depth=side_depth,
-                     fastv_layer=fastv_layer, fastv_ratio=fastv_ratio, shallow_fastv=shallow_fastv,
-                     fusion_at=tuple(fusion_at))  # fmt: skip
+    if not isinstance(routing, DPVRConfig):
+        routing = _named_routing(routing, split_layer=split_layer, fusion_layers=fusion_layers,
+                                 side_depth=side_depth, **fields)  # fmt: skip
+    elif fields or (split_layer, fusion_layers, side_depth) != (None, None, None):
+        raise TypeError("forward_flops(): a DPVRConfig carries its own fields; pass no routing fields with it")
+    cfg = routing.resolve_for(config)
     text = config.text_config
     images = [default_image(config)] * n_images if images is None else list(images)
     n_img = image_tokens(config, images) if n_img is None else n_img
     steps = compile_schedule(cfg, text.num_hidden_layers, has_images=n_img > 0)
-    layers, side = schedule_flops(text, steps, n_img, n_txt, fastv_ratio)
+    layers, side = schedule_flops(text, steps, n_img, n_txt, cfg.fastv_ratio)
     # lm_head runs on every position (HF's default forward), pruned ones included
     head = linear(n_img + n_txt if logits_tokens is None else logits_tokens, text.hidden_size, text.vocab_size)
     out = {"vision": vision_flops(config, images), "lm_layers": layers, "side": side, "lm_head": head}
     out = {k: batch * v for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
+
+
+def _named_routing(mode: str, **fields) -> DPVRConfig:
+    """A mode of MODES ('lf-ideal': lf with no fusion layer) with the fields given (None: the default; the
+    split's is derived from the model)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    given = {k: v for k, v in fields.items() if v is not None or k == "split_layer"}
+    if mode == "lf-ideal":
+        mode, given["fusion_layers"] = "lf", 0
+    return DPVRConfig.from_dict({**given, "mode": mode})
 
 
 def schedule_flops(text, steps: list[Step], n_img: int, n_txt: int, fastv_ratio: float) -> tuple[int, int]:

@@ -77,8 +77,7 @@ def routing_flags(cfg, style: str) -> list[str]:
     if style == "train":
         fusion = ["--fusion_at", *map(str, cfg.fusion_at)] if cfg.fusion_at else ["--fusion_layers", str(cfg.fusion_layers)]
         return ["--split_layer", str(cfg.split_layer), *fusion]
-    fusion = ["--fusion-at", ",".join(map(str, cfg.fusion_at))] if cfg.fusion_at else ["--fusion-layers", str(cfg.fusion_layers)]
-    return ["--split-layer", str(cfg.split_layer), *fusion]
+    return cfg.to_argv(["split_layer", "fusion_at" if cfg.fusion_at else "fusion_layers"])
 
 
 def run(args: argparse.Namespace) -> int:

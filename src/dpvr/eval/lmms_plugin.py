@@ -26,7 +26,7 @@ from itertools import groupby
 
 import torch
 
-from dpvr.config import routing_default
+from dpvr.config import ROUTING_FIELDS, routing_default
 from dpvr.fusion_policy import Request, by_placement, policy_for
 
 MODEL_ID = "dpvr_llava"
@@ -75,6 +75,25 @@ def _layers(value) -> tuple[int, ...]:
         return tuple(int(v) for v in text.replace(" ", ":").split(":") if v)
     except ValueError:
         raise ValueError(f"dpvr_llava: fusion_at={text!r} is not a colon-separated list of layers, e.g. fusion_at=10:13") from None
+
+
+def routing_model_args(model_args: dict) -> dict:
+    """The routing fields among lmms-eval's model_args (taken out of it), each as its DPVRConfig field's
+    type: lmms-eval hands over strings or what it parsed them into."""
+    routing = {}
+    for name in ROUTING_FIELDS:
+        if name not in model_args:
+            continue
+        value, default = model_args.pop(name), routing_default(name)
+        if value is None or str(value) == "None":  # mode / split_layer: derived (the model's own)
+            routing[name] = None
+        elif isinstance(default, bool):
+            routing[name] = _flag(value)
+        elif isinstance(default, tuple):
+            routing[name] = _layers(value)
+        else:
+            routing[name] = type(default)(value)
+    return routing
 
 
 def _gen_settings(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list[str]]:
@@ -183,15 +202,14 @@ if lmms is not None:
 
         is_simple = True
 
-        def __init__(self, pretrained: str, adapter: str | None = None, mode: str | None = None,
-                     split_layer: int | None = None, fusion_layers: int = routing_default("fusion_layers"),
-                     side_depth: int = routing_default("side_depth"), fastv_layer: int = routing_default("fastv_layer"),
-                     fastv_ratio: float = routing_default("fastv_ratio"),
-                     shallow_fastv: bool = routing_default("shallow_fastv"),
-                     fusion_at: str | tuple[int, ...] = routing_default("fusion_at"), device: str = "cuda", dtype: str = "bfloat16",
+        def __init__(self, pretrained: str, adapter: str | None = None, device: str = "cuda", dtype: str = "bfloat16",
                      attn_implementation: str = "sdpa", batch_size: int = 1, max_new_tokens: int = 128,
                      use_cache: bool = True, fusion_policy: str | None = None, **kwargs) -> None:  # fmt: skip
+            """kwargs: the DPVRConfig fields as model_args (mode=lf,split_layer=6,...; mode=None keeps the
+            model's own routing, split_layer=None the checkpoint's or 18/32 of the depth); fusion_policy:
+            a dpvr.fusion_policy JSON picking each request's LF fusion layers from its task and input."""
             super().__init__()
+            routing = routing_model_args(kwargs)
             if kwargs:
                 raise ValueError(f"dpvr_llava: unexpected model_args {sorted(kwargs)}")
             from dpvr.loading import load_model
@@ -199,13 +217,8 @@ if lmms is not None:
             accelerator, device, self._rank, self._world_size = process_setup(device)
             if accelerator is not None:  # lmms-eval gathers the ranks' results through it
                 self.accelerator = accelerator
-            self._model, self.processor = load_model(
-                model=pretrained, adapter=adapter, mode=mode,
-                split_layer=None if split_layer is None else int(split_layer), fusion_layers=int(fusion_layers),
-                side_depth=int(side_depth), fastv_layer=int(fastv_layer), fastv_ratio=float(fastv_ratio),
-                shallow_fastv=_flag(shallow_fastv), attn=attn_implementation, dtype=dtype, device=device,
-                fusion_at=_layers(fusion_at),
-            )  # fmt: skip
+            self._model, self.processor = load_model(model=pretrained, adapter=adapter, attn=attn_implementation,
+                                                     dtype=dtype, device=device, **routing)  # fmt: skip
             self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
             self.use_cache = _flag(use_cache)
             self.policy = policy_for(self._model, fusion_policy)  # task-conditioned fusion (dpvr.fusion_policy)

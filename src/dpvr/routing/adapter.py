@@ -124,8 +124,7 @@ def override_routing(model, config: DPVRConfig | None, path):
         return model
     if not isinstance(config, DPVRConfig):
         raise DPVRError(f"dpvr_config must be a DPVRConfig, got {type(config).__name__}")
-    config.validate_for(model.config.text_config.num_hidden_layers)
-    saved = model.dpvr_config
+    saved, config = model.dpvr_config, config.resolve_for(model.config)  # no split given: the saved one
     if config.has_side_branch and model.side_branch is None:
         raise DPVRError(f"dpvr_config mode {config.mode!r} needs a side branch but {path} was saved with mode "
                         f"{saved.mode!r}, which has none; convert the stock base instead")  # fmt: skip
@@ -134,6 +133,6 @@ def override_routing(model, config: DPVRConfig | None, path):
     if diff:
         raise DPVRError(f"dpvr_config does not fit the side branch saved in {path}: {diff} (saved, passed); "
                         "keep those fields or retrain")  # fmt: skip
-    model.config.dpvr = config.to_dict()
+    model.config.dpvr = config
     model.apply_freeze()
     return model

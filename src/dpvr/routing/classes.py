@@ -78,14 +78,31 @@ class DPVRForConditionalGeneration(RoutedModel):
         return override_routing(model, dpvr_config, path)
 
 
+class TypedRouting:
+    """In front of each DPVR config class: `config.dpvr` is the model's DPVRConfig itself, so a forward
+    reads it as it is; a dict (config.json, or a caller that assigns one) becomes a DPVRConfig on the way
+    in, and `to_dict` (what save_pretrained writes) turns it back into a dict."""
+
+    def __setattr__(self, name, value):
+        if name == "dpvr" and isinstance(value, dict):
+            value = DPVRConfig.from_dict(value)
+        super().__setattr__(name, value)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if isinstance(out.get("dpvr"), DPVRConfig):
+            out["dpvr"] = out["dpvr"].to_dict()
+        return out
+
+
 def _family(backbone: Backbone) -> type:
     """The DPVR config and model classes of one family, registered with the Auto classes."""
     stock, stock_config = backbone.stock, backbone.stock.config_class
-    config_cls = strict(type(f"DPVR{stock_config.__name__}", (stock_config,), {
+    config_cls = strict(type(f"DPVR{stock_config.__name__}", (TypedRouting, stock_config), {
         "__module__": __name__,
-        "__doc__": f"A {stock_config.__name__} plus the routing (a DPVRConfig as a dict, and the base it came from).",
+        "__doc__": f"A {stock_config.__name__} plus the routing (a DPVRConfig, and the base it came from).",
         "model_type": DPVR_PREFIX + backbone.model_type,
-        "__annotations__": {"dpvr": "dict | None", "base_model_name_or_path": "str | None"},
+        "__annotations__": {"dpvr": "DPVRConfig | None", "base_model_name_or_path": "str | None"},
         "dpvr": None,
         "base_model_name_or_path": None,
     }))  # fmt: skip
@@ -136,14 +153,14 @@ def convert(base, config: DPVRConfig) -> DPVRForConditionalGeneration:
                                   f"got {type(base).__name__}")  # fmt: skip
     check_text_model(backbone, base.config.text_config)
     layers = base.model.language_model.layers
-    config.validate_for(len(layers))
+    config = config.resolve_for(base.config)  # split_layer=None: chosen here, once; the model keeps the result
     check_attention(base.config.text_config, config)
     for layer in layers:
         check_supported(layer)
 
     cls = DPVR_CLASSES[backbone.model_type]
     fields = {k: v for k, v in base.config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    new_config = cls.config_class(**fields, dpvr=config.to_dict(), base_model_name_or_path=base.name_or_path)
+    new_config = cls.config_class(**fields, dpvr=config, base_model_name_or_path=base.name_or_path)
     with torch.device("meta"):
         model = cls(new_config)
     # share the base's sub-configs (attention implementation included): the taken-over modules read them

@@ -53,7 +53,8 @@ class RoutedModel:
 
     @property
     def dpvr_config(self) -> DPVRConfig:
-        return DPVRConfig.from_dict(self.config.dpvr or {})
+        # kept typed on the config (dpvr.routing.classes.TypedRouting): read, not rebuilt, per forward
+        return self.config.dpvr if self.config.dpvr is not None else DPVRConfig()
 
     @property
     def num_text_layers(self) -> int:
@@ -64,8 +65,7 @@ class RoutedModel:
         """Temporarily run with other routing fields on the same weights, e.g.
         `with model.routing(mode="vanilla"): ...` or `model.routing(mode="fastv", fastv_ratio=0.75)`."""
         saved = self.config.dpvr
-        cfg = self.dpvr_config.with_routing(**overrides)
-        cfg.validate_for(self.num_text_layers)
+        cfg = self.dpvr_config.with_routing(**overrides).resolve_for(self.config)  # split_layer=None: the model's own
         if cfg.has_side_branch and self.side_branch is None:
             raise DPVRError(f"mode {cfg.mode!r} needs a side branch; this model was converted without one")
         depth = len(active_side_branch(self.side_branch)) if cfg.has_side_branch else cfg.side_depth
@@ -73,7 +73,7 @@ class RoutedModel:
             raise DPVRError(f"side_depth={cfg.side_depth} but the side branch has {depth} layers")
         guards.check_side_branch_fits(active_side_branch(self.side_branch), cfg)
         guards.check_attention(self.config.text_config, cfg)
-        self.config.dpvr = cfg.to_dict()
+        self.config.dpvr = cfg
         try:
             yield self
         finally:

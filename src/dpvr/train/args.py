@@ -9,9 +9,10 @@ that each default names a TrainingArguments field.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from dpvr.config import MODES, SIDE_BRANCH_MODES, routing_default
+from dpvr.config import MODES, SIDE_BRANCH_MODES, TRAIN_FLAGS, routing_default, routing_help
 from dpvr.errors import UsageError
 
 METHODS = ("dpvr", "full", "lora")
@@ -25,18 +26,42 @@ TRAINING_DEFAULTS = dict(
 )  # fmt: skip
 
 
+# The routing flags `dpvr train` takes: DPVRConfig's fields named in TRAIN_FLAGS, typed and defaulted as there
+# (a field added to DPVRConfig and TRAIN_FLAGS is a train flag with no edit here). The help says what a field
+# means for training where that differs from its DPVRConfig help.
+TRAIN_HELP = {
+    "mode": "dpvr routing: lf, pc or kv",
+    "split_layer": "s (default: 18/32 of the depth)",
+    "fusion_layers": "K for lf (0 = LF-ideal, which cannot train)",
+    "fusion_at": "lf: sparse fusion at these deep layers instead of the last K",
+    "side_depth": "D: decoder layers in the side branch",
+    "side_init": "copy (layers s..s+D-1) or random",
+}
+
+
+def _routing_field(name: str) -> tuple[str, str, dataclasses.Field]:
+    default, meta = routing_default(name), {"help": TRAIN_HELP.get(name) or routing_help(name)}
+    if name == "split_layer":  # unset: None, which convert resolves for the base (DPVRConfig.resolve_for)
+        return name, "int | None", field(default=None, metadata=meta)
+    if isinstance(default, tuple):  # HfArgumentParser parses a list (`--fusion_at 3 5`; normalize_argv: 3,5)
+        return name, "list[int]", field(default_factory=lambda: list(default), metadata=meta)
+    return name, type(default).__name__, field(default=default, metadata=meta)
+
+
 @dataclass
-class ModelArguments:
+class _MethodArguments:
     model: str | None = field(default=None, metadata={"help": "base llava checkpoint (default: the embedded tiny LLaVA)"})
     method: str = field(default="dpvr", metadata={"help": f"one of {METHODS}: DPVR side branch, full fine-tune, LoRA"})
-    mode: str = field(default=routing_default("mode"), metadata={"help": "dpvr routing: lf, pc or kv"})
-    split_layer: int | None = field(default=None, metadata={"help": "s (default: 18/32 of the depth)"})
-    fusion_layers: int = field(default=routing_default("fusion_layers"),
-                               metadata={"help": "K for lf (0 = LF-ideal, which cannot train)"})  # fmt: skip
-    fusion_at: list[int] = field(default_factory=lambda: list(routing_default("fusion_at")),
-                                 metadata={"help": "lf: sparse fusion at these deep layers instead of the last K"})  # fmt: skip
-    side_depth: int = field(default=routing_default("side_depth"), metadata={"help": "D: decoder layers in the side branch"})
-    side_init: str = field(default=routing_default("side_init"), metadata={"help": "copy (layers s..s+D-1) or random"})
+
+
+_RoutingArguments = dataclasses.make_dataclass("_RoutingArguments", [_routing_field(n) for n in TRAIN_FLAGS],
+                                               bases=(_MethodArguments,), namespace={"__module__": __name__})  # fmt: skip
+
+
+@dataclass
+class ModelArguments(_RoutingArguments):
+    """--model and --method, the routing flags (TRAIN_FLAGS), then the baselines' and the attention's."""
+
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method lora)"})
     train_vision_tower: bool = field(default=False, metadata={
         "help": "method full: train the image encoder too (LLaVA's fine-tuning trains the language model and projector)"})
@@ -132,11 +157,12 @@ def check_side_warmup(steps: int, lr_scale: float, off: int | None = None) -> No
 # ----------------------------------------------------------------------------- one spelling, light help
 # dpvr's own flags are documented in kebab case with comma lists (`--split-layer 11 --fusion-at 11,13`), as
 # in every other command; HfArgumentParser also takes `--split_layer` and a space-separated `--fusion_at`.
-LIST_FLAGS = tuple(f"--{name}" for name in ("fusion_at", "fusion-at"))
+LIST_FLAGS = tuple(f"--{spelling}" for name in TRAIN_FLAGS if isinstance(routing_default(name), tuple)
+                   for spelling in (name, name.replace("_", "-")))  # fmt: skip
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
-    """`--fusion-at 11,13` and `--fusion-at=11,13` as HfArgumentParser's `--fusion_at 11 13`."""
+    """`--fusion-at 11,13` and `--fusion-at=11,13` as HfArgumentParser's `--fusion_at 11 13` (each list flag)."""
     out: list[str] = []
     it = iter(argv)
     for arg in it:
@@ -153,7 +179,6 @@ def own_help(prog: str, description: str) -> str:
     """`dpvr train --help`: dpvr's own flags (model/method and data) with their defaults, then where the
     Trainer's are. Built without importing transformers, so it prints at once."""
     import argparse
-    import dataclasses
     import textwrap
 
     from dpvr.cli_types import OneDefaultFormatter
@@ -166,7 +191,7 @@ def own_help(prog: str, description: str) -> str:
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            metavar = "N,N,..." if f.name == "fusion_at" else None if f.type == "bool" else f.name.upper()
+            metavar = "N,N,..." if f.type == "list[int]" else None if f.type == "bool" else f.name.upper()
             kwargs = dict(action="store_true") if f.type == "bool" else dict(metavar=metavar)
             group.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata.get("help"), **kwargs)
     trainer = ", ".join(f"--{k} {v}" for k, v in TRAINING_DEFAULTS.items() if k != "prediction_loss_only")

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from dpvr.atomic import atomic_write_text
 from dpvr.config import DPVRConfig
 from dpvr.errors import DPVRError
-from dpvr.loading import default_split, load_stock, resolve_model_path
+from dpvr.loading import load_stock, resolve_model_path
 from dpvr.routing import DPVRForConditionalGeneration, convert
 from dpvr.routing.adapter import ADAPTER_CONFIG, WEIGHTS, read_adapter_config
 from dpvr.routing.backbones import freeze_vision_encoder
@@ -87,12 +87,7 @@ def _build_model(margs: ModelArguments):
         targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
         lora = LoraConfig(r=margs.lora_r, lora_alpha=2 * margs.lora_r, lora_dropout=0.0, target_modules=targets)
         return get_peft_model(base, lora), processor
-    L = base.config.text_config.num_hidden_layers
-    cfg = DPVRConfig(
-        mode=margs.mode, split_layer=default_split(L) if margs.split_layer is None else margs.split_layer,
-        fusion_layers=margs.fusion_layers, fusion_at=tuple(margs.fusion_at), side_depth=margs.side_depth,
-        side_init=margs.side_init,
-    )  # fmt: skip
+    cfg = DPVRConfig.from_namespace(margs)  # --split-layer unset: None, which convert resolves for the base
     if not cfg.has_side_branch:
         raise DPVRError(f"--mode {cfg.mode!r} has nothing to train; train lf, pc or kv (fastv/vtw are inference-only)")
     if cfg.is_lf_ideal:
@@ -398,5 +393,5 @@ def write_run_record(output_dir: str, model, log_history: list[dict], extra: dic
     total = sum(p.numel() for p in model.parameters())
     record = {"trainable_params": trainable, "total_params": total, "log_history": log_history, **extra}
     if isinstance(model, DPVRForConditionalGeneration):
-        record["dpvr"] = model.config.dpvr
+        record["dpvr"] = model.dpvr_config.to_dict()
     atomic_write_text(Path(output_dir, RUN_RECORD), json.dumps(record, indent=1) + "\n")

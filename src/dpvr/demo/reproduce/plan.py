@@ -44,6 +44,11 @@ class Row:
         return self.train[self.train.index("--method") + 1] if self.trains else None
 
     @property
+    def config(self) -> DPVRConfig:
+        """`routing` typed: the fields it leaves out keep DPVRConfig's defaults."""
+        return DPVRConfig.from_dict(self.routing)
+
+    @property
     def family(self) -> str | None:
         if not self.trains:
             return None
@@ -135,14 +140,12 @@ def beyond_edge(losses: dict[float, float]) -> float | None:
 
 def eval_arguments(row: Row) -> list[str]:
     """`dpvr eval` routing flags for an evaluation-only row (the base model, or another row's adapter)."""
-    r = row.routing
-    if r["mode"] == "vanilla":
+    r, cfg = row.routing, row.config
+    if cfg.mode == "vanilla":
         return []
-    flags = {"split_layer": "--split-layer", "fusion_layers": "--fusion-layers", "side_depth": "--side-depth",
-             "fastv_layer": "--fastv-layer", "fastv_ratio": "--fastv-ratio"}  # fmt: skip
-    out = [] if row.adapter_of else ["--mode", r["mode"]]
-    out += [x for k, flag in flags.items() if k in r and not row.adapter_of for x in (flag, str(r[k]))]
     if row.adapter_of:  # the adapter carries its routing; only a twin mode or a composition is added
-        out += ["--mode", r["mode"]] if MODE_TRAITS[r["mode"]].twin else []
-        out += ["--fastv-layer", str(r["fastv_layer"]), "--fastv-ratio", str(r["fastv_ratio"])] if "fastv_layer" in r else []
-    return out + (["--shallow-fastv"] if r.get("shallow_fastv") else [])
+        names = ["mode"] if MODE_TRAITS[cfg.mode].twin else []
+        names += ["fastv_layer", "fastv_ratio"] if "fastv_layer" in r else []
+    else:  # a conversion of the base: the fields the row sets (mode first, as each row writes it)
+        names = [k for k in r if k != "shallow_fastv"]
+    return cfg.to_argv(names) + (["--shallow-fastv"] if cfg.shallow_fastv else [])

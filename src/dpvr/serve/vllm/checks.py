@@ -17,7 +17,8 @@ def routing_of(hf_config) -> DPVRConfig:
     routing = getattr(hf_config, "dpvr", None)
     if not routing:
         raise DPVRError("the checkpoint's config has no `dpvr` routing: save it with dpvr (save_pretrained)")
-    cfg = DPVRConfig.from_dict(dict(routing))
+    # typed where transformers built the config with dpvr's class (dpvr.routing.classes), else the JSON dict
+    cfg = routing if isinstance(routing, DPVRConfig) else DPVRConfig.from_dict(dict(routing))
     cfg.validate_for(hf_config.text_config.num_hidden_layers)
     return cfg
 
