@@ -59,7 +59,8 @@ def trained(work: Path, tag: str, seed: int, split: int, extra: list[str], data:
         steps, min_steps = budget(math.ceil(n / BATCH))
         # a single placement trains from the shared-stack cache (its frozen text path is its own); the policy's
         # run cannot (its placements' text paths differ), so every run checks a smaller held-out set (64)
-        cache = None if "--fusion_policy" in extra else str(work / f"cache-{tag}")
+        # (one folder for every single placement: its files differ only in how deep the frozen path goes)
+        cache = None if "--fusion_policy" in extra else str(work / "cache")
         train(["--mode", "lf", "--split_layer", str(split), "--seed", str(seed), "--max_steps", str(steps),
                "--data", str(data / "train.json"), "--output_dir", str(out), *extra,
                *training_flags(steps, min_steps=min_steps, limit=args.samples, cache=cache,
