@@ -80,12 +80,19 @@ class RoutedCache:
 
     # --------------------------------------------------------------- checks and figures
     def check_compatible(self, routing: DPVRConfig | dict, batch: int) -> None:
-        routing = _as_config(routing)
-        if routing != self.routing:
-            raise DPVRError(f"this RoutedCache was filled under routing {self.routing}, not {routing}")
+        # the model's own config object is the one generate() filled the cache under: no field compare
+        # (under torch.compile with dynamic shapes, a dataclass compare of two guarded objects whose int
+        # fields dynamo made symbolic cannot be decided at trace time)
+        if routing is not self.routing:
+            self._check_routing(_as_config(routing))
         first = self.layers[0]
         if first is not None and first.key.shape[0] != batch:
             raise DPVRError(f"RoutedCache holds batch {first.key.shape[0]} but the input has batch {batch}")
+
+    @torch.compiler.disable
+    def _check_routing(self, routing: DPVRConfig) -> None:
+        if routing != self.routing:
+            raise DPVRError(f"this RoutedCache was filled under routing {self.routing}, not {routing}")
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (order/valid bookkeeping excluded)."""
