@@ -6,9 +6,10 @@ its task (lmms-eval's task name, the eval family) and its input (image count, pr
                                                 Rule(fusion_at=(13,), min_images=2)))
     policy.pick(Request(task="count", n_images=1, prompt_tokens=40))   # -> (9, 13): the first rule that matches
     policy.save("policy.json"); FusionPolicy.load("policy.json")
-    FusionPolicy.from_analyses({"count": "runs/analyze-count/analysis.json", ...}, default=(11,))
+    FusionPolicy.from_analysis("runs/analysis/analysis.json", split_layer=11)
 
-Placements come from `dpvr analyze` run per task (its masking curve's suggested `fusion_at`). A request runs
+Placements come from one `dpvr analyze` run (each question family's masking curve, read as analyze reads
+the pooled one to suggest `fusion_at`). A request runs
 exactly as the same model does alone under `model.routing(fusion_at=placement)`: `by_placement` groups a
 batch's requests by placement and runs each group under its own routing, so rows never share a forward
 with another placement (the batch-equals-rows guarantee is the routing's own, per group).
@@ -175,17 +176,6 @@ class FusionPolicy:
         rules = [Rule(fusion_at=p, task=family) for family, review in sorted(reviews.items())
                  if family != "all" and (p := placement(review)) and p != default]  # fmt: skip
         return cls(default, tuple(rules))
-
-    @classmethod
-    def from_analyses(cls, analyses: dict[str, str | Path], default: Sequence[int]) -> "FusionPolicy":
-        """One rule per task, with the placement `dpvr analyze` suggested on that task's questions
-        (its analysis.json's recommendation.fusion_at); a task without a suggestion gets the default."""
-        rules = []
-        for task, path in analyses.items():
-            rec = json.loads(Path(path).read_text())["recommendation"]
-            if rec.get("fusion_at"):
-                rules.append(Rule(fusion_at=tuple(rec["fusion_at"]), task=task))
-        return cls(tuple(default), tuple(rules))
 
 
 def add_policy_arguments(parser, task: bool = False) -> None:
